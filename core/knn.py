@@ -1,0 +1,179 @@
+"""k-nearest-neighbour scoring: the engine under DN2, SPADE and PANDA.
+
+Score convention (used everywhere in the project): the anomaly score of a query
+is the **sum of the squared L2 distances to its k nearest gallery points**.
+This is what the PANDA authors' code computes; higher = more anomalous.
+
+Backends, chosen automatically:
+
+* ``faiss-gpu`` — FAISS GPU index, when a CUDA build of FAISS and a GPU exist;
+* ``torch`` — exact search with chunked matrix products on a CUDA device, when a
+  GPU exists but FAISS has no GPU support (the usual ``faiss-cpu`` wheel);
+* ``faiss`` — FAISS ``IndexFlatL2`` on the CPU (exact);
+* ``torch`` on the CPU is also used when FAISS is not installed at all.
+
+All inputs are converted to C-contiguous float32, which FAISS requires.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+try:  # FAISS is a hard requirement of the project, but keep the engine usable without it.
+    import faiss
+except ImportError:  # pragma: no cover - exercised only on installs without faiss
+    faiss = None
+
+
+def as_float32(features: np.ndarray | torch.Tensor, name: str = "features") -> np.ndarray:
+    """(N, D) array or tensor -> C-contiguous float32 numpy array; rejects NaN/inf and bad shapes."""
+    if isinstance(features, torch.Tensor):
+        features = features.detach().float().cpu().numpy()
+    array = np.ascontiguousarray(features, dtype=np.float32)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (N, D), got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contain NaN or infinite values")
+    return array
+
+
+def faiss_gpu_available() -> bool:
+    return faiss is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def choose_backend(device: str | torch.device | None = None) -> str:
+    """The backend the project uses for kNN on this machine (see module docstring)."""
+    wants_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if wants_cuda and faiss_gpu_available():
+        return "faiss-gpu"
+    if wants_cuda or faiss is None:
+        return "torch"
+    return "faiss"
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """Result of a search: ``sq_distances`` (M, k) ascending, ``indices`` (M, k) into the gallery."""
+
+    sq_distances: np.ndarray
+    indices: np.ndarray
+
+
+class KnnIndex:
+    """Exact kNN over a gallery of feature vectors.
+
+    ``fit(gallery)`` stores the (N, D) gallery; ``search(queries, k)`` returns
+    squared distances and indices; ``score(queries)`` returns (M,) scores;
+    ``train_scores()`` returns leave-one-out scores of the gallery itself.
+    """
+
+    def __init__(self, k: int = 2, backend: str | None = None, device: str | torch.device | None = None) -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k = k
+        self.backend = backend or choose_backend(device)
+        if self.backend not in ("faiss", "faiss-gpu", "torch"):
+            raise ValueError(f"unknown kNN backend {self.backend!r}")
+        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self._index = None
+        self._gallery_torch: torch.Tensor | None = None
+        self.gallery_: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, gallery: np.ndarray | torch.Tensor) -> "KnnIndex":
+        """Store the (N, D) gallery. N must exceed k for leave-one-out scores to exist."""
+        gallery = as_float32(gallery, "gallery")
+        if gallery.shape[0] == 0:
+            raise ValueError("the gallery is empty: fit needs at least one normal feature vector")
+        self.gallery_ = gallery
+        if self.backend == "torch":
+            self._gallery_torch = torch.from_numpy(gallery).to(self.device)
+            self._index = None
+        else:
+            index = faiss.IndexFlatL2(gallery.shape[1])
+            if self.backend == "faiss-gpu":
+                self._gpu_resources = faiss.StandardGpuResources()
+                index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, index)
+            index.add(gallery)
+            self._index = index
+        return self
+
+    def _require_fitted(self) -> np.ndarray:
+        if self.gallery_ is None:
+            raise RuntimeError("KnnIndex.search called before fit(gallery)")
+        return self.gallery_
+
+    # ------------------------------------------------------------------ search
+    def search(self, queries: np.ndarray | torch.Tensor, k: int | None = None) -> Neighbours:
+        """(M, D) queries -> their k nearest gallery points (k defaults to ``self.k``)."""
+        gallery = self._require_fitted()
+        k = self.k if k is None else k
+        queries = as_float32(queries, "queries")
+        if queries.shape[1] != gallery.shape[1]:
+            raise ValueError(f"queries have {queries.shape[1]} dimensions, the gallery {gallery.shape[1]}")
+        k_eff = min(k, gallery.shape[0])
+        if self.backend == "torch":
+            distances, indices = _torch_search(self._gallery_torch, torch.from_numpy(queries).to(self.device), k_eff)
+        else:
+            distances, indices = self._index.search(queries, k_eff)
+        # FAISS can return tiny negative squared distances from rounding.
+        return Neighbours(np.maximum(distances, 0.0), indices.astype(np.int64))
+
+    def score(self, queries: np.ndarray | torch.Tensor) -> np.ndarray:
+        """(M, D) -> (M,) sum of squared distances to the k nearest gallery points."""
+        return self.search(queries).sq_distances.sum(axis=1)
+
+    def train_scores(self) -> np.ndarray:
+        """(N,) leave-one-out scores of the gallery: each point's k nearest *other* points.
+
+        The point itself is found at distance 0 and dropped by index (not by
+        distance), so exact duplicates in the gallery still count as neighbours.
+        """
+        gallery = self._require_fitted()
+        if gallery.shape[0] <= self.k:
+            raise ValueError(f"leave-one-out scores need more than k={self.k} gallery points, got {gallery.shape[0]}")
+        found = self.search(gallery, self.k + 1)
+        own = found.indices == np.arange(gallery.shape[0])[:, None]
+        # Where the point itself was not returned (many exact duplicates), drop the farthest instead.
+        missing = ~own.any(axis=1)
+        own[missing, -1] = True
+        keep = ~own
+        return np.where(keep, found.sq_distances, 0.0).sum(axis=1)
+
+
+def _torch_search(gallery: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Exact kNN with ||q||² - 2 q·g + ||g||², in query chunks to bound memory."""
+    gallery_sq = (gallery * gallery).sum(1)
+    all_d, all_i = [], []
+    for start in range(0, queries.shape[0], chunk):
+        q = queries[start : start + chunk]
+        d = (q * q).sum(1, keepdim=True) - 2.0 * q @ gallery.T + gallery_sq[None]
+        values, indices = torch.topk(d, k, dim=1, largest=False)
+        all_d.append(values.cpu())
+        all_i.append(indices.cpu())
+    return torch.cat(all_d).numpy(), torch.cat(all_i).numpy()
+
+
+def kmeans_summary(features: np.ndarray | torch.Tensor, n_means: int = 50, seed: int = 0, iterations: int = 20) -> np.ndarray:
+    """(N, D) -> (min(n_means, N), D) K-means centres: the paper's faster, approximate gallery."""
+    features = as_float32(features)
+    n_means = min(n_means, features.shape[0])
+    if n_means < 1:
+        raise ValueError("cannot summarise an empty feature set")
+    if faiss is None:  # pragma: no cover
+        from sklearn.cluster import KMeans
+
+        return KMeans(n_means, random_state=seed, n_init=1, max_iter=iterations).fit(features).cluster_centers_.astype(np.float32)
+    kmeans = faiss.Kmeans(features.shape[1], n_means, niter=iterations, seed=seed, verbose=False,
+                          max_points_per_centroid=max(256, features.shape[0] // n_means + 1))
+    kmeans.train(features)
+    return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
+
+
+def centre_distance(features: np.ndarray | torch.Tensor, centre: np.ndarray) -> np.ndarray:
+    """(N, D), (D,) -> (N,) squared distance to the centre: the paper's simpler alternative to kNN."""
+    features = as_float32(features)
+    return ((features - centre[None].astype(np.float32)) ** 2).sum(axis=1)
