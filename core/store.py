@@ -1,0 +1,814 @@
+"""The workspace on disk: projects, their images, models, training runs and annotations.
+
+Layout of a workspace folder (default ``~/.anomaly-workspace``, or the
+``ANOMALY_WORKSPACE`` environment variable)::
+
+    workspace.sqlite3        SQLite database (WAL mode, foreign keys on)
+    objects/ab/abcdef...     image and mask files, named by the sha256 of their bytes
+    models/<uuid>.npz        fitted detectors written by ``Detector.save``
+
+Why content addressing: the same picture imported twice (into two projects,
+or promoted from the test set to the normal set) is stored once, and a file
+name can never collide with another file's.
+
+Atomicity: an import first validates every image (full decode) and writes the
+object files (temp file + ``os.replace``), then inserts all rows in one
+transaction. A failure anywhere leaves the database as it was; object files
+that no row points to are harmless and :meth:`Workspace.collect_garbage`
+removes them.
+
+Every method opens its own short-lived connection, so one ``Workspace`` can be
+used from several threads (a Streamlit session and its training thread).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import sqlite3
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.datasets import IMAGE_EXTENSIONS, ImageItem, ImageSet, Problem, read_zip
+from core.images import ImageError, decode_image, decode_mask
+from core.progress import CancelFn, ProgressFn, check_cancel, report_progress
+
+WORKSPACE_ENV = "ANOMALY_WORKSPACE"
+ROLES = ("normal", "test", "outlier")
+VERDICTS = ("normal", "anomalous", "unsure")
+RUN_STATUSES = ("running", "finished", "stopped", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS projects (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY,
+    project_id INTEGER NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+    role TEXT NOT NULL CHECK (role IN ('normal', 'test', 'outlier')),
+    name TEXT NOT NULL,
+    sha TEXT NOT NULL,
+    label INTEGER CHECK (label IN (0, 1)),
+    mask_sha TEXT,
+    grp TEXT,
+    height INTEGER NOT NULL,
+    width INTEGER NOT NULL,
+    added REAL NOT NULL,
+    UNIQUE (project_id, role, name)
+);
+CREATE INDEX IF NOT EXISTS images_by_project ON images (project_id, role);
+CREATE TABLE IF NOT EXISTS models (
+    id INTEGER PRIMARY KEY,
+    project_id INTEGER NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+    method TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    path TEXT NOT NULL,
+    summary TEXT NOT NULL DEFAULT '{}',
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    project_id INTEGER NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+    strategy TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('running', 'finished', 'stopped', 'failed')),
+    curves TEXT NOT NULL DEFAULT '[]',
+    stop_epoch INTEGER,
+    model_id INTEGER REFERENCES models(id) ON DELETE SET NULL,
+    message TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS annotations (
+    image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
+    verdict TEXT NOT NULL CHECK (verdict IN ('normal', 'anomalous', 'unsure')),
+    note TEXT NOT NULL DEFAULT '',
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS scores (
+    model_id INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,
+    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    score REAL NOT NULL,
+    PRIMARY KEY (model_id, image_id)
+);
+CREATE TABLE IF NOT EXISTS preferences (
+    project_id INTEGER NOT NULL REFERENCES projects(id) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (project_id, key)
+);
+"""
+
+
+def default_workspace() -> Path:
+    """``$ANOMALY_WORKSPACE`` when set, else ``~/.anomaly-workspace``."""
+    configured = os.environ.get(WORKSPACE_ENV)
+    return Path(configured).expanduser() if configured else Path.home() / ".anomaly-workspace"
+
+
+@dataclass(frozen=True)
+class Project:
+    id: int
+    name: str
+    created: float
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """One image row. ``path``/``mask_path`` point at the content-addressed files."""
+
+    id: int
+    project_id: int
+    role: str
+    name: str
+    sha: str
+    label: int | None
+    mask_sha: str | None
+    group: str | None
+    height: int
+    width: int
+    path: Path
+    mask_path: Path | None
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    id: int
+    project_id: int
+    method: str
+    settings: dict[str, Any]
+    path: Path
+    summary: dict[str, Any]
+    created: float
+
+    @property
+    def title(self) -> str:
+        backbone = self.settings.get("features", {}).get("backbone", "")
+        return f"#{self.id} {self.method} {backbone}".strip()
+
+
+@dataclass(frozen=True)
+class Run:
+    id: int
+    project_id: int
+    strategy: str
+    settings: dict[str, Any]
+    status: str
+    curves: list[dict[str, Any]]
+    stop_epoch: int | None
+    model_id: int | None
+    message: str
+    created: float
+    updated: float
+
+
+@dataclass(frozen=True)
+class Annotation:
+    image_id: int
+    verdict: str
+    note: str
+    updated: float
+
+
+@dataclass
+class ImportReport:
+    """What an import did: rows added, images skipped as duplicates, files refused and why."""
+
+    added: list[int] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ProjectSet:
+    """Images of one role as an :class:`ImageSet`, with the row id of each item (same order)."""
+
+    ids: list[int]
+    images: ImageSet
+    rows: list[StoredImage]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class StoreError(RuntimeError):
+    """A workspace operation that cannot be done (unknown project, bad verdict, ...)."""
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees either nothing or the whole file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(pixels)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _item_bytes(item: ImageItem) -> bytes:
+    """The encoded bytes of an item's image; array items (Fashion-MNIST) are encoded as PNG."""
+    if item.data is not None:
+        return item.data
+    if item.path is not None:
+        try:
+            return Path(item.path).read_bytes()
+        except OSError as error:
+            raise ImageError(item.name, f"cannot read file ({error.strerror or error})") from error
+    return _png_bytes(item.array)
+
+
+def _mask_bytes(item: ImageItem) -> bytes | None:
+    if item.mask_data is not None:
+        return item.mask_data
+    if item.mask_path is not None:
+        try:
+            return Path(item.mask_path).read_bytes()
+        except OSError as error:
+            raise ImageError(f"{item.name} (mask)", f"cannot read file ({error.strerror or error})") from error
+    return None
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    item: ImageItem
+    sha: str
+    height: int
+    width: int
+    mask_sha: str | None
+
+
+class Workspace:
+    """A workspace folder. Cheap to construct; creates the folder and schema on first use."""
+
+    def __init__(self, root: str | os.PathLike | None = None) -> None:
+        self.root = Path(root).expanduser() if root is not None else default_workspace()
+        self.objects = self.root / "objects"
+        self.models_dir = self.root / "models"
+        self.database = self.root / "workspace.sqlite3"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.objects.mkdir(exist_ok=True)
+        self.models_dir.mkdir(exist_ok=True)
+        with self._connect() as connection:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.executescript(_SCHEMA)
+
+    def __repr__(self) -> str:
+        return f"Workspace({str(self.root)!r})"
+
+    # ------------------------------------------------------------------ plumbing
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        # Autocommit mode plus explicit BEGIN in _transaction: reads never hold a lock.
+        connection = sqlite3.connect(self.database, timeout=30, isolation_level=None)
+        connection.row_factory = sqlite3.Row
+        connection.execute("PRAGMA foreign_keys=ON")
+        try:
+            yield connection
+        finally:
+            connection.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: all of it commits, or none of it (on any exception)."""
+        with self._connect() as connection:
+            # IMMEDIATE takes the write lock up front, so two sessions writing at
+            # once wait for each other instead of failing half-way.
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield connection
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+
+    def object_path(self, sha: str) -> Path:
+        return self.objects / sha[:2] / sha
+
+    def _store_object(self, data: bytes) -> str:
+        sha = _sha256(data)
+        path = self.object_path(sha)
+        if not path.exists():
+            _write_atomically(path, data)
+        return sha
+
+    # ------------------------------------------------------------------ projects
+    def create_project(self, name: str) -> Project:
+        name = name.strip()
+        if not name:
+            raise StoreError("a project needs a name")
+        try:
+            with self._transaction() as connection:
+                cursor = connection.execute("INSERT INTO projects (name, created) VALUES (?, ?)", (name, time.time()))
+        except sqlite3.IntegrityError:
+            raise StoreError(f"a project named {name!r} already exists") from None
+        return Project(cursor.lastrowid, name, time.time())
+
+    def get_or_create_project(self, name: str) -> Project:
+        for project in self.projects():
+            if project.name == name.strip():
+                return project
+        return self.create_project(name)
+
+    def projects(self) -> list[Project]:
+        with self._connect() as connection:
+            rows = connection.execute("SELECT id, name, created FROM projects ORDER BY name").fetchall()
+        return [Project(row["id"], row["name"], row["created"]) for row in rows]
+
+    def project(self, project_id: int) -> Project:
+        with self._connect() as connection:
+            row = connection.execute("SELECT id, name, created FROM projects WHERE id = ?", (project_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no project with id {project_id}")
+        return Project(row["id"], row["name"], row["created"])
+
+    def delete_project(self, project_id: int) -> None:
+        model_paths = [model.path for model in self.models(project_id)]
+        with self._transaction() as connection:
+            connection.execute("DELETE FROM projects WHERE id = ?", (project_id,))
+        for path in model_paths:
+            path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ images
+    def _prepare(self, item: ImageItem) -> _Prepared:
+        """Validate one item with a full decode and store its files; raises ImageError."""
+        data = _item_bytes(item)
+        pixels = decode_image(data, name=item.name)
+        mask_sha = None
+        mask_data = _mask_bytes(item)
+        if mask_data is not None:
+            mask = decode_mask(mask_data, name=f"{item.name} (mask)")
+            if mask.shape != pixels.shape[:2]:
+                raise ImageError(
+                    f"{item.name} (mask)",
+                    f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is {pixels.shape[1]}x{pixels.shape[0]}",
+                )
+            mask_sha = self._store_object(mask_data)
+        sha = self._store_object(data)
+        return _Prepared(item, sha, pixels.shape[0], pixels.shape[1], mask_sha)
+
+    def import_images(
+        self,
+        project_id: int,
+        images: ImageSet,
+        role: str,
+        progress: ProgressFn | None = None,
+        cancel: CancelFn | None = None,
+    ) -> ImportReport:
+        """Add the usable images of ``images`` to a project under ``role``.
+
+        Every image is decoded once; the ones that fail are reported in
+        ``problems`` (with the reader's own problems) and the rest imported.
+        Images whose bytes are already in this project under the same role are
+        skipped as duplicates; a different picture under a name already taken
+        gets a numbered name. Rows are inserted in one transaction, after all
+        files are written, so a failure or a cancel leaves the project as it was.
+        """
+        if role not in ROLES:
+            raise StoreError(f"role must be one of {ROLES}, not {role!r}")
+        self.project(project_id)  # fails early for an unknown project
+        report = ImportReport(problems=list(images.problems))
+        prepared: list[_Prepared] = []
+        for done, item in enumerate(images.items, start=1):
+            check_cancel(cancel)
+            try:
+                prepared.append(self._prepare(item))
+            except ImageError as error:
+                report.problems.append(Problem(error.source, error.reason))
+            report_progress(progress, done, len(images.items))
+
+        with self._transaction() as connection:
+            existing = connection.execute(
+                "SELECT name, sha FROM images WHERE project_id = ? AND role = ?", (project_id, role)
+            ).fetchall()
+            known_shas = {row["sha"] for row in existing}
+            taken_names = {row["name"] for row in existing}
+            now = time.time()
+            for entry in prepared:
+                if entry.sha in known_shas:
+                    report.duplicates.append(entry.item.name)
+                    continue
+                name = _free_name(entry.item.name, taken_names)
+                cursor = connection.execute(
+                    "INSERT INTO images (project_id, role, name, sha, label, mask_sha, grp, height, width, added)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        project_id, role, name, entry.sha, entry.item.label, entry.mask_sha,
+                        entry.item.group, entry.height, entry.width, now,
+                    ),
+                )
+                known_shas.add(entry.sha)
+                taken_names.add(name)
+                report.added.append(cursor.lastrowid)
+        return report
+
+    def _image_from_row(self, row: sqlite3.Row) -> StoredImage:
+        return StoredImage(
+            id=row["id"],
+            project_id=row["project_id"],
+            role=row["role"],
+            name=row["name"],
+            sha=row["sha"],
+            label=row["label"],
+            mask_sha=row["mask_sha"],
+            group=row["grp"],
+            height=row["height"],
+            width=row["width"],
+            path=self.object_path(row["sha"]),
+            mask_path=self.object_path(row["mask_sha"]) if row["mask_sha"] else None,
+        )
+
+    def images(self, project_id: int, role: str | None = None) -> list[StoredImage]:
+        """Image rows of a project (one role, or all), in import order."""
+        query = "SELECT * FROM images WHERE project_id = ?"
+        params: tuple[Any, ...] = (project_id,)
+        if role is not None:
+            query += " AND role = ?"
+            params += (role,)
+        with self._connect() as connection:
+            rows = connection.execute(query + " ORDER BY id", params).fetchall()
+        return [self._image_from_row(row) for row in rows]
+
+    def image(self, image_id: int) -> StoredImage:
+        with self._connect() as connection:
+            row = connection.execute("SELECT * FROM images WHERE id = ?", (image_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no image with id {image_id}")
+        return self._image_from_row(row)
+
+    def counts(self, project_id: int) -> dict[str, int]:
+        """Number of images per role (every role present, 0 when empty)."""
+        with self._connect() as connection:
+            rows = connection.execute(
+                "SELECT role, COUNT(*) AS n FROM images WHERE project_id = ? GROUP BY role", (project_id,)
+            ).fetchall()
+        found = {row["role"]: row["n"] for row in rows}
+        return {role: found.get(role, 0) for role in ROLES}
+
+    def image_set(self, project_id: int, role: str) -> ProjectSet:
+        """A role's images as an ImageSet reading the workspace files (what detectors take)."""
+        rows = self.images(project_id, role)
+        items = [
+            ImageItem(
+                name=row.name,
+                path=str(row.path),
+                label=row.label,
+                mask_path=str(row.mask_path) if row.mask_path else None,
+                group=row.group,
+            )
+            for row in rows
+        ]
+        project = self.project(project_id)
+        return ProjectSet([row.id for row in rows], ImageSet(items, name=f"{project.name}/{role}"), rows)
+
+    def remove_images(self, image_ids: Sequence[int]) -> int:
+        """Delete image rows (their annotations and scores go with them); returns how many."""
+        ids = [int(i) for i in image_ids]
+        if not ids:
+            return 0
+        with self._transaction() as connection:
+            cursor = connection.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in ids])
+        return cursor.rowcount if cursor.rowcount >= 0 else len(ids)
+
+    def add_to_normal_set(self, image_ids: Sequence[int]) -> list[int]:
+        """Copy images (e.g. test images confirmed normal) into their project's normal set.
+
+        The files are shared (same sha); images already in the normal set are
+        skipped. Returns the new row ids.
+        """
+        added: list[int] = []
+        with self._transaction() as connection:
+            for image_id in image_ids:
+                row = connection.execute("SELECT * FROM images WHERE id = ?", (int(image_id),)).fetchone()
+                if row is None:
+                    raise StoreError(f"no image with id {image_id}")
+                existing = connection.execute(
+                    "SELECT name FROM images WHERE project_id = ? AND role = 'normal'", (row["project_id"],)
+                ).fetchall()
+                shas = connection.execute(
+                    "SELECT 1 FROM images WHERE project_id = ? AND role = 'normal' AND sha = ?",
+                    (row["project_id"], row["sha"]),
+                ).fetchone()
+                if shas is not None:
+                    continue
+                name = _free_name(f"confirmed/{row['name']}", {r["name"] for r in existing})
+                cursor = connection.execute(
+                    "INSERT INTO images (project_id, role, name, sha, label, mask_sha, grp, height, width, added)"
+                    " VALUES (?, 'normal', ?, ?, 0, NULL, ?, ?, ?, ?)",
+                    (row["project_id"], name, row["sha"], row["grp"], row["height"], row["width"], time.time()),
+                )
+                added.append(cursor.lastrowid)
+        return added
+
+    def collect_garbage(self) -> int:
+        """Delete object files no image row refers to (left by failed imports or removals)."""
+        with self._connect() as connection:
+            used = {row[0] for row in connection.execute("SELECT sha FROM images UNION SELECT mask_sha FROM images")}
+        removed = 0
+        for path in self.objects.glob("*/*"):
+            if path.name.startswith(".tmp-") or path.name not in used:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    # ------------------------------------------------------------------ models and scores
+    def add_model(self, project_id: int, method: str, settings: dict[str, Any], detector: Any,
+                  summary: dict[str, Any] | None = None) -> StoredModel:
+        """Save a fitted detector (``detector.save``) and record it; the file is written first."""
+        path = self.models_dir / f"{uuid.uuid4().hex}.npz"
+        path = Path(detector.save(path))
+        try:
+            with self._transaction() as connection:
+                cursor = connection.execute(
+                    "INSERT INTO models (project_id, method, settings, path, summary, created) VALUES (?, ?, ?, ?, ?, ?)",
+                    (project_id, method, json.dumps(settings), path.name, json.dumps(summary or {}), time.time()),
+                )
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return self.model(cursor.lastrowid)
+
+    def _model_from_row(self, row: sqlite3.Row) -> StoredModel:
+        return StoredModel(
+            id=row["id"],
+            project_id=row["project_id"],
+            method=row["method"],
+            settings=json.loads(row["settings"]),
+            path=self.models_dir / row["path"],
+            summary=json.loads(row["summary"]),
+            created=row["created"],
+        )
+
+    def model(self, model_id: int) -> StoredModel:
+        with self._connect() as connection:
+            row = connection.execute("SELECT * FROM models WHERE id = ?", (model_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no model with id {model_id}")
+        return self._model_from_row(row)
+
+    def models(self, project_id: int, method: str | None = None) -> list[StoredModel]:
+        """A project's models, newest first."""
+        query, params = "SELECT * FROM models WHERE project_id = ?", [project_id]
+        if method is not None:
+            query += " AND method = ?"
+            params.append(method)
+        with self._connect() as connection:
+            rows = connection.execute(query + " ORDER BY id DESC", params).fetchall()
+        return [self._model_from_row(row) for row in rows]
+
+    def update_model_summary(self, model_id: int, **values: Any) -> None:
+        with self._transaction() as connection:
+            row = connection.execute("SELECT summary FROM models WHERE id = ?", (model_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"no model with id {model_id}")
+            summary = {**json.loads(row["summary"]), **values}
+            connection.execute("UPDATE models SET summary = ? WHERE id = ?", (json.dumps(summary), model_id))
+
+    def delete_model(self, model_id: int) -> None:
+        model = self.model(model_id)
+        with self._transaction() as connection:
+            connection.execute("DELETE FROM models WHERE id = ?", (model_id,))
+        model.path.unlink(missing_ok=True)
+
+    def save_scores(self, model_id: int, image_ids: Sequence[int], scores: Sequence[float]) -> None:
+        if len(image_ids) != len(scores):
+            raise ValueError(f"{len(image_ids)} image ids but {len(scores)} scores")
+        with self._transaction() as connection:
+            connection.executemany(
+                "INSERT OR REPLACE INTO scores (model_id, image_id, score) VALUES (?, ?, ?)",
+                [(model_id, int(i), float(s)) for i, s in zip(image_ids, scores)],
+            )
+
+    def scores(self, model_id: int) -> dict[int, float]:
+        """image id -> score of one model."""
+        with self._connect() as connection:
+            rows = connection.execute("SELECT image_id, score FROM scores WHERE model_id = ?", (model_id,)).fetchall()
+        return {row["image_id"]: row["score"] for row in rows}
+
+    # ------------------------------------------------------------------ training runs
+    def create_run(self, project_id: int, strategy: str, settings: dict[str, Any]) -> int:
+        now = time.time()
+        with self._transaction() as connection:
+            cursor = connection.execute(
+                "INSERT INTO runs (project_id, strategy, settings, status, created, updated) VALUES (?, ?, ?, 'running', ?, ?)",
+                (project_id, strategy, json.dumps(settings), now, now),
+            )
+        return cursor.lastrowid
+
+    def append_epoch(self, run_id: int, record: dict[str, Any]) -> None:
+        """Add one epoch's numbers to a run's curves (called as each epoch ends)."""
+        with self._transaction() as connection:
+            row = connection.execute("SELECT curves FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"no run with id {run_id}")
+            curves = json.loads(row["curves"]) + [record]
+            connection.execute(
+                "UPDATE runs SET curves = ?, updated = ? WHERE id = ?", (json.dumps(curves), time.time(), run_id)
+            )
+
+    def finish_run(self, run_id: int, status: str, stop_epoch: int | None = None,
+                   model_id: int | None = None, message: str = "") -> None:
+        if status not in RUN_STATUSES:
+            raise StoreError(f"run status must be one of {RUN_STATUSES}, not {status!r}")
+        with self._transaction() as connection:
+            connection.execute(
+                "UPDATE runs SET status = ?, stop_epoch = ?, model_id = ?, message = ?, updated = ? WHERE id = ?",
+                (status, stop_epoch, model_id, message, time.time(), run_id),
+            )
+
+    def _run_from_row(self, row: sqlite3.Row) -> Run:
+        return Run(
+            id=row["id"],
+            project_id=row["project_id"],
+            strategy=row["strategy"],
+            settings=json.loads(row["settings"]),
+            status=row["status"],
+            curves=json.loads(row["curves"]),
+            stop_epoch=row["stop_epoch"],
+            model_id=row["model_id"],
+            message=row["message"],
+            created=row["created"],
+            updated=row["updated"],
+        )
+
+    def run(self, run_id: int) -> Run:
+        with self._connect() as connection:
+            row = connection.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no run with id {run_id}")
+        return self._run_from_row(row)
+
+    def runs(self, project_id: int) -> list[Run]:
+        """A project's training runs, newest first."""
+        with self._connect() as connection:
+            rows = connection.execute("SELECT * FROM runs WHERE project_id = ? ORDER BY id DESC", (project_id,)).fetchall()
+        return [self._run_from_row(row) for row in rows]
+
+    def mark_abandoned_runs(self) -> int:
+        """Runs still 'running' when no process runs them (after a restart) become 'stopped'."""
+        with self._transaction() as connection:
+            cursor = connection.execute(
+                "UPDATE runs SET status = 'stopped', message = 'interrupted: the app stopped during training'"
+                " WHERE status = 'running'"
+            )
+        return cursor.rowcount
+
+    # ------------------------------------------------------------------ annotations
+    def annotate(self, image_id: int, verdict: str, note: str = "") -> Annotation:
+        """Record (or replace) the reviewer's verdict on one image, committed at once."""
+        if verdict not in VERDICTS:
+            raise StoreError(f"verdict must be one of {VERDICTS}, not {verdict!r}")
+        now = time.time()
+        try:
+            with self._transaction() as connection:
+                connection.execute(
+                    "INSERT INTO annotations (image_id, verdict, note, updated) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (image_id) DO UPDATE SET verdict = excluded.verdict, note = excluded.note,"
+                    " updated = excluded.updated",
+                    (image_id, verdict, note, now),
+                )
+        except sqlite3.IntegrityError:
+            raise StoreError(f"no image with id {image_id}") from None
+        return Annotation(image_id, verdict, note, now)
+
+    def clear_annotation(self, image_id: int) -> None:
+        with self._transaction() as connection:
+            connection.execute("DELETE FROM annotations WHERE image_id = ?", (image_id,))
+
+    def annotations(self, project_id: int) -> dict[int, Annotation]:
+        """image id -> annotation, for every annotated image of a project."""
+        with self._connect() as connection:
+            rows = connection.execute(
+                "SELECT a.* FROM annotations a JOIN images i ON i.id = a.image_id WHERE i.project_id = ?",
+                (project_id,),
+            ).fetchall()
+        return {row["image_id"]: Annotation(row["image_id"], row["verdict"], row["note"], row["updated"]) for row in rows}
+
+    def _annotation_records(self, project_id: int) -> list[dict[str, Any]]:
+        with self._connect() as connection:
+            rows = connection.execute(
+                "SELECT i.id, i.name, i.role, i.label, i.grp, i.sha, a.verdict, a.note, a.updated"
+                " FROM annotations a JOIN images i ON i.id = a.image_id WHERE i.project_id = ? ORDER BY i.id",
+                (project_id,),
+            ).fetchall()
+        return [
+            {
+                "image_id": row["id"],
+                "name": row["name"],
+                "role": row["role"],
+                "label": row["label"],
+                "group": row["grp"],
+                "sha256": row["sha"],
+                "verdict": row["verdict"],
+                "note": row["note"],
+                "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row["updated"])),
+            }
+            for row in rows
+        ]
+
+    def export_annotations_json(self, project_id: int) -> str:
+        project = self.project(project_id)
+        return json.dumps({"project": project.name, "annotations": self._annotation_records(project_id)}, indent=2)
+
+    def export_annotations_csv(self, project_id: int) -> str:
+        columns = ["image_id", "name", "role", "label", "group", "sha256", "verdict", "note", "updated"]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for record in self._annotation_records(project_id):
+            writer.writerow({key: "" if value is None else value for key, value in record.items()})
+        return buffer.getvalue()
+
+    # ------------------------------------------------------------------ per-project preferences
+    def set_preference(self, project_id: int, key: str, value: Any) -> None:
+        """Remember a small JSON-able value (e.g. the review position) across restarts."""
+        with self._transaction() as connection:
+            connection.execute(
+                "INSERT OR REPLACE INTO preferences (project_id, key, value) VALUES (?, ?, ?)",
+                (project_id, key, json.dumps(value)),
+            )
+
+    def preference(self, project_id: int, key: str, default: Any = None) -> Any:
+        with self._connect() as connection:
+            row = connection.execute(
+                "SELECT value FROM preferences WHERE project_id = ? AND key = ?", (project_id, key)
+            ).fetchone()
+        return default if row is None else json.loads(row["value"])
+
+
+def image_set_from_uploads(files: Sequence[tuple[str, bytes]], label: int | None = None,
+                           name: str = "upload") -> ImageSet:
+    """Uploaded files (name, bytes) as one ImageSet: images as they are, zips opened.
+
+    Nothing is decoded here (``Workspace.import_images`` does that); files of
+    other types, and zips that cannot be used, become problems naming the file.
+    Zip members are named ``<zip name>/<member path>`` so two zips cannot collide.
+    """
+    items: list[ImageItem] = []
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    for file_name, data in files:
+        extension = Path(file_name).suffix.lower()
+        if extension == ".zip":
+            try:
+                archive = read_zip(data, name=file_name, label=label)
+            except ValueError as error:
+                problems.append(Problem(file_name, str(error).removeprefix(f"{file_name}: ")))
+                continue
+            # Problems name the archive itself, so the user knows which upload to fix.
+            problems.extend(Problem(f"{file_name}/{problem.source}", problem.reason) for problem in archive.problems)
+            archive = archive.with_prefix(Path(file_name).stem)
+            fresh = [item for item in archive.items if item.name not in seen]
+            seen.update(item.name for item in fresh)
+            items.extend(fresh)
+        elif extension in IMAGE_EXTENSIONS:
+            if file_name in seen:
+                problems.append(Problem(file_name, "uploaded twice; the second copy skipped"))
+                continue
+            seen.add(file_name)
+            items.append(ImageItem(name=file_name, data=data, label=label))
+        else:
+            problems.append(Problem(file_name, f"not an image or zip file ({extension or 'no extension'}); skipped"))
+    return ImageSet(items, problems, name=name)
+
+
+def _free_name(name: str, taken: set[str]) -> str:
+    """``name``, or ``name (2)``, ``name (3)``... whichever is not taken yet."""
+    if name not in taken:
+        return name
+    stem, dot, extension = name.rpartition(".")
+    if not dot or "/" in extension:
+        stem, extension = name, ""
+    number = 2
+    while True:
+        candidate = f"{stem} ({number}).{extension}" if extension else f"{stem} ({number})"
+        if candidate not in taken:
+            return candidate
+        number += 1
