@@ -1,0 +1,1 @@
+"""Streamlit dashboard: a thin view over ``core`` (run ``streamlit run dashboard/app.py``)."""

@@ -1,0 +1,1 @@
+"""Reusable widgets and figures shared by the pages."""

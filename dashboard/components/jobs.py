@@ -1,0 +1,47 @@
+"""A live panel for a background job: progress bar, stage, Stop button, outcome."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import streamlit as st
+
+from dashboard.jobs import Job
+
+POLL_SECONDS = 1.0
+
+
+def job_panel(job: Job | None, key: str, on_finished: Callable[[Job], None] | None = None) -> None:
+    """Show ``job``; while it runs, refresh every second without rerunning the whole page.
+
+    When the job ends the whole page is rerun once, so that its results appear.
+    """
+    if job is None:
+        return
+
+    @st.fragment(run_every=POLL_SECONDS if job.running else None)
+    def panel() -> None:
+        if job.running:
+            progress = job.progress
+            label = f"{job.title} — {progress.stage}"
+            if progress.total:
+                label += f" ({progress.done}/{progress.total})"
+            columns = st.columns([5, 1])
+            columns[0].progress(progress.fraction, text=label)
+            if columns[1].button("Stop", key=f"{key}-stop", type="secondary", width="stretch"):
+                job.stop()
+                st.toast("Stopping at the next safe point…")
+            st.session_state[f"{key}-was-running"] = True
+            return
+        if st.session_state.pop(f"{key}-was-running", False):
+            if on_finished is not None:
+                on_finished(job)
+            st.rerun()  # full page: the results of the job are now in the store
+        if job.status == "finished":
+            st.success(f"{job.title}: done in {job.elapsed:.1f} s.")
+        elif job.status == "stopped":
+            st.warning(f"{job.title}: stopped after {job.elapsed:.1f} s. Completed results were kept.")
+        elif job.status == "failed":
+            st.error(f"{job.title} failed: {job.error}")
+
+    panel()

@@ -1,0 +1,226 @@
+"""Every ``st.session_state`` key and every ``st.cache_*`` function of the dashboard.
+
+Why one module: two browser sessions must never see each other's state, so
+what is per-session (the chosen project, running jobs, the review position)
+lives in ``st.session_state`` under the keys below, and what is shared by all
+sessions of the process (the workspace handle, loaded models, thumbnails) is
+in ``st.cache_*`` and keyed by everything that identifies it (workspace
+folder, project, model id). Seeing both lists in one place makes that easy to
+check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import streamlit as st
+
+from core.store import Project, Workspace, default_workspace
+from dashboard.jobs import Job
+
+# ---------------------------------------------------------------------- session keys
+WORKSPACE_PATH = "workspace_path"  # str: folder of the workspace this session uses
+PROJECT_ID = "project_id"  # int | None: the project this session works on
+JOBS = "jobs"  # dict[str, Job]: background work of this session, by kind ("fit", "train", ...)
+FLASH = "flash"  # list[(kind, text)]: messages to show once on the next page run
+UPLOAD_GENERATION = "upload_generation"  # int: bumped to empty the file uploader after an import
+REVIEW_POSITION = "review_position"  # dict[model_id, image_id]: where the reviewer is, per model
+THRESHOLDS = "thresholds"  # dict[model_id, float]: the threshold the user chose, per model
+SEGMENT_IMAGE = "segment_image"  # int: index of the test image shown on the Segment page
+
+
+def _session_default(key: str, factory):
+    if key not in st.session_state:
+        st.session_state[key] = factory()
+    return st.session_state[key]
+
+
+# ---------------------------------------------------------------------- workspace and project
+@st.cache_resource(show_spinner=False)
+def _open_workspace(folder: str) -> Workspace:
+    """One handle per workspace folder per process (it only holds paths; connections are per call)."""
+    workspace = Workspace(folder)
+    # Runs left 'running' by a previous process can never finish; say so once, at open.
+    workspace.mark_abandoned_runs()
+    return workspace
+
+
+def workspace_path() -> str:
+    return _session_default(WORKSPACE_PATH, lambda: str(default_workspace()))
+
+
+def set_workspace_path(folder: str) -> Workspace:
+    """Switch this session to another workspace folder (created if missing); raises OSError."""
+    workspace = _open_workspace(str(Path(folder).expanduser().resolve()))
+    st.session_state[WORKSPACE_PATH] = str(workspace.root)
+    st.session_state[PROJECT_ID] = None
+    return workspace
+
+
+def workspace() -> Workspace:
+    return _open_workspace(workspace_path())
+
+
+def project_id() -> int | None:
+    return st.session_state.get(PROJECT_ID)
+
+
+def set_project(project: Project | int | None) -> None:
+    st.session_state[PROJECT_ID] = project.id if isinstance(project, Project) else project
+
+
+def current_project() -> Project | None:
+    chosen = project_id()
+    if chosen is None:
+        return None
+    for project in workspace().projects():
+        if project.id == chosen:
+            return project
+    st.session_state[PROJECT_ID] = None  # deleted meanwhile (e.g. by another session)
+    return None
+
+
+# ---------------------------------------------------------------------- jobs
+def jobs() -> dict[str, Job]:
+    return _session_default(JOBS, dict)
+
+
+def job(kind: str, project: int | None = None) -> Job | None:
+    """This session's latest job of a kind (for a project, when given)."""
+    found = jobs().get(kind)
+    if found is not None and project is not None and found.project_id != project:
+        return None
+    return found
+
+
+def start_job(kind: str, job_: Job) -> Job:
+    jobs()[kind] = job_
+    return job_
+
+
+def any_job_running() -> bool:
+    return any(j.running for j in jobs().values())
+
+
+# ---------------------------------------------------------------------- one-shot messages
+def flash(kind: str, text: str) -> None:
+    """Show ``text`` (st.success/info/warning/error by ``kind``) once, on the next run of any page."""
+    _session_default(FLASH, list).append((kind, text))
+
+
+def take_flashes() -> list[tuple[str, str]]:
+    messages = _session_default(FLASH, list)
+    st.session_state[FLASH] = []
+    return messages
+
+
+# ---------------------------------------------------------------------- small per-session values
+def upload_generation() -> int:
+    return _session_default(UPLOAD_GENERATION, int)
+
+
+def clear_uploads() -> None:
+    st.session_state[UPLOAD_GENERATION] = upload_generation() + 1
+
+
+def threshold(model_id: int, default: float) -> float:
+    return _session_default(THRESHOLDS, dict).get(model_id, default)
+
+
+def set_threshold(model_id: int, value: float) -> None:
+    _session_default(THRESHOLDS, dict)[model_id] = float(value)
+
+
+def review_position(model_id: int) -> int | None:
+    """The image id the reviewer was at for this model: this session's, else the saved one."""
+    positions = _session_default(REVIEW_POSITION, dict)
+    if model_id not in positions:
+        project = project_id()
+        saved = workspace().preference(project, f"review_position/{model_id}") if project is not None else None
+        positions[model_id] = saved
+    return positions[model_id]
+
+
+def set_review_position(model_id: int, image_id: int) -> None:
+    _session_default(REVIEW_POSITION, dict)[model_id] = image_id
+    project = project_id()
+    if project is not None:
+        workspace().set_preference(project, f"review_position/{model_id}", image_id)
+
+
+def segment_image(count: int) -> int:
+    return min(_session_default(SEGMENT_IMAGE, int), max(count - 1, 0))
+
+
+def set_segment_image(index: int) -> None:
+    st.session_state[SEGMENT_IMAGE] = int(index)
+
+
+# ---------------------------------------------------------------------- shared caches
+@st.cache_data(show_spinner=False, max_entries=4000)
+def thumbnail(path: str, side: int = 160) -> np.ndarray:
+    """A decoded, shrunk copy of a workspace image; keyed by its content-addressed path, so never stale."""
+    from core.images import decode_image, to_display
+
+    return to_display(decode_image(path), side)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def display_image(path: str, side: int) -> np.ndarray:
+    """A workspace image squashed to ``side`` x ``side``: every view shows images at one size."""
+    import cv2
+
+    from core.images import decode_image
+
+    return cv2.resize(decode_image(path), (side, side), interpolation=cv2.INTER_AREA)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def display_mask(path: str, side: int) -> np.ndarray:
+    import cv2
+
+    from core.images import decode_mask
+
+    return cv2.resize(decode_mask(path).astype(np.uint8), (side, side), interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def detector(workspace_folder: str, model_id: int, model_file: str):
+    """A saved model loaded once per process. ``model_file`` is part of the key so a replaced file reloads."""
+    from core.detectors import load_detector
+
+    return load_detector(model_file)
+
+
+@dataclass
+class SegmentationCache:
+    """A fitted SPADE detector with the raw maps of one project's test set already computed."""
+
+    detector: Any
+    image_ids: list[int]
+    ready: bool = False
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def segmentation(workspace_folder: str, project: int, model_id: int) -> SegmentationCache:
+    """Keyed by workspace + project + model: one backbone pass per model, shared by sliders and sessions.
+
+    The heavy part (``anomaly_maps``) is filled in by a background job; this
+    only creates the holder, so the page never blocks on a cache miss.
+    """
+    ws = _open_workspace(workspace_folder)
+    return SegmentationCache(detector=detector(workspace_folder, model_id, str(ws.model(model_id).path)), image_ids=[])
+
+
+@st.cache_data(show_spinner=False, ttl=300)
+def backbone_offline(name: str) -> bool:
+    """Whether a backbone's weights are on this machine (checked at most every 5 minutes)."""
+    from core.backbones import get_spec, locate_weights
+
+    try:
+        return locate_weights(get_spec(name)) is not None
+    except Exception:  # noqa: BLE001 - a broken weights package just means "not available"
+        return False

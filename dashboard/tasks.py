@@ -1,0 +1,137 @@
+"""The dashboard's recipes over ``core``: import a demo, fit and score, compute heatmaps, train PANDA.
+
+Plain Python (no Streamlit), so they run in a :class:`~dashboard.jobs.Job`
+thread and tests can call them directly. Each takes the workspace, ids and
+settings, reports progress through the job, honours its Stop, and writes
+every result to the store before returning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.datasets import read_class_folders, read_mvtec
+from core.store import ImportReport, Project, Workspace
+from dashboard.jobs import Job
+
+DEMO_ROOT = Path(__file__).resolve().parents[1] / "assets" / "demo"
+
+
+@dataclass(frozen=True)
+class Demo:
+    key: str
+    project_name: str
+    title: str
+    description: str
+    folder: Path
+    layout: str  # "mvtec" or "classes"
+    normal_class: str | None = None
+
+
+DEMOS = {
+    demo.key: demo
+    for demo in (
+        Demo(
+            "bottle",
+            "demo: MVTec bottle",
+            "Bottles seen from above (MVTec AD)",
+            "40 good bottles to learn from; 20 test bottles — 8 good, 12 broken or contaminated, "
+            "with defect masks. Detection and segmentation.",
+            DEMO_ROOT / "bottle",
+            "mvtec",
+        ),
+        Demo(
+            "fashion",
+            "demo: Fashion-MNIST trousers",
+            "Clothing thumbnails (Fashion-MNIST)",
+            "100 trousers are 'normal'; 100 test images of all ten classes — anything that is not a "
+            "trouser is an anomaly. One-class detection, no masks.",
+            DEMO_ROOT / "fashion",
+            "classes",
+            "Trouser",
+        ),
+    )
+}
+
+
+def import_demo(workspace: Workspace, key: str) -> tuple[Project, dict[str, ImportReport]]:
+    """Create (or reuse) the demo's project and import its sets; importing twice adds nothing."""
+    demo = DEMOS[key]
+    if demo.layout == "mvtec":
+        train, test = read_mvtec(demo.folder)
+    else:
+        train, test = read_class_folders(demo.folder, demo.normal_class)
+    project = workspace.get_or_create_project(demo.project_name)
+    reports = {
+        "normal": workspace.import_images(project.id, train, "normal"),
+        "test": workspace.import_images(project.id, test, "test"),
+    }
+    return project, reports
+
+
+# ---------------------------------------------------------------------- detection
+def settings_for(method: str, backbone: str, k: int = 2, target_fpr: float = 0.05,
+                 weights: str | None = None) -> Any:
+    """Settings dataclass of a method from the few choices the Detect page offers."""
+    from core import config
+
+    features = config.FeatureSettings(backbone=backbone, weights=weights)
+    if method == "dn2":
+        return config.DN2Settings(features=features, k=k, target_fpr=target_fpr)
+    if method == "gaussian":
+        return config.GaussianSettings(features=features, target_fpr=target_fpr)
+    if method == "spade":
+        return dataclasses.replace(config.SpadeSettings(), features=features)
+    raise ValueError(f"the Detect page does not fit {method!r} models")
+
+
+def test_summary(labels: np.ndarray | None, scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    from core.metrics import image_auroc
+
+    summary: dict[str, Any] = {"n_test": int(len(scores)), "threshold": float(threshold)}
+    if labels is not None and 0 < labels.sum() < len(labels):
+        summary["auroc"] = image_auroc(labels, scores)
+    return summary
+
+
+def fit_and_score(workspace: Workspace, project_id: int, method: str, settings: Any, job: Job) -> int | None:
+    """Fit ``method`` on the project's normal images, score its test images, save both. Returns the model id."""
+    from core.detectors import make_detector
+
+    normal = workspace.image_set(project_id, "normal")
+    if len(normal) == 0:
+        raise ValueError("the project has no normal images to learn from (import some on the Data page)")
+    test = workspace.image_set(project_id, "test")
+    detector = make_detector(method, settings)
+    detector.fit(normal.images, progress=job.progress_for(f"learning {len(normal)} normal images"), cancel=job.cancelled)
+    summary: dict[str, Any] = {"n_normal": len(normal)}
+    scores = None
+    if len(test):
+        scores = detector.score(test.images, progress=job.progress_for(f"scoring {len(test)} test images"),
+                                cancel=job.cancelled)
+        labels = test.images.labels if test.images.has_labels else None
+        summary.update(test_summary(labels, scores, detector.threshold_))
+    model = workspace.add_model(project_id, method, dataclasses.asdict(settings), detector, summary)
+    if scores is not None:
+        workspace.save_scores(model.id, test.ids, scores)
+    return model.id
+
+
+def score_missing(workspace: Workspace, model_id: int, detector: Any, job: Job) -> int:
+    """Score the test images added after a model was fitted; returns how many were scored."""
+    model = workspace.model(model_id)
+    test = workspace.image_set(model.project_id, "test")
+    known = workspace.scores(model_id)
+    missing = [position for position, image_id in enumerate(test.ids) if image_id not in known]
+    if not missing:
+        return 0
+    subset = test.images.subset(missing)
+    scores = detector.score(subset, progress=job.progress_for(f"scoring {len(missing)} new test images"),
+                            cancel=job.cancelled)
+    workspace.save_scores(model_id, [test.ids[i] for i in missing], scores)
+    return len(missing)

