@@ -1,8 +1,122 @@
+"""Review: go through flagged images one by one, record a verdict, feed confirmed normals back."""
+
+import numpy as np
 import streamlit as st
 
+from core.images import ImageError
+from core.store import VERDICTS
+from dashboard import state, tasks
+from dashboard.components.jobs import job_panel
+from dashboard.components.models import loaded_detector, pick_model, scored_test
 from dashboard.components.sidebar import require_project, workspace_and_project
+from dashboard.jobs import Job
+
+IMAGE_SIDE = 420
+VERDICT_LABELS = {"normal": "✅ normal", "anomalous": "❌ anomalous", "unsure": "❔ unsure"}
 
 workspace, project = workspace_and_project()
 project = require_project(project)
-st.title("review")
-st.info("Coming as its engine lands.")
+st.title("Review")
+
+model = pick_model(workspace, project, ("dn2", "gaussian", "panda"), key="review-model")
+if model is None:
+    st.info("Nothing to review yet: fit a model on the **Detect** page first.")
+    st.stop()
+try:
+    detector = loaded_detector(workspace, model)
+except Exception as error:  # noqa: BLE001
+    st.error(f"Cannot load model #{model.id}: {error}")
+    st.stop()
+test = scored_test(workspace, model)
+threshold = state.threshold(model.id, float(detector.threshold_))
+annotations = workspace.annotations(project.id)
+
+show_all = st.toggle("Show every test image, not only the flagged ones", key="review-all")
+flagged = test.scores > threshold
+candidates = np.arange(len(test.rows)) if show_all else np.flatnonzero(flagged)
+# Most suspicious first; with labels, false alarms (labelled normal yet flagged) lead: they are what a
+# reviewer most needs to check, and what feeds "add confirmed normals" below.
+not_false_alarm = (test.labels[candidates] != 0) if test.labels is not None else np.zeros(len(candidates), bool)
+order = candidates[np.lexsort((-test.scores[candidates], not_false_alarm))]
+queue = [test.rows[i] for i in order]
+reviewed = sum(row.id in annotations for row in queue)
+st.caption(
+    f"Threshold {threshold:.4g} (set on the Detect page) · {int(flagged.sum())} of {len(flagged)} test images flagged"
+    f" · {reviewed} of {len(queue)} in this list reviewed"
+    + (" · false alarms (labelled normal) come first" if test.labels is not None else "")
+)
+if not queue:
+    st.success("No image is above the threshold. Lower it on the Detect page, or show every test image.")
+    st.stop()
+
+# ---------------------------------------------------------------------- position (kept per model, across restarts)
+ids = [row.id for row in queue]
+saved = state.review_position(model.id)
+index = ids.index(saved) if saved in ids else 0
+
+
+def move(step: int) -> None:
+    state.set_review_position(model.id, ids[(index + step) % len(ids)])
+
+
+navigation = st.columns([1, 1, 4])
+navigation[0].button("◀ Previous", on_click=move, args=(-1,), width="stretch", shortcut="Left")
+navigation[1].button("Next ▶", on_click=move, args=(1,), width="stretch", shortcut="Right")
+navigation[2].markdown(f"**{index + 1} / {len(queue)}** — arrow keys move too")
+
+image = queue[index]
+position = order[index]
+left, right = st.columns([3, 2])
+with left:
+    try:
+        st.image(state.display_image(str(image.path), IMAGE_SIDE), width=IMAGE_SIDE)
+    except (ImageError, OSError) as error:
+        st.error(f"{image.name}: {getattr(error, 'reason', error)}")
+with right:
+    st.markdown(f"**{image.name}**")
+    facts = st.columns(2)
+    facts[0].metric("Score", f"{test.scores[position]:.4g}", delta=f"{test.scores[position] - threshold:+.3g} vs threshold",
+                    delta_color="inverse")
+    facts[1].metric("Label", {0: "normal", 1: "anomalous"}.get(image.label, "unknown"))
+    if image.group:
+        st.caption(f"group: {image.group}")
+    current = annotations.get(image.id)
+
+    def save_verdict() -> None:
+        verdict = st.session_state.get(f"verdict-{image.id}")
+        note = st.session_state.get(f"note-{image.id}", "")
+        if verdict is None:
+            workspace.clear_annotation(image.id)
+        else:
+            workspace.annotate(image.id, verdict, note)
+
+    st.radio("Verdict", VERDICTS, format_func=VERDICT_LABELS.get, key=f"verdict-{image.id}", horizontal=True,
+             index=VERDICTS.index(current.verdict) if current else None, on_change=save_verdict)
+    st.text_area("Note", value=current.note if current else "", key=f"note-{image.id}", on_change=save_verdict,
+                 placeholder="What did you see? (saved when you click outside the box)", height=100)
+    if current:
+        st.caption("Saved ✓")
+
+# ---------------------------------------------------------------------- feed back and export
+st.divider()
+confirmed = [image_id for image_id, note in annotations.items()
+             if note.verdict == "normal" and image_id in {row.id for row in test.rows}]
+columns = st.columns([2, 1, 1])
+with columns[0]:
+    refit_possible = model.method in ("dn2", "gaussian")
+    if st.button(f"Add {len(confirmed)} confirmed normals to the normal set and refit", type="primary",
+                 disabled=not confirmed or not refit_possible,
+                 help=None if refit_possible else "PANDA models are retrained on the Adapt page."):
+        added = workspace.add_to_normal_set(confirmed)
+        settings = tasks.settings_for(model.method, model.settings["features"]["backbone"],
+                                      k=model.settings.get("k", 2), target_fpr=model.settings.get("target_fpr", 0.05))
+        state.start_job("fit", Job(f"Refitting {model.method} with {len(added)} more normals",
+                                   lambda job: tasks.fit_and_score(workspace, project.id, model.method, settings, job),
+                                   project_id=project.id))
+        state.flash("info", f"{len(added)} images added to the normal set; a new model is being fitted.")
+        st.rerun()
+    job_panel(state.job("fit", project.id), key="review-fit")
+columns[1].download_button("Annotations (CSV)", workspace.export_annotations_csv(project.id),
+                           file_name=f"{project.name}-annotations.csv", mime="text/csv", width="stretch")
+columns[2].download_button("Annotations (JSON)", workspace.export_annotations_json(project.id),
+                           file_name=f"{project.name}-annotations.json", mime="application/json", width="stretch")
