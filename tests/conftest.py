@@ -32,3 +32,49 @@ def noise_pngs() -> list[tuple[str, bytes]]:
     """Five distinct 32x32 RGB noise images as (name, PNG bytes)."""
     rng = np.random.default_rng(0)
     return [(f"noise_{i}.png", png_bytes(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))) for i in range(5)]
+
+
+# ---------------------------------------------------------------------- dashboard (AppTest) helpers
+APP_FILE = str(REPO_ROOT / "dashboard" / "app.py")
+
+
+@pytest.fixture
+def tiny_bottle(workspace_dir):
+    """A workspace with a small labelled project (8 normal, 6 test bottles with masks) from the demo assets."""
+    from core.datasets import read_mvtec
+    from core.store import Workspace
+
+    workspace = Workspace(workspace_dir)
+    project = workspace.create_project("tiny bottle")
+    train, test = read_mvtec(DEMO_BOTTLE)
+    workspace.import_images(project.id, train.subset(range(8)), "normal")
+    chosen = [i for i, item in enumerate(test) if item.group == "good"][:3] + [
+        i for i, item in enumerate(test) if item.group != "good"
+    ][:3]
+    workspace.import_images(project.id, test.subset(chosen), "test")
+    return workspace, project
+
+
+def new_app(project_id=None, page=None, timeout=120):
+    """An AppTest of the whole app (a fresh browser session), optionally on a project and page."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(APP_FILE, default_timeout=timeout)
+    if project_id is not None:
+        at.session_state["project_id"] = project_id
+    at.run()
+    if page is not None:
+        at.switch_page(page).run()
+    return at
+
+
+def finish_jobs(at, timeout=120.0):
+    """Wait for the session's background jobs, then rerun the page so it shows their results."""
+    import time
+
+    deadline = time.time() + timeout
+    for job in (at.session_state["jobs"] if "jobs" in at.session_state else {}).values():
+        assert job.wait(max(0.0, deadline - time.time())), f"job {job.title!r} did not finish in {timeout} s"
+        assert job.status == "finished", f"{job.title}: {job.status} {job.error}"
+    at.run()
+    return at

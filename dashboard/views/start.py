@@ -28,16 +28,19 @@ for column, demo in zip(columns, tasks.DEMOS.values()):
             with st.spinner("Importing the demo images into your workspace…"):
                 demo_project, reports = tasks.import_demo(workspace, demo.key)
             state.set_project(demo_project)
-            # One click gives results: the first model fits while the Detect page opens.
-            settings = tasks.settings_for("dn2", "efficientnet_lite0")
-            state.start_job("fit", Job(
-                "Fitting DN2 (efficientnet_lite0)",
-                lambda job, p=demo_project.id, s=settings: tasks.fit_and_score(workspace, p, "dn2", s, job),
-                project_id=demo_project.id,
-            ))
             added = sum(len(report.added) for report in reports.values())
-            state.flash("success", f"Demo project “{demo_project.name}” ready ({added} images added). "
-                                   "DN2 is being fitted; heatmaps are on the Segment page.")
+            if not workspace.models(demo_project.id):
+                # One click gives results: the first model fits while the Detect page opens.
+                settings = tasks.settings_for("dn2", "efficientnet_lite0")
+                state.start_job("fit", Job(
+                    "Fitting DN2 (efficientnet_lite0)",
+                    lambda job, p=demo_project.id, s=settings: tasks.fit_and_score(workspace, p, "dn2", s, job),
+                    project_id=demo_project.id,
+                ))
+                state.flash("success", f"Demo project “{demo_project.name}” ready ({added} images added). "
+                                       "DN2 is being fitted; heatmaps are on the Segment page.")
+            else:
+                state.flash("info", f"Demo project “{demo_project.name}” reopened with its models.")
             st.switch_page("views/detect.py")
 st.caption("Demo data: MVTec AD “bottle” subset © MVTec Software GmbH, CC BY-NC-SA 4.0 (non-commercial); "
            "Fashion-MNIST © Zalando SE, MIT licence. Details in `assets/demo/*/ATTRIBUTION.md`.")

@@ -1,0 +1,94 @@
+"""AppTest: the Start page (demo) and the Data page (projects, uploads, bad files, folders)."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+from conftest import DEMO_BOTTLE, finish_jobs, new_app, png_bytes
+from core.store import Workspace
+
+
+def test_start_page_explains_methods_and_offers_both_demos(workspace_dir):
+    at = new_app()
+    assert not at.exception
+    text = " ".join(block.value for block in at.markdown)
+    for method in ("DN2", "Gaussian", "PANDA", "SPADE"):
+        assert method in text
+    assert "Reiss et al." in " ".join(caption.value for caption in at.caption)
+    assert {button.key for button in at.button} >= {"demo-bottle", "demo-fashion"}
+
+
+def test_demo_imports_a_project_and_fits_a_first_model(workspace_dir):
+    at = new_app()
+    at.button(key="demo-bottle").click().run()
+    assert not at.exception
+    workspace = Workspace(workspace_dir)
+    (project,) = workspace.projects()
+    assert workspace.counts(project.id) == {"normal": 40, "test": 20, "outlier": 0}
+    assert at.title[0].value == "Detect"  # the demo opens the Detect page with the fit under way
+    finish_jobs(at)
+    assert not at.exception
+    (model,) = workspace.models(project.id)
+    assert model.method == "dn2" and model.summary["auroc"] > 0.8
+    assert any("Flagged" in metric.label for metric in at.metric)
+    # Clicking the demo again reuses the project and its model: no duplicate images, no refit.
+    at.switch_page("views/start.py").run()
+    at.button(key="demo-bottle").click().run()
+    assert len(workspace.projects()) == 1 and workspace.counts(project.id)["normal"] == 40
+    assert len(workspace.models(project.id)) == 1 and not at.session_state["jobs"]["fit"].running
+
+
+def test_data_page_creates_a_project_and_lists_bad_uploads(workspace_dir, noise_pngs):
+    at = new_app(page="views/data.py")
+    assert not at.exception
+    next(field for field in at.text_input if field.label == "Project name").input("line 3")
+    next(button for button in at.button if button.label == "Create project").click().run()
+    workspace = Workspace(workspace_dir)
+    (project,) = workspace.projects()
+    assert project.name == "line 3"
+
+    evil_zip = io.BytesIO()
+    with zipfile.ZipFile(evil_zip, "w") as archive:
+        archive.writestr("../../outside.png", noise_pngs[3][1])
+        archive.writestr("good/inside.png", noise_pngs[4][1])
+    at.file_uploader[0].set_value([
+        (noise_pngs[0][0], noise_pngs[0][1], "image/png"),
+        (noise_pngs[1][0], noise_pngs[1][1], "image/png"),
+        ("corrupt.png", noise_pngs[2][1][:50], "image/png"),
+        ("readme.txt", b"not an image", "text/plain"),
+        ("evil.zip", evil_zip.getvalue(), "application/zip"),
+    ])
+    at.run()
+    next(button for button in at.button if button.label == "Import uploads").click().run()
+    assert not at.exception
+    errors = " ".join(error.value for error in at.error)
+    assert "3 files could not be used" in errors
+    table = at.dataframe[0].value
+    assert set(table["file"]) == {"corrupt.png", "readme.txt", "evil.zip/../../outside.png"}
+    assert [row.name for row in workspace.images(project.id)] == ["noise_0.png", "noise_1.png", "evil/good/inside.png"]
+    assert any("imported 3 images" in success.value for success in at.success)
+    assert not (workspace_dir.parent / "outside.png").exists()
+
+    # Removing an image from the gallery.
+    first = workspace.images(project.id)[0]
+    at.checkbox(key=f"pick-normal-{first.id}").check().run()
+    next(button for button in at.button if button.label == "Remove 1 selected").click().run()
+    assert [row.name for row in workspace.images(project.id)] == ["noise_1.png", "evil/good/inside.png"]
+
+
+def test_folder_import_in_mvtec_layout(workspace_dir):
+    workspace = Workspace(workspace_dir)
+    project = workspace.create_project("from folder")
+    at = new_app(project.id, page="views/data.py")
+    folder_input = next(field for field in at.text_input if field.label == "Folder path")
+    folder_input.input(str(DEMO_BOTTLE)).run()
+    next(button for button in at.button if button.label == "Import folder").click().run()
+    assert not at.exception
+    assert workspace.counts(project.id) == {"normal": 40, "test": 20, "outlier": 0}
+
+    missing = next(field for field in at.text_input if field.label == "Folder path")
+    missing.input(str(DEMO_BOTTLE / "nope")).run()
+    next(button for button in at.button if button.label == "Import folder").click().run()
+    assert any("Cannot import" in error.value for error in at.error)
+    assert workspace.counts(project.id)["normal"] == 40
