@@ -19,6 +19,8 @@ A saved model records what produced its features (:func:`feature_identity`);
 
 from __future__ import annotations
 
+import dataclasses
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -28,8 +30,9 @@ import torch
 from core.backbones import FeatureExtractor, Features, get_spec, shared_extractor
 from core.config import FeatureSettings
 from core.datasets import ImageSet
-from core.detectors.base import ModelFileError
+from core.detectors.base import Detector, ModelFileError
 from core.images import ImageSize
+from core.metrics import fpr_at_threshold, threshold_at_fpr
 from core.progress import CancelFn, ProgressFn, check_cancel
 
 POOLED = "pooled"
@@ -168,3 +171,145 @@ def check_compatible(identity: dict[str, Any], extractor: FeatureExtractor, size
             f"the model was fitted at image size {identity.get('resize')}->{identity.get('crop')} "
             f"but the extractor is used at {found['resize']}->{found['crop']}"
         )
+
+
+# --------------------------------------------------------------------------- detectors on extracted features
+
+
+def _offset_progress(progress: ProgressFn | None, offset: int, total: int) -> ProgressFn | None:
+    """Report a sub-task's progress as part of a larger one (e.g. normal set, then holdout)."""
+    if progress is None:
+        return None
+    return lambda done, _: progress(offset + done, total)
+
+
+class FeatureDetector(Detector):
+    """A detector that works on features of whole images (DN2, Gaussian).
+
+    Subclasses implement :meth:`feature_request`, :meth:`fit_features`,
+    :meth:`score_features` and their ``_state``/``_restore`` parts; this class
+    turns them into the ImageSet contract, a single-batch path for uploads,
+    and the backbone identity check of saved models.
+
+    Fitting from precomputed features (``fit_features``) lets a benchmark
+    extract a data set once and fit one model per normal class.
+    """
+
+    def __init__(self, settings: Any = None) -> None:
+        super().__init__(settings)
+        self.identity_: dict[str, Any] | None = None
+        self.holdout_scores_: np.ndarray | None = None
+        self._extractor: FeatureExtractor | None = None
+
+    # ------------------------------------------------------------------ to implement
+    @abstractmethod
+    def feature_request(self) -> FeatureRequest:
+        """The stages this detector reads (validated against the backbone)."""
+
+    @abstractmethod
+    def fit_features(self, features: Features, holdout: Features | None = None) -> "FeatureDetector":
+        """Fit on features of N normal images (as :func:`extract_features` returns them)."""
+
+    @abstractmethod
+    def score_features(self, features: Features) -> np.ndarray:
+        """Features of M images -> (M,) float64 scores."""
+
+    # ------------------------------------------------------------------ geometry and network
+    @property
+    def image_size(self) -> ImageSize:
+        """The resize/crop geometry images are preprocessed with for this detector."""
+        return image_size_for(self.settings.features)
+
+    def extractor(self) -> FeatureExtractor:
+        """The network this detector extracts with (checked against a loaded model's identity)."""
+        if self._extractor is None:
+            candidate = extractor_for(self.settings.features)
+            if self.identity_ is not None:
+                check_compatible(self.identity_, candidate, self.image_size)
+            self._extractor = candidate
+        return self._extractor
+
+    def use_extractor(self, extractor: FeatureExtractor) -> None:
+        """Extract with ``extractor`` from now on (a fitted model checks it is compatible first)."""
+        if self.identity_ is not None:
+            check_compatible(self.identity_, extractor, self.image_size)
+        self._extractor = extractor
+
+    def check_compatible(self, extractor: FeatureExtractor) -> None:
+        """Raise :class:`ModelFileError` when ``extractor`` is not the network this model was fitted with."""
+        self._require_fitted()
+        check_compatible(self.identity_ or {}, extractor, self.image_size)
+
+    def extract(self, images: ImageSet, progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> Features:
+        """Features of ``images`` as this detector needs them."""
+        request = self.feature_request()
+        return extract_features(
+            images, self.settings.features, request.stages, request.pool_stages, progress, cancel, self.extractor()
+        )
+
+    # ------------------------------------------------------------------ contract
+    def fit(self, normal: ImageSet, progress=None, cancel=None, holdout: ImageSet | None = None) -> "FeatureDetector":
+        """Extract features of ``normal`` (and ``holdout``) and fit; see :meth:`fit_features`."""
+        total = len(normal) + (len(holdout) if holdout is not None else 0)
+        features = self.extract(normal, _offset_progress(progress, 0, total), cancel)
+        held = None
+        if holdout is not None:
+            held = self.extract(holdout, _offset_progress(progress, len(normal), total), cancel)
+        self.identity_ = feature_identity(self.extractor(), self.image_size)
+        return self.fit_features(features, held)
+
+    def score(self, images: ImageSet, progress=None, cancel=None) -> np.ndarray:
+        """ImageSet of N images -> (N,) float64 scores, higher = more anomalous."""
+        self._require_fitted()
+        return self.score_features(self.extract(images, progress, cancel))
+
+    def score_batch(self, images: torch.Tensor) -> np.ndarray:
+        """(B, 3, crop, crop) RGB in [0, 1] (``core.images.preprocess`` at :attr:`image_size`) -> (B,) scores."""
+        self._require_fitted()
+        crop = self.image_size.crop
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, crop, crop):
+            raise ValueError(f"images must have shape (B, 3, {crop}, {crop}), got {tuple(images.shape)}")
+        request = self.feature_request()
+        out = self.extractor()(images, request.stages)
+        maps = {
+            name: (value.mean(dim=(2, 3)) if request.pool_stages else value).float().cpu()
+            for name, value in out.maps.items()
+        }
+        return self.score_features(Features(maps=maps, pooled=out.pooled.float().cpu()))
+
+    # ------------------------------------------------------------------ thresholds
+    def _set_threshold(self, train_scores: np.ndarray, holdout_scores: np.ndarray | None = None) -> None:
+        super()._set_threshold(train_scores, holdout_scores)
+        self.holdout_scores_ = None if holdout_scores is None else np.asarray(holdout_scores, dtype=np.float64)
+
+    def set_target_fpr(self, target_fpr: float) -> float:
+        """Move the working point; uses the held-out normal scores when the model was fitted with some."""
+        self._require_fitted()
+        self.settings = dataclasses.replace(self.settings, target_fpr=target_fpr)
+        reference = self.holdout_scores_ if self.holdout_scores_ is not None else self.train_scores_
+        self.threshold_ = threshold_at_fpr(reference, target_fpr)
+        if self.holdout_scores_ is not None:
+            self.holdout_fpr_ = fpr_at_threshold(self.holdout_scores_, self.threshold_)
+        return self.threshold_
+
+    # ------------------------------------------------------------------ persistence helpers
+    def _common_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        fields: dict[str, Any] = {"features_identity": self.identity_}
+        arrays: dict[str, np.ndarray] = {}
+        if self.holdout_scores_ is not None:
+            arrays["holdout_scores"] = self.holdout_scores_
+        return fields, arrays
+
+    def _restore_common(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        identity = header.get("features_identity")
+        if not isinstance(identity, dict) or "backbone" not in identity:
+            raise ModelFileError("model header lacks the backbone identity (features_identity)")
+        if identity["backbone"] != self.settings.features.backbone:
+            raise ModelFileError(
+                f"model header names backbone {identity['backbone']!r} but its settings say "
+                f"{self.settings.features.backbone!r}"
+            )
+        self.identity_ = identity
+        held = arrays.pop("holdout_scores", None)
+        self.holdout_scores_ = None if held is None else held.astype(np.float64)
+        self._extractor = None
