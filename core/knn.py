@@ -167,7 +167,9 @@ def kmeans_summary(features: np.ndarray | torch.Tensor, n_means: int = 50, seed:
         from sklearn.cluster import KMeans
 
         return KMeans(n_means, random_state=seed, n_init=1, max_iter=iterations).fit(features).cluster_centers_.astype(np.float32)
+    # min_points_per_centroid=1: small galleries are expected here; FAISS would warn on stderr otherwise.
     kmeans = faiss.Kmeans(features.shape[1], n_means, niter=iterations, seed=seed, verbose=False,
+                          min_points_per_centroid=1,
                           max_points_per_centroid=max(256, features.shape[0] // n_means + 1))
     kmeans.train(features)
     return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
