@@ -1,0 +1,244 @@
+"""DN2 vs PANDA-Early / SES / EWC on the same data, like the paper's Table 6, plus the cache timing.
+
+:func:`compare_strategies` builds the prefix caches once and trains twice:
+
+1. an unregularised (compactness-only) run, long enough for SES's span and
+   beyond if asked: its epoch 0 is DN2, its ``early_epoch`` is PANDA-Early,
+   its snapshots are PANDA-SES, its last epoch shows what long training
+   without regularisation does (the collapse of Fig. 3);
+2. an EWC run on the same caches.
+
+:func:`time_prefix_cache` trains the same epoch twice from the same weights
+and seed, once from the cached prefix and once through the whole network,
+and reports both times and how far the results differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from core.adaptation.curves import EpochRecord, curves_to_list
+from core.adaptation.fisher import FisherDiagonal
+from core.adaptation.network import TrainableNetwork, resolve_trainable
+from core.adaptation.pipeline import PreparedData, adapt, optimiser_for, prepare, with_strategy
+from core.adaptation.prefix_cache import build_image_inputs, build_prefix_cache, peak_memory_bytes
+from core.adaptation.schedule import Schedule, resolve_schedule, snapshot_epochs, snapshot_interval
+from core.adaptation.ses import SesScorer
+from core.adaptation.strategies import CompactnessObjective
+from core.adaptation.training import train
+from core.config import PandaSettings
+from core.datasets import ImageSet
+from core.detectors.features import extractor_for, image_size_for
+from core.metrics import image_auroc
+from core.progress import CancelFn, ProgressFn
+
+RunCallback = Callable[[str, EpochRecord], None]
+"""Called with (run name, record): run names are "unregularised" and "ewc"."""
+
+
+@dataclass(frozen=True)
+class ComparisonRow:
+    """One line of the table: test ROC AUC of a method and where along training it was read."""
+
+    method: str
+    auroc: float | None
+    epoch: int | None
+    minibatches: int | None
+    note: str = ""
+
+
+@dataclass
+class ComparisonResult:
+    """Table rows, the curves of both runs, SES details and timings."""
+
+    rows: list[ComparisonRow]
+    curves: dict[str, list[EpochRecord]]
+    ses_snapshot_epochs: list[int]
+    ses_choice_counts: list[int]
+    timing: dict[str, Any] = field(default_factory=dict)
+
+    def auroc(self, method: str) -> float | None:
+        for row in self.rows:
+            if row.method == method:
+                return row.auroc
+        raise KeyError(method)
+
+    def table(self) -> str:
+        """Plain-text table: method, ROC AUC %, epoch, minibatches, note."""
+        lines = [f"{'method':<28}{'ROC AUC %':>10}{'epoch':>8}{'minibatches':>13}  note"]
+        for row in self.rows:
+            auc = "-" if row.auroc is None else f"{100 * row.auroc:.1f}"
+            epoch = "-" if row.epoch is None else str(row.epoch)
+            mb = "-" if row.minibatches is None else str(row.minibatches)
+            lines.append(f"{row.method:<28}{auc:>10}{epoch:>8}{mb:>13}  {row.note}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rows": [dataclasses.asdict(row) for row in self.rows],
+            "curves": {name: curves_to_list(records) for name, records in self.curves.items()},
+            "ses_snapshot_epochs": self.ses_snapshot_epochs,
+            "ses_choice_counts": self.ses_choice_counts,
+            "timing": self.timing,
+        }
+
+
+def _record(records: list[EpochRecord], epoch: int) -> EpochRecord | None:
+    return records[epoch] if 0 <= epoch < len(records) else None
+
+
+def compare_strategies(
+    train_set: ImageSet,
+    test_set: ImageSet,
+    settings: PandaSettings = PandaSettings(),
+    epochs: int | None = None,
+    early_epoch: int | None = None,
+    ewc_epochs: int | None = None,
+    strategies: tuple[str, ...] = ("early", "ses", "ewc"),
+    fisher: FisherDiagonal | None = None,
+    fisher_reference: ImageSet | None = None,
+    prepared: PreparedData | None = None,
+    on_epoch: RunCallback | None = None,
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+) -> ComparisonResult:
+    """Train and score DN2 / Early / SES / EWC on ``train_set`` (normal) and labelled ``test_set``.
+
+    ``epochs``: length of the unregularised run (default: the longer of the
+    Early and SES schedules; longer values show collapse). ``early_epoch``:
+    where Early stops (default: the paper's 2.3k minibatches, scaled).
+    SES uses the snapshots within its own span (150k samples, scaled) or
+    ``epochs``, whichever is shorter. ``ewc_epochs``: length of the EWC run
+    (default: the paper's 7.8k minibatches, scaled). ``settings`` gives the
+    backbone, optimiser and the other knobs; its ``strategy`` is ignored.
+    """
+    if not test_set.has_labels or len(np.unique(test_set.labels)) < 2:
+        raise ValueError("compare_strategies needs a test set with normal and anomalous labels")
+    prepared = prepared or prepare(train_set, settings, test_set, None, None, cancel)
+    n = len(prepared.normal)
+    early_schedule = resolve_schedule(settings, n, "early")
+    ses_schedule = resolve_schedule(settings, n, "ses")
+    early_at = early_epoch or early_schedule.epochs
+    long_epochs = epochs or max(early_at, ses_schedule.epochs)
+    early_at = min(early_at, long_epochs)
+    ses_span = min(ses_schedule.epochs, long_epochs)
+    ses_epochs = snapshot_epochs(ses_span, snapshot_interval(settings, n))
+    labels = prepared.test_labels
+    timing: dict[str, Any] = {"prepare_seconds": prepared.seconds, "cache": None}
+
+    def relay(name: str):
+        return None if on_epoch is None else (lambda record: on_epoch(name, record))
+
+    plain = with_strategy(settings, "ses")
+    unregularised = adapt(
+        None, plain, prepared=prepared,
+        schedule=Schedule(long_epochs, early_schedule.batches_per_epoch, ses_epochs if "ses" in strategies else ()),
+        early_epoch=early_at if "early" in strategies else None, keep_epoch_zero=True,
+        on_epoch=relay("unregularised"), progress=progress, cancel=cancel,
+    )
+    records = unregularised.result.records
+    timing["cache"] = unregularised.result.cache
+    timing["unregularised_epoch_seconds"] = unregularised.result.mean_epoch_seconds
+    rows = []
+    first = records[0]
+    rows.append(ComparisonRow("DN2", first.auroc, 0, 0, "pretrained features"))
+    if "early" in strategies and _record(records, early_at) is not None:
+        r = records[early_at]
+        rows.append(ComparisonRow("PANDA-Early", r.auroc, r.epoch, r.minibatches))
+    choice_counts: list[int] = []
+    kept = [e for e in ses_epochs if e in unregularised.result.snapshots]
+    if "ses" in strategies and kept:
+        snaps = [unregularised.result.snapshots[e] for e in kept]
+        scorer = SesScorer(settings.k, settings.ses_holdout, settings.seed).fit([s.train_features for s in snaps])
+        found = scorer.score([s.test_features for s in snaps])
+        choice_counts = np.bincount(found.choice, minlength=len(kept)).tolist()
+        last = records[kept[-1]]
+        rows.append(ComparisonRow("PANDA-SES", image_auroc(labels, found.scores), last.epoch, last.minibatches,
+                                  f"max over {len(kept)} snapshots"))
+    last = records[-1]
+    rows.append(ComparisonRow("Unregularised (last epoch)", last.auroc, last.epoch, last.minibatches,
+                              "compactness only, no stopping"))
+    aurocs = [(r.auroc, r.epoch) for r in records if r.auroc is not None]
+    if aurocs:
+        best, best_epoch = max(aurocs)
+        rows.append(ComparisonRow("Unregularised (best epoch)", best, best_epoch, records[best_epoch].minibatches,
+                                  "oracle: picked with test labels"))
+    curves = {"unregularised": records}
+    if "ewc" in strategies and not unregularised.result.cancelled:
+        ewc_settings = with_strategy(settings, "ewc")
+        ewc_len = ewc_epochs or resolve_schedule(settings, n, "ewc").epochs
+        ewc = adapt(
+            None, ewc_settings, prepared=prepared, fisher=fisher, fisher_reference=fisher_reference,
+            schedule=Schedule(ewc_len, early_schedule.batches_per_epoch), on_epoch=relay("ewc"),
+            progress=progress, cancel=cancel,
+        )
+        r = ewc.result.records[-1]
+        note = f"lambda={settings.ewc_lambda:g}, Fisher: {ewc.fisher.source}" if ewc.fisher else ""
+        rows.append(ComparisonRow("PANDA-EWC", r.auroc, r.epoch, r.minibatches, note))
+        curves["ewc"] = ewc.result.records
+        timing["ewc_epoch_seconds"] = ewc.result.mean_epoch_seconds
+    timing["peak_memory_bytes"] = peak_memory_bytes(prepared.extractor.device)
+    return ComparisonResult(rows, curves, kept, choice_counts, timing)
+
+
+@dataclass(frozen=True)
+class CacheTiming:
+    """One epoch trained naively (whole network) and from the prefix cache, same weights and seed."""
+
+    naive_epoch_seconds: float
+    cached_epoch_seconds: float
+    ratio: float
+    cache_build_seconds: float
+    cache_bytes: int
+    cache_dtype: str
+    max_weight_difference: float
+    peak_memory_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def time_prefix_cache(
+    normal: ImageSet,
+    settings: PandaSettings = PandaSettings(),
+    epochs: int = 1,
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+) -> CacheTiming:
+    """Train ``epochs`` epochs both ways (compactness loss) and compare time and resulting weights."""
+    extractor = extractor_for(settings.features)
+    size = image_size_for(settings.features)
+    trainable = resolve_trainable(extractor.spec.default_trainable, settings.trainable)
+    network = TrainableNetwork(extractor.copy_network(), trainable)
+    started = time.perf_counter()
+    cache = build_prefix_cache(network, normal, size, settings.features.batch_size, settings.cache_dtype,
+                               settings.cache_budget_mb, progress, cancel)
+    cache_seconds = time.perf_counter() - started
+    images = build_image_inputs(network, normal, size, settings.features.batch_size, settings.cache_budget_mb,
+                                progress, cancel)
+    per_epoch = math.ceil(len(normal) / settings.batch_size)
+    optimiser = optimiser_for(settings, "early")
+    results = {}
+    for name, inputs in (("naive", images), ("cached", cache)):
+        run_network = TrainableNetwork(extractor.copy_network(), trainable)
+        results[name] = train(run_network, inputs, CompactnessObjective(), Schedule(epochs, per_epoch), optimiser,
+                              evaluate=False, cancel=cancel)
+    naive, cached = results["naive"], results["cached"]
+    difference = max(float((naive.final_state[k] - cached.final_state[k]).abs().max()) for k in naive.final_state)
+    naive_s, cached_s = naive.mean_epoch_seconds, cached.mean_epoch_seconds
+    return CacheTiming(
+        naive_epoch_seconds=naive_s,
+        cached_epoch_seconds=cached_s,
+        ratio=cached_s / naive_s,
+        cache_build_seconds=cache_seconds,
+        cache_bytes=cache.nbytes,
+        cache_dtype=str(cache.dtype).replace("torch.", ""),
+        max_weight_difference=difference,
+        peak_memory_bytes=peak_memory_bytes(network.device),
+    )

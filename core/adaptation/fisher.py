@@ -1,0 +1,185 @@
+"""The diagonal Fisher information that weights PANDA-EWC's penalty (paper, Eq. 3).
+
+F_theta = E_x E_{y ~ p(y|x)} [ (d log p(y|x) / d theta)^2 ]
+
+is estimated with the pretrained network's own ImageNet classifier: for each
+reference image a label is drawn from the network's predictive distribution
+(the "true" Fisher of Kirkpatrick et al., not the empirical one, which would
+need ImageNet labels) and the squared per-sample gradient is averaged. Only
+the trainable parameters need it. The paper estimates F on 100 ImageNet
+minibatches; ImageNet is not available here, so the default reference set is
+the normal training images. A user can pass natural images of their own
+(``reference`` in :func:`estimate_fisher`) or a Fisher file estimated
+elsewhere (:func:`load_fisher`). F is used as estimated: the paper applies
+no normalisation before weighting it by lambda = 1e4.
+
+Fisher files are ``.npz`` archives with one float32 array per parameter name
+and a JSON header; they are read with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from core.adaptation.network import TrainableNetwork
+from core.adaptation.prefix_cache import TrainingInputs
+from core.progress import CancelFn, ProgressFn, check_cancel, report_progress
+
+_HEADER = "__fisher_header__"
+FISHER_FORMAT = 1
+
+
+class FisherFileError(ValueError):
+    """A Fisher file cannot be read or does not fit the network."""
+
+
+@dataclass(frozen=True)
+class FisherDiagonal:
+    """Per-parameter Fisher diagonals: name -> CPU float32 tensor of the parameter's shape."""
+
+    values: dict[str, torch.Tensor]
+    samples: int
+    source: str
+    backbone: str
+
+    def total(self) -> float:
+        return float(sum(v.double().sum() for v in self.values.values()))
+
+    def for_network(self, network: TrainableNetwork) -> dict[str, torch.Tensor]:
+        """The entries of ``network``'s trainable parameters; every one must be present with its shape."""
+        params = network.trainable_parameters()
+        missing = [name for name in params if name not in self.values]
+        if missing:
+            raise FisherFileError(
+                f"the Fisher diagonal ({self.source}) has no entry for {len(missing)} trainable parameters, "
+                f"e.g. {missing[0]!r}; it was estimated for other trainable pieces"
+            )
+        for name, parameter in params.items():
+            if tuple(self.values[name].shape) != tuple(parameter.shape):
+                raise FisherFileError(f"Fisher entry {name!r} has shape {tuple(self.values[name].shape)}, "
+                                      f"the parameter {tuple(parameter.shape)}")
+        return {name: self.values[name] for name in params}
+
+
+class _TopLogits(nn.Module):
+    """Prefix output -> ImageNet logits, as one module so torch.func can call it with other parameters."""
+
+    def __init__(self, network: TrainableNetwork) -> None:
+        super().__init__()
+        self.net = network
+
+    def forward(self, inputs: torch.Tensor, start: int) -> torch.Tensor:
+        return self.net.logits(self.net.features(inputs, start))
+
+
+def _per_sample_squared_grads(
+    module: _TopLogits, params: dict[str, torch.Tensor], inputs: torch.Tensor, onehot: torch.Tensor, start: int
+) -> dict[str, torch.Tensor]:
+    """Sum over the batch of squared per-sample gradients of log p(y|x); (B, ...) inputs, (B, K) one-hot labels."""
+    buffers = dict(module.named_buffers())
+
+    def log_likelihood(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(module, (p, buffers), (x[None], start), strict=False)
+        # One-hot product instead of indexing: vmap cannot index by a batched label.
+        return (torch.log_softmax(logits, dim=-1)[0] * y).sum()
+
+    grads = vmap(grad(log_likelihood), in_dims=(None, 0, 0))(params, inputs, onehot)
+    return {name: g.pow(2).sum(dim=0) for name, g in grads.items()}
+
+
+def estimate_fisher(
+    network: TrainableNetwork,
+    reference: TrainingInputs,
+    max_samples: int = 3200,
+    chunk: int = 8,
+    seed: int = 0,
+    source: str = "normal training images",
+    backbone: str = "",
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+) -> FisherDiagonal:
+    """Diagonal Fisher of the trainable parameters at the network's current (pretrained) weights.
+
+    ``reference``: inputs (images or prefix cache) of the reference images; the
+    first ``max_samples`` of a seeded permutation are used (paper: 100
+    minibatches of 32 = 3200). ``chunk`` images are differentiated at once
+    (per-sample gradients cost chunk x the trainable parameter memory).
+    """
+    module = _TopLogits(network)
+    names = {f"net.network.{name}": name for name in network.trainable_parameters()}
+    params = {full: p.detach() for full, p in module.named_parameters() if full in names}
+    totals = {name: torch.zeros_like(p) for name, p in params.items()}
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(reference), generator=generator)[:max_samples]
+    done = 0
+    for part in torch.split(order, chunk):
+        check_cancel(cancel)
+        inputs = reference.batch(part).to(network.device)
+        with torch.no_grad():
+            probs = torch.softmax(module(inputs, reference.start).float(), dim=-1)
+        labels = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1)
+        onehot = torch.nn.functional.one_hot(labels, probs.shape[1]).to(inputs.device, torch.float32)
+        for name, value in _per_sample_squared_grads(module, params, inputs, onehot, reference.start).items():
+            totals[name] += value
+        done += len(part)
+        report_progress(progress, done, len(order))
+    values = {names[full]: (total / max(done, 1)).cpu().float() for full, total in totals.items()}
+    return FisherDiagonal(values=values, samples=done, source=source, backbone=backbone)
+
+
+def save_fisher(path: str | os.PathLike, fisher: FisherDiagonal) -> Path:
+    """Write ``fisher`` as an ``.npz`` of float32 arrays plus a JSON header (no pickled objects)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_suffix(path.suffix + ".npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"format": FISHER_FORMAT, "samples": fisher.samples, "source": fisher.source, "backbone": fisher.backbone}
+    arrays = {name: value.numpy().astype(np.float32) for name, value in fisher.values.items()}
+    if _HEADER in arrays:
+        raise ValueError(f"parameter name {_HEADER!r} is reserved")
+    encoded = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
+    np.savez(path, **{_HEADER: encoded}, **arrays)
+    return path
+
+
+def load_fisher(path: str | os.PathLike) -> FisherDiagonal:
+    """Read a Fisher file written by :func:`save_fisher` (or any npz of name -> float array).
+
+    Without a header the file is accepted as long as every array is a finite,
+    non-negative float array; ``source`` then names the file.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except FileNotFoundError:
+        raise FisherFileError(f"{path}: no such Fisher file") from None
+    except (ValueError, OSError, EOFError) as error:
+        raise FisherFileError(f"{path}: not an npz Fisher file ({error})") from error
+    header = {"samples": 0, "source": f"file {path.name}", "backbone": ""}
+    if _HEADER in arrays:
+        try:
+            header.update(json.loads(arrays.pop(_HEADER).tobytes().decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise FisherFileError(f"{path}: corrupt Fisher header ({error})") from error
+        if header.get("format", FISHER_FORMAT) != FISHER_FORMAT:
+            raise FisherFileError(f"{path}: Fisher format {header.get('format')} is not supported")
+    values = {}
+    for name, array in arrays.items():
+        if not np.issubdtype(array.dtype, np.floating):
+            raise FisherFileError(f"{path}: entry {name!r} is {array.dtype}, expected floats")
+        if not np.isfinite(array).all() or (array < 0).any():
+            raise FisherFileError(f"{path}: entry {name!r} has negative or non-finite values")
+        values[name] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if not values:
+        raise FisherFileError(f"{path}: the Fisher file holds no arrays")
+    return FisherDiagonal(values=values, samples=int(header["samples"]), source=str(header["source"]),
+                          backbone=str(header["backbone"]))

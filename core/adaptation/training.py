@@ -1,0 +1,236 @@
+"""The PANDA training loop: SGD on the trainable top, one curve record per epoch, cancellable.
+
+The loop knows nothing about strategies beyond an :class:`~core.adaptation.strategies.Objective`
+(what a step minimises) and which epochs to keep:
+
+* epoch 0 (optional): the pretrained features (DN2);
+* ``early_epoch``: PANDA-Early's stopping point;
+* ``snapshot_epochs``: PANDA-SES's snapshots.
+
+A kept epoch is a :class:`Snapshot`: the trainable weights at that point plus
+the features of the normal (and test) images, so SES and the comparison can
+score without running the network again.
+
+After each epoch every normal (and test) image goes through the network once
+more without gradients to measure the curves; with the prefix cache this is
+the cheap top part only. ``cancel()`` is polled before every minibatch: the
+loop then stops, keeps the weights trained so far, and returns a result whose
+``cancelled`` is True (no half-epoch record is written).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from core.adaptation.curves import EpochCallback, EpochRecord, distance_summary
+from core.adaptation.network import TrainableNetwork
+from core.adaptation.prefix_cache import PrefixCache, TrainingInputs, peak_memory_bytes
+from core.adaptation.schedule import Schedule
+from core.adaptation.strategies import Objective
+from core.metrics import image_auroc
+from core.progress import CancelFn, ProgressFn, report_progress
+
+
+@dataclass(frozen=True)
+class OptimiserSettings:
+    """SGD as in the paper's supplement; ``autocast`` runs the forward pass in bfloat16 (GPU)."""
+
+    lr: float = 1e-2
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    grad_clip: float = 1e-3
+    batch_size: int = 32
+    k: int = 2
+    autocast: bool = False
+    seed: int = 0
+    eval_batch_size: int = 64
+
+
+@dataclass
+class Snapshot:
+    """The network at one epoch: trainable weights (CPU float32) and features (N, D) / (M, D)."""
+
+    epoch: int
+    state: dict[str, torch.Tensor]
+    train_features: np.ndarray
+    test_features: np.ndarray | None
+
+
+@dataclass
+class TrainingResult:
+    """What a run produced. ``records[i].epoch == i``; ``snapshots`` maps epoch -> :class:`Snapshot`."""
+
+    records: list[EpochRecord]
+    centre: np.ndarray
+    snapshots: dict[int, Snapshot]
+    final_state: dict[str, torch.Tensor]
+    final_train_features: np.ndarray
+    final_test_features: np.ndarray | None
+    minibatches: int
+    cancelled: bool
+    cache: dict[str, object] = field(default_factory=dict)
+    peak_memory_bytes: int = 0
+
+    @property
+    def epochs_done(self) -> int:
+        return self.records[-1].epoch if self.records else 0
+
+    @property
+    def mean_epoch_seconds(self) -> float:
+        times = [r.seconds for r in self.records if r.epoch > 0]
+        return float(np.mean(times)) if times else float("nan")
+
+
+def features_of(network: TrainableNetwork, inputs: TrainingInputs, batch_size: int = 64, autocast: bool = False) -> np.ndarray:
+    """(N, D) float32 pooled features of all inputs under the network's current weights."""
+    parts = []
+    with torch.no_grad(), _autocast(network.device, autocast):
+        for indices in inputs.batches(batch_size):
+            batch = inputs.batch(indices).to(network.device, non_blocking=True)
+            parts.append(network.features(batch, inputs.start).float().cpu())
+    return torch.cat(parts).numpy()
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    # bfloat16 needs no loss scaling, unlike float16.
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def cache_description(inputs: TrainingInputs) -> dict[str, object]:
+    kind = "prefix" if isinstance(inputs, PrefixCache) else "images"
+    description: dict[str, object] = {"kind": kind, "bytes": inputs.nbytes, "start_piece": inputs.start}
+    if isinstance(inputs, PrefixCache):
+        description["dtype"] = str(inputs.dtype).replace("torch.", "")
+        description["shape"] = list(inputs.activations.shape)
+    return description
+
+
+def train(
+    network: TrainableNetwork,
+    train_inputs: TrainingInputs,
+    objective: Objective,
+    schedule: Schedule,
+    optimiser: OptimiserSettings = OptimiserSettings(),
+    test_inputs: TrainingInputs | None = None,
+    test_labels: np.ndarray | None = None,
+    early_epoch: int | None = None,
+    keep_epoch_zero: bool = False,
+    evaluate: bool = True,
+    on_epoch: EpochCallback | None = None,
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+) -> TrainingResult:
+    """Train ``network``'s trainable pieces in place for ``schedule.epochs`` epochs.
+
+    ``train_inputs``: N normal images (prefix cache or images); ``test_inputs`` /
+    ``test_labels`` (M,) optional, for the test curves and per-epoch ROC AUC.
+    ``evaluate=False`` skips the per-epoch feature pass except at kept epochs
+    (records then carry NaN distances): the cheapest way to train.
+    ``progress(done, total)`` counts minibatches.
+    """
+    device = network.device
+    labels = None if test_labels is None else np.asarray(test_labels)
+    with_auroc = labels is not None and len(np.unique(labels)) == 2
+    keep = set(schedule.snapshot_epochs) | ({early_epoch} if early_epoch else set()) | ({0} if keep_epoch_zero else set())
+    snapshot_index = {epoch: i for i, epoch in enumerate(schedule.snapshot_epochs)}
+
+    records: list[EpochRecord] = []
+    snapshots: dict[int, Snapshot] = {}
+
+    def observe(epoch: int, minibatches: int, seconds: float, parts: dict[str, list[float]], losses: list[float]) -> tuple[np.ndarray | None, np.ndarray | None]:
+        needed = evaluate or epoch in keep or epoch == 0
+        train_f = features_of(network, train_inputs, optimiser.eval_batch_size, optimiser.autocast) if needed else None
+        test_f = (features_of(network, test_inputs, optimiser.eval_batch_size, optimiser.autocast)
+                  if needed and test_inputs is not None else None)
+        summary: dict[str, float | None] = {"train_distance": float("nan")}
+        auroc = None
+        if train_f is not None:
+            summary = distance_summary(train_f, centre, test_f, labels)
+            if with_auroc and test_f is not None:
+                auroc = image_auroc(labels, objective.test_scores(network, train_f, test_f, optimiser.k))
+        record = EpochRecord(
+            epoch=epoch,
+            minibatches=minibatches,
+            seconds=seconds,
+            loss=float(np.mean(losses)) if losses else None,
+            compactness=float(np.mean(parts["compactness"])) if parts.get("compactness") else None,
+            penalty=float(np.mean(parts["penalty"])) if parts.get("penalty") else None,
+            auroc=auroc,
+            snapshot=snapshot_index.get(epoch),
+            early_stop=epoch == early_epoch,
+            **summary,
+        )
+        if epoch in keep and train_f is not None:
+            snapshots[epoch] = Snapshot(epoch, network.suffix_state(), train_f, test_f)
+        records.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+        return train_f, test_f
+
+    # Epoch 0: the centre c is the mean pretrained feature of the normal set.
+    centre = features_of(network, train_inputs, optimiser.eval_batch_size, optimiser.autocast).mean(axis=0)
+    centre_t = torch.as_tensor(centre, device=device)
+    objective.begin(network, centre_t)
+    train_f, test_f = observe(0, 0, 0.0, {}, [])
+
+    params = list(network.trainable_parameters().values()) + objective.extra_parameters()
+    sgd = torch.optim.SGD(params, lr=optimiser.lr, momentum=optimiser.momentum, weight_decay=optimiser.weight_decay)
+    generator = torch.Generator().manual_seed(optimiser.seed)
+    total = schedule.epochs * schedule.batches_per_epoch
+    steps = 0
+    cancelled = False
+    for epoch in range(1, schedule.epochs + 1):
+        order = torch.randperm(len(train_inputs), generator=generator)
+        losses: list[float] = []
+        parts: dict[str, list[float]] = {}
+        started = time.perf_counter()
+        for indices in torch.split(order, optimiser.batch_size):
+            if cancel is not None and cancel():
+                cancelled = True
+                break
+            batch = train_inputs.batch(indices).to(device, non_blocking=True)
+            sgd.zero_grad(set_to_none=True)
+            with _autocast(device, optimiser.autocast):
+                features = network.features(batch, train_inputs.start)
+                loss, named = objective.step_loss(network, features, indices)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, optimiser.grad_clip)
+            sgd.step()
+            steps += 1
+            losses.append(float(loss.detach()))
+            for key, value in named.items():
+                parts.setdefault(key, []).append(value)
+            report_progress(progress, steps, total)
+        if cancelled:
+            break
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - started
+        new_train_f, new_test_f = observe(epoch, steps, seconds, parts, losses)
+        if new_train_f is not None:
+            train_f, test_f = new_train_f, new_test_f
+
+    if records[-1].epoch != schedule.epochs or train_f is None or not evaluate:
+        # Cancelled, or evaluation skipped: the final features describe the weights as they are now.
+        train_f = features_of(network, train_inputs, optimiser.eval_batch_size, optimiser.autocast)
+        test_f = (features_of(network, test_inputs, optimiser.eval_batch_size, optimiser.autocast)
+                  if test_inputs is not None else None)
+    return TrainingResult(
+        records=records,
+        centre=centre,
+        snapshots=snapshots,
+        final_state=network.suffix_state(),
+        final_train_features=train_f,
+        final_test_features=test_f,
+        minibatches=steps,
+        cancelled=cancelled,
+        cache=cache_description(train_inputs),
+        peak_memory_bytes=peak_memory_bytes(device),
+    )

@@ -1,0 +1,255 @@
+"""PANDA as a detector: adapt the pretrained features to the normal set, then score like DN2.
+
+``PandaDetector(PandaSettings(strategy=...))``:
+
+* "early" / "ewc": train (Early: the paper's fixed length; EWC: with the
+  Fisher-weighted penalty), then kNN (k = 2) to the adapted normal features;
+* "ses": keep snapshots while training; an image's score is its largest
+  normalised kNN score over the snapshots (:mod:`core.adaptation.ses`);
+* "oe": train with a linear head against outlier images (``fit(...,
+  outliers=...)``); the score is the head's output w.psi(x).
+
+To score images that were not seen during training, the detector keeps the
+trained weights of the trainable pieces (for SES, of every snapshot: only
+those pieces, a few MB each for EfficientNet-Lite0) and re-runs the network;
+the frozen pieces come from the backbone's pretrained weights, which the
+saved model names and checks (like every other detector).
+
+Train scores (for the threshold) are leave-one-out kNN scores of the adapted
+normal features; for SES the holdout/leave-one-out ratios; for OE the head's
+scores of the normal training images, which the head was fitted on and so
+sit lower than those of unseen normal images: give ``holdout`` images for an
+honest threshold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.adaptation.curves import EpochCallback, EpochRecord, curves_from_list, curves_to_list
+from core.adaptation.fisher import FisherDiagonal
+from core.adaptation.network import TrainableNetwork
+from core.adaptation.outlier_exposure import head_scores
+from core.adaptation.pipeline import AdaptationRun, adapt
+from core.adaptation.prefix_cache import build_prefix_cache
+from core.adaptation.ses import SesScorer
+from core.adaptation.training import features_of
+from core.config import PandaSettings
+from core.datasets import ImageSet
+from core.detectors.base import Detector, ModelFileError
+from core.detectors.features import check_compatible, extractor_for, feature_identity, image_size_for
+from core.images import ImageSize
+from core.knn import KnnIndex, as_float32
+from core.progress import CancelFn, ProgressFn
+
+_STATE = "state/"
+_SES = "ses/"
+
+
+@dataclass(frozen=True)
+class PandaScores:
+    """``scores`` (N,) anomaly scores; ``choice`` (N,) winning SES snapshot (None for other strategies)."""
+
+    scores: np.ndarray
+    choice: np.ndarray | None
+
+
+class PandaDetector(Detector):
+    """PANDA-Early / SES / EWC / OE. Fitted: ``states_``, ``centre_``, ``gallery_`` or ``ses_`` or ``head_``, ``curves_``."""
+
+    method = "panda"
+    settings_type = PandaSettings
+
+    def __init__(self, settings: PandaSettings | None = None) -> None:
+        super().__init__(settings)
+        self.identity_: dict[str, Any] | None = None
+        self.trainable_: tuple[str, ...] = ()
+        self.states_: list[dict[str, torch.Tensor]] = []
+        self.state_epochs_: list[int] = []
+        self.centre_: np.ndarray | None = None
+        self.gallery_: np.ndarray | None = None
+        self.ses_: SesScorer | None = None
+        self.head_: dict[str, np.ndarray] | None = None
+        self.curves_: list[EpochRecord] = []
+        self.summary_: dict[str, Any] = {}
+        self.train_choice_: np.ndarray | None = None
+        self._index: KnnIndex | None = None
+        self._network: TrainableNetwork | None = None
+
+    @property
+    def image_size(self) -> ImageSize:
+        return image_size_for(self.settings.features)
+
+    # ------------------------------------------------------------------ fit
+    def fit(
+        self,
+        normal: ImageSet,
+        progress: ProgressFn | None = None,
+        cancel: CancelFn | None = None,
+        holdout: ImageSet | None = None,
+        *,
+        test: ImageSet | None = None,
+        outliers: ImageSet | None = None,
+        fisher: FisherDiagonal | None = None,
+        fisher_reference: ImageSet | None = None,
+        on_epoch: EpochCallback | None = None,
+    ) -> "PandaDetector":
+        """Train on ``normal`` and set the gallery/snapshots and threshold.
+
+        ``test`` (labelled) only feeds the curves (``curves_``); ``outliers`` is
+        needed for "oe"; ``fisher``/``fisher_reference`` choose EWC's Fisher
+        (default: ``settings.fisher_file``, else estimated on ``normal``).
+        ``progress`` counts minibatches. A ``cancel`` during training keeps
+        the weights trained so far (``summary_["cancelled"]``); a cancel while
+        the prefix cache is built raises ``Cancelled``.
+        """
+        run = adapt(normal, self.settings, test=test, outliers=outliers, fisher=fisher,
+                    fisher_reference=fisher_reference, on_epoch=on_epoch, progress=progress, cancel=cancel)
+        return self.fit_run(run, holdout)
+
+    def fit_run(self, run: AdaptationRun, holdout: ImageSet | None = None) -> "PandaDetector":
+        """Become the detector of a finished :func:`~core.adaptation.pipeline.adapt` run (no retraining)."""
+        if run.settings != self.settings:
+            raise ValueError("the run was trained with other settings than this detector's")
+        result = run.result
+        self.identity_ = feature_identity(run.prepared.extractor, run.prepared.size)
+        self.trainable_ = run.prepared.trainable
+        self.centre_ = np.asarray(result.centre, dtype=np.float32)
+        self.curves_ = list(result.records)
+        self._network = run.network
+        self._index = None
+        self.gallery_, self.ses_, self.head_, self.train_choice_ = None, None, None, None
+        if run.strategy == "ses":
+            epochs = sorted(e for e in result.snapshots if e in run.schedule.snapshot_epochs)
+            if not epochs:  # cancelled before the first snapshot: the weights as they are
+                self.states_, self.state_epochs_ = [result.final_state], [result.epochs_done]
+                trains = [result.final_train_features]
+            else:
+                self.states_ = [result.snapshots[e].state for e in epochs]
+                self.state_epochs_ = epochs
+                trains = [result.snapshots[e].train_features for e in epochs]
+            s = self.settings
+            self.ses_ = SesScorer(s.k, s.ses_holdout, s.seed).fit(trains)
+            train_scores = self.ses_.train_scores()
+            train, self.train_choice_ = train_scores.scores, train_scores.choice
+        else:
+            self.states_, self.state_epochs_ = [result.final_state], [result.epochs_done]
+            features = as_float32(result.final_train_features)
+            if run.strategy == "oe":
+                self.head_ = run.head
+                train = head_scores(self.head_, features)
+            else:
+                self.gallery_ = features
+                train = self._knn().train_scores()
+        self.summary_ = {
+            "strategy": run.strategy,
+            "epochs": result.epochs_done,
+            "minibatches": result.minibatches,
+            "planned_epochs": run.schedule.epochs,
+            "cancelled": result.cancelled,
+            "state_epochs": list(self.state_epochs_),
+            "fisher_source": None if run.fisher is None else run.fisher.source,
+            "cache": result.cache,
+            "mean_epoch_seconds": result.mean_epoch_seconds,
+            "peak_memory_bytes": result.peak_memory_bytes,
+        }
+        holdout_scores = self.score(holdout) if holdout is not None and len(holdout) else None
+        self._set_threshold(train, holdout_scores)
+        return self
+
+    # ------------------------------------------------------------------ score
+    def _knn(self) -> KnnIndex:
+        if self._index is None:
+            self._index = KnnIndex(self.settings.k, device=self.settings.features.device).fit(self.gallery_)
+        return self._index
+
+    def network(self) -> TrainableNetwork:
+        """The private network the trained weights are loaded into (built from the pretrained backbone)."""
+        if self._network is None:
+            extractor = extractor_for(self.settings.features)
+            if self.identity_ is not None:
+                check_compatible(self.identity_, extractor, self.image_size)
+            self._network = TrainableNetwork(extractor.copy_network(), self.trainable_)
+        return self._network
+
+    def query_features(self, images: ImageSet, progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> list[np.ndarray]:
+        """(N, D) adapted features of ``images``, one array per kept state (SES: per snapshot)."""
+        self._require_fitted()
+        network = self.network()
+        s = self.settings
+        # The frozen prefix runs once; each kept state re-runs only the trainable top.
+        cache = build_prefix_cache(network, images, self.image_size, s.features.batch_size, s.cache_dtype,
+                                   s.cache_budget_mb, progress, cancel)
+        features = []
+        for state in self.states_:
+            network.load_suffix_state(state)
+            features.append(features_of(network, cache, max(s.features.batch_size, 64), s.autocast))
+        return features
+
+    def score_details(self, images: ImageSet, progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> PandaScores:
+        """Scores of ``images`` and, for SES, which snapshot gave each image its score."""
+        features = self.query_features(images, progress, cancel)
+        if self.ses_ is not None:
+            found = self.ses_.score(features)
+            return PandaScores(found.scores.astype(np.float64), found.choice)
+        if self.head_ is not None:
+            return PandaScores(head_scores(self.head_, features[0]), None)
+        return PandaScores(self._knn().score(features[0]).astype(np.float64), None)
+
+    def score(self, images: ImageSet, progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> np.ndarray:
+        """ImageSet of N images -> (N,) float64 scores, higher = more anomalous."""
+        return self.score_details(images, progress, cancel).scores
+
+    # ------------------------------------------------------------------ persistence
+    def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        fields = {
+            "features_identity": self.identity_,
+            "trainable": list(self.trainable_),
+            "state_epochs": list(self.state_epochs_),
+            "state_names": sorted(self.states_[0]),
+            "curves": curves_to_list(self.curves_),
+            "summary": self.summary_,
+        }
+        arrays: dict[str, np.ndarray] = {"centre": self.centre_}
+        for i, state in enumerate(self.states_):
+            for name, value in state.items():
+                arrays[f"{_STATE}{i}/{name}"] = value.numpy()
+        if self.gallery_ is not None:
+            arrays["gallery"] = self.gallery_
+        if self.ses_ is not None:
+            arrays.update({_SES + key: value for key, value in self.ses_.state().items()})
+        if self.head_ is not None:
+            arrays.update({f"head/{key}": value for key, value in self.head_.items()})
+        return fields, arrays
+
+    def _restore(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        identity = header.get("features_identity")
+        if not isinstance(identity, dict) or "backbone" not in identity:
+            raise ModelFileError("PANDA model header lacks the backbone identity (features_identity)")
+        try:
+            self.identity_ = identity
+            self.trainable_ = tuple(header["trainable"])
+            self.state_epochs_ = [int(e) for e in header["state_epochs"]]
+            names = header["state_names"]
+            self.states_ = [
+                {name: torch.from_numpy(np.array(arrays[f"{_STATE}{i}/{name}"], dtype=np.float32)) for name in names}
+                for i in range(len(self.state_epochs_))
+            ]
+            self.centre_ = as_float32(arrays["centre"][None], "centre")[0]
+        except KeyError as missing:
+            raise ModelFileError(f"PANDA model file lacks {missing}") from None
+        self.curves_ = curves_from_list(header.get("curves", []))
+        self.summary_ = dict(header.get("summary", {}))
+        self.gallery_ = as_float32(arrays["gallery"], "gallery") if "gallery" in arrays else None
+        ses = {key[len(_SES):]: value for key, value in arrays.items() if key.startswith(_SES)}
+        s = self.settings
+        self.ses_ = SesScorer.from_state(ses, s.k, s.ses_holdout, s.seed) if ses else None
+        self.head_ = ({"weight": arrays["head/weight"], "bias": arrays["head/bias"]} if "head/weight" in arrays else None)
+        if self.gallery_ is None and self.ses_ is None and self.head_ is None:
+            raise ModelFileError("PANDA model file has neither a gallery, SES snapshots nor an OE head")
+        self._index = None
+        self._network = None
