@@ -135,3 +135,70 @@ def score_missing(workspace: Workspace, model_id: int, detector: Any, job: Job) 
                             cancel=job.cancelled)
     workspace.save_scores(model_id, [test.ids[i] for i in missing], scores)
     return len(missing)
+
+
+# ---------------------------------------------------------------------- PANDA
+def panda_settings(strategy: str, backbone: str, epochs: int, lr: float, ewc_lambda: float,
+                   weights: str | None = None) -> Any:
+    from core import config
+
+    return config.PandaSettings(
+        features=config.FeatureSettings(backbone=backbone, weights=weights),
+        strategy=strategy, epochs=epochs, lr=lr, ewc_lambda=ewc_lambda,
+    )
+
+
+def _stop_epoch(detector: Any) -> int | None:
+    """The epoch the run's model comes from: PANDA-Early's marked epoch, else the last one trained."""
+    marked = [record.epoch for record in detector.curves_ if record.early_stop]
+    if marked:
+        return marked[-1]
+    return detector.summary_.get("epochs")
+
+
+def train_panda(workspace: Workspace, project_id: int, settings: Any, run_id: int, job: Job) -> int | None:
+    """Train PANDA, streaming each epoch's curves into run ``run_id``; save the model and test scores.
+
+    A Stop keeps what was trained so far (the run ends as "stopped" with its model).
+    """
+    from core.detectors.panda import PandaDetector
+    from core.progress import Cancelled
+
+    try:
+        normal = workspace.image_set(project_id, "normal")
+        test = workspace.image_set(project_id, "test")
+        labelled = test.images.has_labels and 0 < test.images.labels.sum() < len(test)
+        outliers = workspace.image_set(project_id, "outlier").images if settings.strategy == "oe" else None
+        detector = PandaDetector(settings)
+
+        def on_epoch(record: Any) -> None:
+            workspace.append_epoch(run_id, record.to_dict())
+
+        # adapt() first runs the frozen layers over every image once, without progress reports.
+        job.report(0, 0, "preparing: frozen layers run once over the images")
+        detector.fit(
+            normal.images, progress=lambda done, total: job.report(done, total, "training (minibatches)"),
+            cancel=job.cancelled,
+            test=test.images if labelled else None, outliers=outliers, on_epoch=on_epoch,
+        )
+        summary: dict[str, Any] = {"n_normal": len(normal), "run_id": run_id, **{
+            key: detector.summary_.get(key) for key in ("strategy", "epochs", "planned_epochs", "cancelled")}}
+        scores = None
+        if len(test):
+            # Scoring must finish even after a Stop: the kept weights are the run's result.
+            scores = detector.score(test.images, progress=job.progress_for(f"scoring {len(test)} test images"))
+            summary.update(test_summary(test.images.labels if test.images.has_labels else None, scores,
+                                        detector.threshold_))
+        model = workspace.add_model(project_id, "panda", dataclasses.asdict(settings), detector, summary)
+        if scores is not None:
+            workspace.save_scores(model.id, test.ids, scores)
+        cancelled = bool(detector.summary_.get("cancelled"))
+        workspace.finish_run(run_id, "stopped" if cancelled else "finished", _stop_epoch(detector), model.id,
+                             "stopped by the user; the model keeps the weights trained so far" if cancelled else "")
+        return model.id
+    except Cancelled:
+        workspace.finish_run(run_id, "stopped", message="stopped before training began")
+        raise
+    except BaseException as error:
+        workspace.finish_run(run_id, "failed", message=f"{type(error).__name__}: {error}")
+        raise
