@@ -1,0 +1,122 @@
+"""The kNN engine (core.knn) against brute-force numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from core import knn
+from core.knn import KnnIndex, centre_distance, kmeans_summary
+
+
+def brute_force(gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(M, k) squared distances and indices of the k nearest gallery rows, in float64."""
+    d = ((queries[:, None, :].astype(np.float64) - gallery[None].astype(np.float64)) ** 2).sum(-1)
+    order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, order, axis=1), order
+
+
+@pytest.fixture
+def data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(60, 16)).astype(np.float32), rng.normal(size=(15, 16)).astype(np.float32)
+
+
+BACKENDS = ["torch"] + (["faiss"] if knn.faiss is not None else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_search_and_score_match_brute_force(data, backend):
+    gallery, queries = data
+    index = KnnIndex(k=3, backend=backend, device="cpu").fit(gallery)
+    found = index.search(queries)
+    expected_d, expected_i = brute_force(gallery, queries, 3)
+    np.testing.assert_allclose(found.sq_distances, expected_d, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(found.indices, expected_i)
+    np.testing.assert_allclose(index.score(queries), expected_d.sum(axis=1), rtol=1e-4)
+    assert found.sq_distances.shape == (15, 3) and found.indices.dtype == np.int64
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_scores_leave_each_point_out(data, backend):
+    gallery, _ = data
+    index = KnnIndex(k=2, backend=backend, device="cpu").fit(gallery)
+    expected = []
+    for i in range(len(gallery)):
+        others = np.delete(gallery, i, axis=0)
+        expected.append(brute_force(others, gallery[i : i + 1], 2)[0].sum())
+    np.testing.assert_allclose(index.train_scores(), expected, rtol=1e-4, atol=1e-5)
+    assert (index.train_scores() > 0).all()  # a point at distance 0 from itself never counts
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_scores_count_exact_duplicates_as_neighbours(backend):
+    rng = np.random.default_rng(1)
+    points = rng.normal(size=(10, 4)).astype(np.float32)
+    gallery = np.concatenate([points, points[:1], points[:1]])  # point 0 three times
+    scores = KnnIndex(k=2, backend=backend, device="cpu").fit(gallery).train_scores()
+    # Each copy has the two other copies at distance 0: a zero score, not the next distinct point.
+    np.testing.assert_allclose(scores[[0, 10, 11]], 0.0, atol=1e-5)
+    assert (scores[1:10] > 0).all()
+
+
+@pytest.mark.skipif(knn.faiss is None, reason="FAISS is not installed")
+def test_torch_backend_equals_faiss_backend(data):
+    gallery, queries = data
+    a = KnnIndex(k=2, backend="torch", device="cpu").fit(gallery)
+    b = KnnIndex(k=2, backend="faiss").fit(gallery)
+    np.testing.assert_allclose(a.score(queries), b.score(queries), rtol=1e-4)
+    np.testing.assert_array_equal(a.search(queries).indices, b.search(queries).indices)
+    np.testing.assert_allclose(a.train_scores(), b.train_scores(), rtol=1e-4, atol=1e-5)
+
+
+def test_torch_tensors_are_accepted(data):
+    gallery, queries = data
+    index = KnnIndex(k=1, backend="torch", device="cpu").fit(torch.from_numpy(gallery))
+    np.testing.assert_allclose(index.score(torch.from_numpy(queries)), brute_force(gallery, queries, 1)[0][:, 0], rtol=1e-4)
+
+
+def test_kmeans_summary_shapes_and_determinism(data):
+    gallery, _ = data
+    centres = kmeans_summary(gallery, n_means=5, seed=3)
+    assert centres.shape == (5, 16) and centres.dtype == np.float32
+    np.testing.assert_array_equal(centres, kmeans_summary(gallery, n_means=5, seed=3))
+    # More means than points: one per point at most.
+    assert kmeans_summary(gallery[:4], n_means=50).shape == (4, 16)
+
+
+def test_kmeans_centres_sit_in_clusters():
+    rng = np.random.default_rng(2)
+    blobs = np.concatenate([rng.normal(loc, 0.01, size=(20, 2)) for loc in ((0, 0), (5, 5), (-5, 5))]).astype(np.float32)
+    centres = kmeans_summary(blobs, n_means=3)
+    for loc in ((0, 0), (5, 5), (-5, 5)):
+        assert np.min(np.linalg.norm(centres - np.array(loc), axis=1)) < 0.1
+
+
+def test_centre_distance_is_squared_l2(data):
+    gallery, _ = data
+    centre = gallery.mean(axis=0)
+    np.testing.assert_allclose(centre_distance(gallery, centre), ((gallery - centre) ** 2).sum(axis=1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_inputs_raise_clear_errors(data, backend):
+    gallery, queries = data
+    with pytest.raises(ValueError, match="NaN"):
+        KnnIndex(backend=backend, device="cpu").fit(np.full((3, 2), np.nan, dtype=np.float32))
+    with pytest.raises(ValueError, match="empty"):
+        KnnIndex(backend=backend, device="cpu").fit(np.zeros((0, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match="2-D"):
+        KnnIndex(backend=backend, device="cpu").fit(np.zeros(5, dtype=np.float32))
+    index = KnnIndex(k=2, backend=backend, device="cpu").fit(gallery)
+    with pytest.raises(ValueError, match="dimensions"):
+        index.search(queries[:, :8])
+    with pytest.raises(ValueError, match="NaN"):
+        index.score(np.full((1, 16), np.inf, dtype=np.float32))
+    with pytest.raises(RuntimeError, match="before fit"):
+        KnnIndex(backend=backend, device="cpu").search(queries)
+    with pytest.raises(ValueError, match="more than k"):
+        KnnIndex(k=2, backend=backend, device="cpu").fit(gallery[:2]).train_scores()
+    with pytest.raises(ValueError):
+        KnnIndex(k=0)
