@@ -1,0 +1,562 @@
+"""The papers' evaluation protocols as runnable benchmarks, with JSON results.
+
+``run_bench(method, dataset_spec, options, ...)`` fits a detector on the
+normal training images of each task, scores the test images and reports image
+ROC AUC (and pixel AUROC / PRO for segmentation detectors), with timings.
+
+Data set specs:
+
+* ``mvtec:<dir>`` — an MVTec AD category folder (``bottle/``), or the root
+  holding several categories (then each category is a task);
+* ``oneclass:<root>`` — one folder per class; each class in turn is normal,
+  all other classes are the anomalies (``core.datasets.read_class_folders``);
+* ``fmnist:<dir>`` — Fashion-MNIST IDX files, classes 0-9.
+
+Methods are pluggable: :data:`BENCH_METHODS` maps a name to a function
+``BenchOptions -> Detector``. Register a method with one line, e.g.
+``BENCH_METHODS["spade"] = lambda options: SpadeDetector(settings_for(SpadeSettings, options))``.
+``--param key=value`` pairs become settings fields (:func:`apply_params`).
+
+Feature reuse: in a one-class protocol the test set is the same for every
+normal class. Detectors that can be fitted from extracted features
+(:class:`~core.detectors.features.FeatureDetector`: DN2, Gaussian) therefore
+get every distinct image of all tasks extracted **once**, and each task only
+selects rows. Other detectors (SPADE, PANDA) are fitted and scored per task.
+With ``feature_cache`` the extracted features are also kept on disk (npz),
+so DN2 and Gaussian runs on the same data share one extraction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from core.backbones import Features, get_spec
+from core.config import DN2Settings, FeatureSettings, GaussianSettings
+from core.datasets import (
+    FASHION_MNIST_CLASSES,
+    ImageSet,
+    list_classes,
+    read_class_folders,
+    read_fashion_mnist,
+    read_mvtec,
+    stratified_positions,
+)
+from core.detectors.base import Detector
+from core.detectors.features import (
+    FeatureDetector,
+    FeatureRequest,
+    extract_features,
+    extractor_for,
+    image_size_for,
+    select_features,
+)
+from core.metrics import image_auroc, segmentation_metrics
+from core.progress import CancelFn, ProgressFn, check_cancel
+
+PhaseProgress = Callable[[str], "ProgressFn | None"]
+"""Makes the progress callback of one named phase ("extract", "fit bottle", ...)."""
+
+
+# --------------------------------------------------------------------------- options and settings
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What a benchmark run asks of a method, independent of the method.
+
+    ``backbone``/``weights``/``device``/``batch_size``: None keep the method's
+    defaults. ``params``: ``--param key=value`` pairs for the settings
+    (:func:`apply_params`). ``epochs``: training length for adapting methods
+    (PANDA). ``outliers``: a data set spec or folder of outlier images
+    (PANDA-OE).
+    """
+
+    backbone: str | None = None
+    weights: str | None = None
+    device: str | None = None
+    batch_size: int | None = None
+    seed: int = 0
+    params: Mapping[str, str] = field(default_factory=dict)
+    epochs: int | None = None
+    outliers: str | None = None
+
+
+class ParamError(ValueError):
+    """A ``--param key=value`` names no settings field or has a value of the wrong type."""
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _convert(text: str, annotation: Any, key: str) -> Any:
+    """Parse ``text`` as a value of the type ``annotation`` (a resolved type hint)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if type(None) in typing.get_args(annotation) and text.strip().lower() in ("none", "null", ""):
+            return None
+        errors = []
+        for option in options:
+            try:
+                return _convert(text, option, key)
+            except ParamError as error:
+                errors.append(str(error))
+        raise ParamError(f"--param {key}={text!r}: " + "; ".join(errors))
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        item_type = args[0] if args else str
+        parts = [part.strip() for part in text.split(",") if part.strip()]
+        return tuple(_convert(part, item_type, key) for part in parts)
+    if annotation is bool:
+        lowered = text.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ParamError(f"--param {key}={text!r}: expected true or false")
+    if annotation in (int, float):
+        try:
+            return annotation(text)
+        except ValueError:
+            raise ParamError(f"--param {key}={text!r}: expected {annotation.__name__}") from None
+    if annotation is str:
+        return text
+    raise ParamError(f"--param {key}: fields of type {annotation} cannot be set from the command line")
+
+
+def apply_params(settings: Any, params: Mapping[str, str]) -> Any:
+    """A copy of the frozen ``settings`` with ``key=value`` strings applied.
+
+    Keys are field names; nested settings use dots (``features.backbone``).
+    Values are converted to the field's type: ints, floats, booleans
+    (true/false), ``none`` for optional fields, comma-separated tuples
+    (``stages=block4,block6``). Unknown keys raise :class:`ParamError` listing
+    the valid ones.
+    """
+    for key, text in params.items():
+        settings = _apply_one(settings, key.split("."), str(text), key)
+    return settings
+
+
+def _apply_one(settings: Any, path: list[str], text: str, key: str) -> Any:
+    hints = typing.get_type_hints(type(settings))
+    names = [f.name for f in dataclasses.fields(settings)]
+    name = path[0]
+    if name not in names:
+        raise ParamError(f"unknown setting {key!r} for {type(settings).__name__}; valid: {', '.join(_param_names(settings))}")
+    current = getattr(settings, name)
+    if len(path) > 1:
+        if not dataclasses.is_dataclass(current):
+            raise ParamError(f"unknown setting {key!r}: {name} has no sub-settings")
+        return dataclasses.replace(settings, **{name: _apply_one(current, path[1:], text, key)})
+    if dataclasses.is_dataclass(current):
+        raise ParamError(f"setting {key!r} is a group; set its fields, e.g. {key}.{dataclasses.fields(current)[0].name}=...")
+    try:
+        return dataclasses.replace(settings, **{name: _convert(text, hints[name], key)})
+    except ParamError:
+        raise
+    except (TypeError, ValueError) as error:  # the settings' own validation
+        raise ParamError(f"--param {key}={text!r}: {error}") from error
+
+
+def _param_names(settings: Any, prefix: str = "") -> list[str]:
+    names = []
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if dataclasses.is_dataclass(value):
+            names.extend(_param_names(value, f"{prefix}{f.name}."))
+        else:
+            names.append(prefix + f.name)
+    return names
+
+
+def settings_for(settings_type: type, options: BenchOptions, base: Any = None) -> Any:
+    """Settings of ``settings_type`` (or ``base``) with the options' backbone/weights/device and params."""
+    settings = base if base is not None else settings_type()
+    features = getattr(settings, "features", None)
+    if isinstance(features, FeatureSettings):
+        changes = {
+            name: value
+            for name, value in (
+                ("backbone", options.backbone),
+                ("weights", options.weights),
+                ("device", options.device),
+                ("batch_size", options.batch_size),
+            )
+            if value is not None
+        }
+        settings = dataclasses.replace(settings, features=dataclasses.replace(features, **changes))
+    if "seed" in {f.name for f in dataclasses.fields(settings)}:
+        settings = dataclasses.replace(settings, seed=options.seed)
+    return apply_params(settings, options.params)
+
+
+def _dn2(options: BenchOptions) -> Detector:
+    from core.detectors.dn2 import DN2Detector
+
+    return DN2Detector(settings_for(DN2Settings, options))
+
+
+def _dn2_kmeans(options: BenchOptions) -> Detector:
+    from core.detectors.dn2 import DN2Detector
+
+    return DN2Detector(settings_for(DN2Settings, options, DN2Settings(gallery="kmeans")))
+
+
+def _gaussian(options: BenchOptions) -> Detector:
+    from core.detectors.gaussian import GaussianDetector
+
+    return GaussianDetector(settings_for(GaussianSettings, options))
+
+
+BENCH_METHODS: dict[str, Callable[[BenchOptions], Detector]] = {
+    "dn2": _dn2,
+    "dn2-kmeans": _dn2_kmeans,
+    "gaussian": _gaussian,
+}
+"""Benchmark method name -> detector factory. Other methods add one entry each."""
+
+
+# --------------------------------------------------------------------------- data set specs
+
+
+@dataclass(frozen=True)
+class BenchTask:
+    """One normal class / category: its normal training images and its labelled test images."""
+
+    name: str
+    train: ImageSet
+    test: ImageSet
+
+
+def _pick_classes(available: Sequence[str], wanted: Sequence[str] | None, what: str) -> list[str]:
+    """Class names chosen by name (any case) or index; all when ``wanted`` is empty."""
+    if not wanted:
+        return list(available)
+    lowered = [name.lower() for name in available]
+    chosen = []
+    for token in wanted:
+        token = token.strip()
+        if token.isdigit() and token not in available:
+            index = int(token)
+            if not 0 <= index < len(available):
+                raise ValueError(f"{what} index {index} out of range 0-{len(available) - 1}")
+            chosen.append(available[index])
+        elif token.lower() in lowered:
+            chosen.append(available[lowered.index(token.lower())])
+        else:
+            raise ValueError(f"unknown {what} {token!r}; choose from: {', '.join(available)} (or their indices)")
+    return chosen
+
+
+def _subsample(task: BenchTask, max_train: int | None, max_test: int | None, seed: int) -> BenchTask:
+    train, test = task.train, task.test
+    if max_train is not None and len(train) > max_train:
+        train = train.sample(max_train, seed)
+    if max_test is not None and len(test) > max_test:
+        # Stratified by group (defect type / class) so every kind of anomaly stays represented.
+        groups = np.unique(np.array([str(g) for g in test.groups]), return_inverse=True)[1]
+        test = test.subset(stratified_positions(groups, max_test, np.random.default_rng([seed, 1])))
+    return BenchTask(task.name, train, test)
+
+
+def _is_mvtec_category(path: Path) -> bool:
+    return (path / "train").is_dir() and (path / "test").is_dir()
+
+
+def load_tasks(
+    spec: str,
+    classes: Sequence[str] | None = None,
+    max_train: int | None = None,
+    max_test: int | None = None,
+    seed: int = 0,
+) -> list[BenchTask]:
+    """The tasks of a data set spec (see the module docstring), subsampled when asked."""
+    kind, _, location = spec.partition(":")
+    if not location:
+        raise ValueError(f"data set spec {spec!r} must look like mvtec:<dir>, oneclass:<root> or fmnist:<dir>")
+    root = Path(location).expanduser()
+    tasks: list[BenchTask] = []
+    if kind == "mvtec":
+        if _is_mvtec_category(root):
+            tasks = [BenchTask(root.name, *read_mvtec(root))]
+        else:
+            if not root.is_dir():
+                raise FileNotFoundError(f"{root}: folder not found")
+            categories = sorted(p.name for p in root.iterdir() if _is_mvtec_category(p))
+            if not categories:
+                raise ValueError(f"{root}: neither an MVTec AD category nor a folder of categories")
+            tasks = [BenchTask(name, *read_mvtec(root / name)) for name in _pick_classes(categories, classes, "category")]
+            classes = None
+    elif kind == "oneclass":
+        names = _pick_classes(list_classes(root), classes, "class")
+        tasks = [BenchTask(name, *read_class_folders(root, name, seed=seed)) for name in names]
+    elif kind == "fmnist":
+        names = _pick_classes(list(FASHION_MNIST_CLASSES), classes, "class")
+        tasks = []
+        for name in names:
+            index = FASHION_MNIST_CLASSES.index(name)
+            train, test = read_fashion_mnist(root, index, max_train=max_train, max_test=max_test, seed=seed)
+            tasks.append(BenchTask(name, train, test))
+    else:
+        raise ValueError(f"unknown data set kind {kind!r} in {spec!r}; use mvtec:, oneclass: or fmnist:")
+    if kind == "mvtec" and classes:
+        raise ValueError("--classes picks categories of an MVTec root folder, not of a single category")
+    tasks = [_subsample(task, max_train, max_test, seed) for task in tasks]
+    for task in tasks:
+        if len(task.train) < 2 or not task.test.has_labels or len(set(task.test.labels.tolist())) < 2:
+            raise ValueError(f"task {task.name!r}: needs at least 2 training images and a test set with both labels")
+    return tasks
+
+
+# --------------------------------------------------------------------------- timing helpers
+
+
+def backbone_throughput(settings: FeatureSettings, batch_size: int, repeats: int = 2) -> float:
+    """Images per second of the bare forward pass (no decoding) on one batch of ``batch_size``.
+
+    Measured after one warm-up batch, in the same process and conditions as
+    the benchmark, so end-to-end throughput can be compared against it.
+    """
+    extractor = extractor_for(settings)
+    size = image_size_for(settings)
+    images = torch.rand(batch_size, 3, size.crop, size.crop, generator=torch.Generator().manual_seed(0))
+    extractor(images)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        extractor(images)
+    return batch_size * repeats / (time.perf_counter() - start)
+
+
+def _environment() -> dict[str, Any]:
+    from core.knn import choose_backend
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"device": device, "torch_threads": torch.get_num_threads(), "knn_backend": choose_backend(), "torch": torch.__version__}
+
+
+# --------------------------------------------------------------------------- feature sharing
+
+
+def _item_key(item) -> str:
+    return item.path if item.path is not None else item.name
+
+
+def _cache_file(cache_dir: Path, settings: FeatureSettings, extractor_identity: str, keys: list[str], spec: str) -> Path:
+    size = image_size_for(settings)
+    fingerprint = json.dumps(
+        {"backbone": settings.backbone, "weights": extractor_identity, "resize": size.resize, "crop": size.crop,
+         "spec": spec, "items": hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()},
+        sort_keys=True,
+    )
+    return cache_dir / f"features-{settings.backbone}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:16]}.npz"
+
+
+def _load_cached(path: Path, keys: list[str], request: FeatureRequest) -> Features | None:
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as archive:
+        if archive["keys"].tolist() != keys:
+            return None
+        stored = [name[len("stage_"):] for name in archive.files if name.startswith("stage_")]
+        if not set(request.stages) <= set(stored):
+            return None
+        maps = {stage: torch.from_numpy(archive[f"stage_{stage}"]) for stage in request.stages}
+        return Features(maps=maps, pooled=torch.from_numpy(archive["pooled"]))
+
+
+def _save_cached(path: Path, keys: list[str], features: Features) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp.npz")
+    np.savez(temporary, keys=np.array(keys), pooled=features.pooled.numpy(),
+             **{f"stage_{stage}": value.numpy() for stage, value in features.maps.items()})
+    os.replace(temporary, path)
+
+
+def _shared_features(
+    tasks: list[BenchTask],
+    detector: FeatureDetector,
+    spec: str,
+    feature_cache: Path | None,
+    phase: PhaseProgress,
+    cancel: CancelFn | None,
+) -> tuple[Features, dict[str, int], float, bool]:
+    """Features of every distinct image of all tasks: (features, key -> row, seconds, cache hit)."""
+    rows: dict[str, int] = {}
+    items = []
+    for task in tasks:
+        for item in [*task.train, *task.test]:
+            key = _item_key(item)
+            if key not in rows:
+                rows[key] = len(items)
+                items.append(item)
+    keys = list(rows)
+    settings = detector.settings.features
+    request = detector.feature_request()
+    cacheable = feature_cache is not None and (request.pool_stages or not request.stages)
+    path = None
+    if cacheable:
+        # Pool every stage when caching, so any pooled-feature method can reuse the file.
+        request = FeatureRequest(get_spec(settings.backbone).stage_names, pool_stages=True)
+        path = _cache_file(feature_cache, settings, detector.extractor().weights_identity, keys, spec)
+        cached = _load_cached(path, keys, request)
+        if cached is not None:
+            return cached, rows, 0.0, True
+    union = ImageSet([_renamed(item, index) for index, item in enumerate(items)], name="bench")
+    start = time.perf_counter()
+    features = extract_features(
+        union, settings, request.stages, request.pool_stages, phase("extract"), cancel, detector.extractor()
+    )
+    seconds = time.perf_counter() - start
+    if path is not None:
+        _save_cached(path, keys, features)
+    return features, rows, seconds, False
+
+
+def _renamed(item, index: int):
+    # Items of different tasks may share a relative name (train/good/000.png of two categories).
+    return dataclasses.replace(item, name=f"{index:07d}/{item.name}")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _segmentation(detector: Detector, task: BenchTask, phase: PhaseProgress, cancel: CancelFn | None) -> tuple[np.ndarray, dict[str, Any], float]:
+    """Image scores, pixel metrics (with per-stage ablation) and seconds for a segmentation detector."""
+    start = time.perf_counter()
+    if hasattr(detector, "score_and_maps"):
+        scores, maps = detector.score_and_maps(task.test, phase(f"score {task.name}"), cancel)
+    else:
+        maps = detector.anomaly_maps(task.test, phase(f"maps {task.name}"), cancel)
+        scores = detector.score(task.test, phase(f"score {task.name}"), cancel)
+    seconds = time.perf_counter() - start
+    size = getattr(detector, "image_size", None) or image_size_for(detector.settings.features)
+    masks = task.test.masks(size)
+    result: dict[str, Any] = {}
+    if masks.any():
+        overall = segmentation_metrics(masks, maps)
+        result.update(pixel_auroc=overall.pixel_auroc, pro=overall.pro)
+        ablation = {}
+        for stage in _map_stages(detector):
+            metrics = segmentation_metrics(masks, detector.combined_maps(stages=(stage,)))
+            ablation[stage] = {"pixel_auroc": metrics.pixel_auroc, "pro": metrics.pro}
+        all_maps = segmentation_metrics(masks, detector.combined_maps(stages=None))
+        ablation["all"] = {"pixel_auroc": all_maps.pixel_auroc, "pro": all_maps.pro}
+        result["ablation"] = ablation
+    result["seconds_per_image"] = seconds / len(task.test)
+    return np.asarray(scores, dtype=np.float64), result, seconds
+
+
+def _map_stages(detector: Detector) -> tuple[str, ...]:
+    for source in (getattr(detector, "map_stages_", None), getattr(detector, "stages", None),
+                   getattr(detector.settings, "stages", None)):
+        if source:
+            return tuple(source)
+    return ()
+
+
+def run_bench(
+    method: str,
+    dataset: str,
+    options: BenchOptions = BenchOptions(),
+    classes: Sequence[str] | None = None,
+    max_train: int | None = None,
+    max_test: int | None = None,
+    feature_cache: str | os.PathLike | None = None,
+    phase: PhaseProgress | None = None,
+    cancel: CancelFn | None = None,
+) -> dict[str, Any]:
+    """Run one method on one data set spec; return the JSON-able results (see the module docstring)."""
+    if method not in BENCH_METHODS:
+        raise KeyError(f"unknown bench method {method!r}; choose one of: {', '.join(BENCH_METHODS)}")
+    phase = phase or (lambda name: None)
+    factory = BENCH_METHODS[method]
+    template = factory(options)  # validates params before any data is read
+    tasks = load_tasks(dataset, classes, max_train, max_test, options.seed)
+    settings = template.settings
+    feature_settings: FeatureSettings | None = getattr(settings, "features", None)
+
+    results: list[dict[str, Any]] = []
+    fit_s = score_s = extract_s = 0.0
+    n_images = 0
+    shared = isinstance(template, FeatureDetector)
+    cache_hit = False
+    if shared:
+        cache_dir = Path(feature_cache) if feature_cache is not None else None
+        features, rows, extract_s, cache_hit = _shared_features(tasks, template, dataset, cache_dir, phase, cancel)
+        n_images = len(rows)
+    for task in tasks:
+        check_cancel(cancel)
+        detector = factory(options)
+        labels = task.test.labels
+        entry: dict[str, Any] = {"name": task.name, "n_train": len(task.train), "n_test": len(task.test)}
+        if shared:
+            train_features = select_features(features, [rows[_item_key(item)] for item in task.train])
+            test_features = select_features(features, [rows[_item_key(item)] for item in task.test])
+            start = time.perf_counter()
+            detector.fit_features(train_features)
+            fit_s += time.perf_counter() - start
+            start = time.perf_counter()
+            scores = detector.score_features(test_features)
+            score_s += time.perf_counter() - start
+        else:
+            start = time.perf_counter()
+            detector.fit(task.train, phase(f"fit {task.name}"), cancel)
+            fit_s += time.perf_counter() - start
+            if hasattr(detector, "anomaly_maps"):
+                scores, pixel, seconds = _segmentation(detector, task, phase, cancel)
+                entry.update(pixel)
+            else:
+                start = time.perf_counter()
+                scores = detector.score(task.test, phase(f"score {task.name}"), cancel)
+                seconds = time.perf_counter() - start
+            score_s += seconds
+            n_images += len(task.test)
+        entry["image_auroc"] = image_auroc(labels, scores)
+        results.append(entry)
+
+    timing: dict[str, Any] = {"fit_s": fit_s, "score_s": score_s}
+    if shared:
+        # Every distinct image went through decode + backbone once; scoring is kNN/Mahalanobis only.
+        timing.update(protocol="shared extraction", extract_s=extract_s, n_images=n_images, feature_cache_hit=cache_hit)
+        timing["images_per_s"] = n_images / (extract_s + score_s) if extract_s > 0 else None
+    else:
+        timing.update(protocol="per task", n_images=n_images)
+        timing["images_per_s"] = n_images / score_s if score_s > 0 else None
+    if feature_settings is not None:
+        timing["backbone_images_per_s"] = backbone_throughput(feature_settings, feature_settings.batch_size)
+        if timing["images_per_s"]:
+            timing["end_to_end_over_backbone"] = timing["images_per_s"] / timing["backbone_images_per_s"]
+
+    report: dict[str, Any] = {
+        "method": method,
+        "backbone": feature_settings.backbone if feature_settings is not None else None,
+        "dataset": dataset,
+        "settings": dataclasses.asdict(settings),
+        "options": {
+            "seed": options.seed, "max_train": max_train, "max_test": max_test,
+            "classes": list(classes) if classes else None, "params": dict(options.params),
+            "epochs": options.epochs, "outliers": options.outliers,
+        },
+        "results": results,
+        "mean_image_auroc": float(np.mean([r["image_auroc"] for r in results])),
+        "timing": timing,
+        "environment": _environment(),
+    }
+    if any("pixel_auroc" in r for r in results):
+        report["mean_pixel_auroc"] = float(np.mean([r["pixel_auroc"] for r in results if "pixel_auroc" in r]))
+        report["mean_pro"] = float(np.mean([r["pro"] for r in results if "pro" in r]))
+    return report

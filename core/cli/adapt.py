@@ -1,0 +1,183 @@
+"""``python -m core adapt``: train PANDA on normal images, save the model and the per-epoch curves.
+
+Examples::
+
+    python -m core adapt --normal data/mvtec_ad/bottle --strategy ses --epochs 40 \\
+        --test data/mvtec_ad/bottle --out bottle-ses.npz --curves bottle-ses.json
+    python -m core adapt --normal fashion-mnist:Trouser:500 --test fashion-mnist:Trouser:1000 \\
+        --strategy ewc --crop 128 --out trouser.npz
+    python -m core adapt --normal bottle --test bottle --compare --epochs 60 --curves table.json
+
+``--normal`` / ``--test`` / ``--outliers`` take a folder of images, an MVTec
+category folder (its ``train/good`` for normal images, its labelled ``test/``
+for testing) or ``fashion-mnist:CLASS[:COUNT]`` (COUNT images, seeded).
+``--compare`` runs DN2 / Early / SES / EWC on the same data instead of one
+strategy (the paper's Table 6) and writes the table and both curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from core.config import PANDA_STRATEGIES, FeatureSettings, PandaSettings
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("adapt", help="train PANDA (feature adaptation) and save the model and curves",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--normal", required=True, help="normal training images (folder, MVTec category, fashion-mnist:CLASS[:N])")
+    parser.add_argument("--test", help="labelled test images for the curves (MVTec category or fashion-mnist:CLASS[:N])")
+    parser.add_argument("--outliers", help="outlier exposure images (strategy oe)")
+    parser.add_argument("--strategy", choices=PANDA_STRATEGIES, default="early")
+    parser.add_argument("--epochs", type=int, default=0, help="epochs (0 = the paper's minibatch count, scaled)")
+    parser.add_argument("--minibatches", type=int, default=0, help="training length in minibatches when --epochs is 0")
+    parser.add_argument("--backbone", default=None)
+    parser.add_argument("--weights", default=None, help="local weights file, or 'random' (tests only)")
+    parser.add_argument("--crop", type=int, default=None, help="input side (default: the backbone's)")
+    parser.add_argument("--resize", type=int, default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--fisher", default=None, help="Fisher diagonal .npz for EWC (default: estimated)")
+    parser.add_argument("--save-fisher", default=None, help="write the Fisher diagonal EWC used to this .npz")
+    parser.add_argument("--fisher-images", default=None, help="reference images for the Fisher (default: --normal)")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other PandaSettings field, e.g. lr=0.05 ewc_lambda=1e3 snapshot_every=5")
+    parser.add_argument("--compare", action="store_true", help="run DN2/Early/SES/EWC and write the table (needs --test)")
+    parser.add_argument("--early-epoch", type=int, default=None, help="with --compare: where Early stops")
+    parser.add_argument("--ewc-epochs", type=int, default=None, help="with --compare: length of the EWC run")
+    parser.add_argument("--out", default=None, help="model file (.npz)")
+    parser.add_argument("--curves", default=None, help="JSON file for the per-epoch curves")
+    parser.add_argument("--quiet", action="store_true")
+    return parser
+
+
+# ---------------------------------------------------------------------- inputs
+def read_images(spec: str, role: str):
+    """An ImageSet from a folder, an MVTec category (train or test part by ``role``) or fashion-mnist:CLASS[:N]."""
+    from core.datasets import read_fashion_mnist, read_folder, read_mvtec
+
+    if spec.startswith("fashion-mnist:"):
+        parts = spec.split(":")
+        count = int(parts[2]) if len(parts) > 2 and parts[2] else None
+        train, test = read_fashion_mnist(normal_class=parts[1], max_train=count if role != "test" else None,
+                                         max_test=count if role == "test" else None)
+        return test if role == "test" else train
+    path = Path(spec)
+    if (path / "train").is_dir() and (path / "test").is_dir():
+        train, test = read_mvtec(path)
+        return test if role == "test" else train
+    if not path.is_dir():
+        raise SystemExit(f"{spec}: not a folder, MVTec category or fashion-mnist:CLASS spec")
+    return read_folder(path, label=1 if role == "outliers" else (0 if role == "normal" else None))
+
+
+def _coerce(field: dataclasses.Field, text: str) -> Any:
+    current = field.default
+    if isinstance(current, bool):
+        return text.lower() in ("1", "true", "yes", "on")
+    if isinstance(current, int):
+        return int(text)
+    if isinstance(current, float):
+        return float(text)
+    if isinstance(current, tuple):
+        return tuple(part for part in text.split(",") if part)
+    return None if text.lower() == "none" else text
+
+
+def settings_from_args(args: argparse.Namespace) -> PandaSettings:
+    """PandaSettings from the command line; ``--param`` overrides any field by name."""
+    features = FeatureSettings(
+        **{key: value for key, value in (("backbone", args.backbone), ("weights", args.weights), ("crop", args.crop),
+                                         ("resize", args.resize), ("device", args.device)) if value is not None}
+    )
+    values: dict[str, Any] = {"features": features, "strategy": args.strategy, "epochs": args.epochs,
+                              "minibatches": args.minibatches}
+    if args.fisher:
+        values["fisher_file"] = args.fisher
+    fields = {field.name: field for field in dataclasses.fields(PandaSettings)}
+    for item in args.param:
+        key, _, text = item.partition("=")
+        if key not in fields or key == "features" or not _:
+            raise SystemExit(f"--param {item!r}: expected KEY=VALUE with KEY one of {', '.join(n for n in fields if n != 'features')}")
+        values[key] = _coerce(fields[key], text)
+    return PandaSettings(**values)
+
+
+def _printer(quiet: bool, prefix: str = ""):
+    def show(record) -> None:
+        if quiet:
+            return
+        parts = [f"{prefix}epoch {record.epoch:4d}", f"minibatches {record.minibatches:6d}"]
+        if record.loss is not None:
+            parts.append(f"loss {record.loss:.4g}")
+        parts.append(f"train dist {record.train_distance:.4g}")
+        if record.test_anomalous_ratio is not None:
+            parts.append(f"anomalous/normal ratio {record.test_anomalous_ratio:.3f}/{record.test_normal_ratio:.3f}")
+        if record.auroc is not None:
+            parts.append(f"ROC AUC {100 * record.auroc:.2f}")
+        if record.snapshot is not None:
+            parts.append(f"snapshot {record.snapshot}")
+        if record.early_stop:
+            parts.append("early stop")
+        print("  ".join(parts), file=sys.stderr, flush=True)
+
+    return show
+
+
+# ---------------------------------------------------------------------- run
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    normal = read_images(args.normal, "normal")
+    test = read_images(args.test, "test") if args.test else None
+    outliers = read_images(args.outliers, "outliers") if args.outliers else None
+    fisher_images = read_images(args.fisher_images, "normal") if args.fisher_images else None
+    for name, image_set in (("normal", normal), ("test", test), ("outliers", outliers)):
+        if image_set is not None and image_set.problems and not args.quiet:
+            print(f"{name}: skipped {len(image_set.problems)} files (first: {image_set.problems[0]})", file=sys.stderr)
+
+    if args.compare:
+        from core.adaptation.compare import compare_strategies
+
+        if test is None:
+            raise SystemExit("--compare needs --test with labelled images")
+        result = compare_strategies(
+            normal, test, settings, epochs=args.epochs or None, early_epoch=args.early_epoch,
+            ewc_epochs=args.ewc_epochs, fisher_reference=fisher_images,
+            on_epoch=lambda name, record: _printer(args.quiet, f"[{name}] ")(record),
+        )
+        print(result.table())
+        if args.curves:
+            Path(args.curves).write_text(json.dumps({"settings": dataclasses.asdict(settings), **result.to_dict()}, indent=1))
+        return 0
+
+    from core.adaptation.curves import write_curves
+    from core.detectors.panda import PandaDetector
+
+    detector = PandaDetector(settings)
+    detector.fit(normal, test=test, outliers=outliers, fisher_reference=fisher_images, on_epoch=_printer(args.quiet))
+    summary = dict(detector.summary_)
+    if test is not None and test.has_labels:
+        from core.metrics import image_auroc
+
+        details = detector.score_details(test)
+        summary["test_auroc"] = image_auroc(test.labels, details.scores)
+        if details.choice is not None:
+            summary["ses_choice_counts"] = [int((details.choice == i).sum()) for i in range(len(detector.states_))]
+        print(f"test ROC AUC {100 * summary['test_auroc']:.2f}%  ({settings.strategy}, "
+              f"{summary['epochs']} epochs, {summary['minibatches']} minibatches)")
+    if args.out:
+        print(f"model written to {detector.save(args.out)}")
+    if args.curves:
+        write_curves(args.curves, detector.curves_, {"settings": dataclasses.asdict(settings), "summary": summary})
+    if args.save_fisher:
+        from core.adaptation.fisher import save_fisher
+
+        if detector.fisher_ is None:
+            print("--save-fisher: only strategy ewc uses a Fisher diagonal; nothing written", file=sys.stderr)
+        else:
+            print(f"Fisher diagonal written to {save_fisher(args.save_fisher, detector.fisher_)}")
+    return 0
