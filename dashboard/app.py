@@ -8,14 +8,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import streamlit as st  # noqa: E402
 
-st.set_page_config(page_title="Anomaly detection with pretrained features", page_icon="🔍", layout="wide")
+st.set_page_config(page_title="Anomaly detection with pretrained features", page_icon=":material/search:", layout="wide")
 st.navigation(
     [
-        st.Page("views/start.py", title="Start", icon="🏁", default=True),
-        st.Page("views/data.py", title="Data", icon="🗂️"),
-        st.Page("views/detect.py", title="Detect", icon="📊"),
-        st.Page("views/adapt.py", title="Adapt (PANDA)", icon="🎯"),
-        st.Page("views/segment.py", title="Segment", icon="🔥"),
-        st.Page("views/review.py", title="Review", icon="✅"),
+        st.Page("views/start.py", title="Start", icon=":material/rocket_launch:", default=True),
+        st.Page("views/data.py", title="Data", icon=":material/folder_open:"),
+        st.Page("views/detect.py", title="Detect", icon=":material/analytics:"),
+        st.Page("views/adapt.py", title="Adapt (PANDA)", icon=":material/model_training:"),
+        st.Page("views/segment.py", title="Segment", icon=":material/blur_on:"),
+        st.Page("views/review.py", title="Review", icon=":material/fact_check:"),
     ]
 ).run()

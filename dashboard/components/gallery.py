@@ -46,5 +46,5 @@ def paged(items: Sequence, page_size: int, key: str) -> Sequence:
     pages = max(1, -(-len(items) // page_size))
     if pages == 1:
         return items
-    page = st.number_input(f"Page (of {pages})", 1, pages, 1, key=key)
+    page = st.columns([1, 5])[0].number_input(f"Page (of {pages})", 1, pages, 1, key=key)
     return items[(page - 1) * page_size : page * page_size]

@@ -57,6 +57,6 @@ def require_project(project: Project | None) -> Project:
     """Stop the page with a pointer to where a project comes from."""
     if project is None:
         st.info("No project yet. Run the one-click demo on the **Start** page, or create a project on **Data**.")
-        st.page_link("views/start.py", label="Go to Start", icon="🏁")
+        st.page_link("views/start.py", label="Go to Start", icon=":material/rocket_launch:")
         st.stop()
     return project

@@ -125,7 +125,8 @@ metric_columns = st.columns(4)
 for column, role_name in zip(metric_columns, counts):
     column.metric(f"{role_name} images", counts[role_name])
 labelled = [image for image in workspace.images(project.id, "test") if image.label is not None]
-metric_columns[3].metric("labelled test images", f"{len(labelled)} ({sum(i.label == 1 for i in labelled)} anomalous)")
+metric_columns[3].metric("test images labelled anomalous", f"{sum(i.label == 1 for i in labelled)} of {len(labelled)}",
+                         help="Only labelled test images count; labels let Detect draw an ROC curve.")
 
 tabs = st.tabs([f"{role_name} ({counts[role_name]})" for role_name in counts])
 for tab, role_name in zip(tabs, counts):
@@ -137,7 +138,8 @@ for tab, role_name in zip(tabs, counts):
         shown = paged(rows, 24, key=f"page-{role_name}")
 
         def caption(image):
-            tag = {0: " · normal", 1: " · anomalous"}.get(image.label, "")
+            # Every normal image is labelled normal; only test labels say something.
+            tag = {0: " · normal", 1: " · anomalous"}.get(image.label, "") if image.role == "test" else ""
             return f"{image.name}{tag}"
 
         ticked = gallery(shown, caption, columns=6, selectable_key=f"pick-{role_name}")

@@ -105,8 +105,9 @@ else:
 
 st.subheader("Test images, most anomalous first")
 order = np.argsort(-test.scores, kind="stable")
-shown = st.select_slider("Show", [12, 24, 48, 96, len(order)], value=min(24, len(order)), key="gallery-size") \
-    if len(order) > 12 else len(order)
+sizes = sorted({size for size in (12, 24, 48, 96) if size < len(order)} | {len(order)})
+shown = st.select_slider("How many", sizes, value=min(24, len(order)) if 24 in sizes else len(order),
+                         key="gallery-size") if len(sizes) > 1 else len(order)
 position = {row.id: index for index, row in enumerate(test.rows)}
 
 

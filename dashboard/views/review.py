@@ -12,7 +12,8 @@ from dashboard.components.sidebar import require_project, workspace_and_project
 from dashboard.jobs import Job
 
 IMAGE_SIDE = 420
-VERDICT_LABELS = {"normal": "✅ normal", "anomalous": "❌ anomalous", "unsure": "❔ unsure"}
+VERDICT_LABELS = {"normal": ":material/check_circle: normal", "anomalous": ":material/cancel: anomalous",
+                  "unsure": ":material/help: unsure"}
 
 workspace, project = workspace_and_project()
 project = require_project(project)
@@ -110,12 +111,12 @@ with columns[0]:
         added = workspace.add_to_normal_set(confirmed)
         settings = tasks.settings_for(model.method, model.settings["features"]["backbone"],
                                       k=model.settings.get("k", 2), target_fpr=model.settings.get("target_fpr", 0.05))
-        state.start_job("fit", Job(f"Refitting {model.method} with {len(added)} more normals",
+        state.start_job("refit", Job(f"Refitting {model.method} with {len(added)} more normals",
                                    lambda job: tasks.fit_and_score(workspace, project.id, model.method, settings, job),
                                    project_id=project.id))
         state.flash("info", f"{len(added)} images added to the normal set; a new model is being fitted.")
         st.rerun()
-    job_panel(state.job("fit", project.id), key="review-fit")
+    job_panel(state.job("refit", project.id), key="review-refit")
 columns[1].download_button("Annotations (CSV)", workspace.export_annotations_csv(project.id),
                            file_name=f"{project.name}-annotations.csv", mime="text/csv", width="stretch")
 columns[2].download_button("Annotations (JSON)", workspace.export_annotations_json(project.id),

@@ -4,6 +4,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from dashboard import state, tasks
+from dashboard.components import charts
 from dashboard.components.sidebar import workspace_and_project
 from dashboard.jobs import Job
 
@@ -79,7 +80,7 @@ def bar_chart(title: str, names: list[str], values: list[float], highlight: set[
     colours = ["#2563eb" if name in highlight else "#94a3b8" for name in names]
     figure = go.Figure(go.Bar(x=names, y=values, marker_color=colours, text=[f"{v:g}" for v in values],
                               textposition="outside"))
-    figure.update_layout(title=title, height=300, margin=dict(l=10, r=10, t=40, b=10),
+    figure.update_layout(title=dict(text=title, font=dict(size=14)), height=300, margin=dict(l=10, r=10, t=40, b=10),
                          yaxis=dict(range=[0, 110], title="ROC AUC %"))
     return figure
 
@@ -89,19 +90,19 @@ with figures[0]:
         "CIFAR-10, one class normal (PANDA Tab. 2)",
         ["OC-SVM", "DeepSVDD", "MHRot", "DN2", "PANDA", "PANDA-OE"],
         [64.7, 64.8, 90.1, 92.5, 96.2, 98.9], {"DN2", "PANDA", "PANDA-OE"},
-    ), key="fig-panda")
+    ), key="fig-panda", config=charts.STATIC)
 with figures[1]:
     st.plotly_chart(bar_chart(
         "MVTec AD, pixel-level (PANDA Tab. 4)",
         ["AE-SSIM", "AE-L2", "AnoGAN", "CNN Dict", "SPADE"],
         [87, 82, 74, 78, 96.2], {"SPADE"},
-    ), key="fig-spade")
+    ), key="fig-spade", config=charts.STATIC)
 with figures[2]:
     st.plotly_chart(bar_chart(
         "MVTec AD, image-level (Rippel Tab. V)",
         ["GANomaly", "ITAE", "SPADE", "OC-SVM B4", "Gaussian B4"],
         [76.1, 83.9, 85.5, 78.1, 95.8], {"Gaussian B4"},
-    ), key="fig-gauss")
+    ), key="fig-gauss", config=charts.STATIC)
 st.caption("Fashion-MNIST (PANDA Tab. 2): DN2 94.5, PANDA 95.6. In PANDA's Fig. 3, normal and anomalous test "
            "images both move towards the centre during training; the anomalies' *normalised* distance first grows, "
            "then collapses — the Adapt page draws the same curves for your data.")
