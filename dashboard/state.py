@@ -29,7 +29,12 @@ FLASH = "flash"  # list[(kind, text)]: messages to show once on the next page ru
 UPLOAD_GENERATION = "upload_generation"  # int: bumped to empty the file uploader after an import
 REVIEW_POSITION = "review_position"  # dict[model_id, image_id]: where the reviewer is, per model
 THRESHOLDS = "thresholds"  # dict[model_id, float]: the threshold the user chose, per model
-SEGMENT_IMAGE = "segment_image"  # int: index of the test image shown on the Segment page
+LAST_IMPORT = "last_import"  # (what, ImportReport): the Data page's last import, shown once after the rerun
+LIVE_RUN = "live_run"  # int: the PANDA run the Adapt page follows
+SEGMENT_METRICS = "segment_metrics"  # dict[(model, stages, sigma), (pixel AUROC, PRO)]: already evaluated
+WATCHED_JOBS = "watched_jobs"  # set[str]: job panels that saw their job running (to rerun once it ends)
+VERDICT_WIDGET = "verdict-{image_id}"  # the Review page's verdict radio for one image
+NOTE_WIDGET = "note-{image_id}"  # the Review page's note box for one image
 
 
 def _session_default(key: str, factory):
@@ -151,12 +156,38 @@ def set_review_position(model_id: int, image_id: int) -> None:
         workspace().set_preference(project, f"review_position/{model_id}", image_id)
 
 
-def segment_image(count: int) -> int:
-    return min(_session_default(SEGMENT_IMAGE, int), max(count - 1, 0))
+def set_last_import(what: str, report: Any) -> None:
+    st.session_state[LAST_IMPORT] = (what, report)
 
 
-def set_segment_image(index: int) -> None:
-    st.session_state[SEGMENT_IMAGE] = int(index)
+def take_last_import() -> tuple[str, Any] | None:
+    return st.session_state.pop(LAST_IMPORT, None)
+
+
+def live_run(default: int) -> int:
+    return st.session_state.get(LIVE_RUN, default)
+
+
+def set_live_run(run_id: int) -> None:
+    st.session_state[LIVE_RUN] = run_id
+
+
+def segment_metrics() -> dict:
+    return _session_default(SEGMENT_METRICS, dict)
+
+
+def mark_job_watched(key: str, watched: bool) -> bool:
+    """Record whether a job panel saw its job running; returns whether it had before this call."""
+    seen = _session_default(WATCHED_JOBS, set)
+    before = key in seen
+    (seen.add if watched else seen.discard)(key)
+    return before
+
+
+def review_inputs(image_id: int) -> tuple[str | None, str]:
+    """The verdict and note the reviewer has entered for an image (read inside their on_change callback)."""
+    return (st.session_state.get(VERDICT_WIDGET.format(image_id=image_id)),
+            st.session_state.get(NOTE_WIDGET.format(image_id=image_id), ""))
 
 
 # ---------------------------------------------------------------------- shared caches
@@ -178,15 +209,6 @@ def display_image(path: str, side: int) -> np.ndarray:
     return cv2.resize(decode_image(path), (side, side), interpolation=cv2.INTER_AREA)
 
 
-@st.cache_data(show_spinner=False, max_entries=256)
-def display_mask(path: str, side: int) -> np.ndarray:
-    import cv2
-
-    from core.images import decode_mask
-
-    return cv2.resize(decode_mask(path).astype(np.uint8), (side, side), interpolation=cv2.INTER_NEAREST).astype(bool)
-
-
 @st.cache_resource(show_spinner=False, max_entries=8)
 def detector(workspace_folder: str, model_id: int, model_file: str):
     """A saved model loaded once per process. ``model_file`` is part of the key so a replaced file reloads."""
@@ -197,22 +219,31 @@ def detector(workspace_folder: str, model_id: int, model_file: str):
 
 @dataclass
 class SegmentationCache:
-    """A fitted SPADE detector with the raw maps of one project's test set already computed."""
+    """A fitted SPADE detector holding the raw maps of a project's test images (``image_ids``, in order).
 
-    detector: Any
-    image_ids: list[int]
+    ``ready`` turns True once the maps are computed; until then the page
+    offers to compute them (one backbone pass) instead of blocking.
+    """
+
+    detector: Any = None
+    image_ids: list[int] | None = None
     ready: bool = False
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
 def segmentation(workspace_folder: str, project: int, model_id: int) -> SegmentationCache:
-    """Keyed by workspace + project + model: one backbone pass per model, shared by sliders and sessions.
+    """Keyed by workspace + project + model, shared by every slider move (and every session on that model).
 
-    The heavy part (``anomaly_maps``) is filled in by a background job; this
-    only creates the holder, so the page never blocks on a cache miss.
+    Only an empty holder is created here; a background job fills it, so the
+    page never blocks on a cache miss.
     """
-    ws = _open_workspace(workspace_folder)
-    return SegmentationCache(detector=detector(workspace_folder, model_id, str(ws.model(model_id).path)), image_ids=[])
+    return SegmentationCache()
+
+
+def segmentation_ready(workspace_folder: str, project: int, model_id: int, detector: Any, image_ids: list[int]) -> None:
+    """Called by the fitting/computing job when a detector's maps are ready."""
+    holder = segmentation(workspace_folder, project, model_id)
+    holder.detector, holder.image_ids, holder.ready = detector, list(image_ids), True
 
 
 @st.cache_data(show_spinner=False, ttl=300)

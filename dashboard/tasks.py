@@ -202,3 +202,35 @@ def train_panda(workspace: Workspace, project_id: int, settings: Any, run_id: in
     except BaseException as error:
         workspace.finish_run(run_id, "failed", message=f"{type(error).__name__}: {error}")
         raise
+
+
+# ---------------------------------------------------------------------- segmentation (SPADE)
+def fit_segmentation(workspace: Workspace, project_id: int, settings: Any, job: Job,
+                     on_ready: Any = None) -> int:
+    """Fit SPADE on the normal images, compute the test set's raw maps once, save the model.
+
+    The backbone runs once over the normal images (memory) and once over the
+    test images; everything the Segment page does afterwards recombines those
+    cached raw maps. ``on_ready(model_id, detector)`` hands the detector, maps
+    included, to the page's cache so the first heatmap needs no second pass.
+    """
+    from core.detectors import make_detector
+
+    normal = workspace.image_set(project_id, "normal")
+    test = workspace.image_set(project_id, "test")
+    if len(normal) == 0 or len(test) == 0:
+        raise ValueError("SPADE needs normal images to learn from and test images to draw heatmaps on")
+    detector = make_detector("spade", settings)
+    detector.fit(normal.images, progress=job.progress_for(f"learning {len(normal)} normal images"), cancel=job.cancelled)
+    compute_maps(detector, test.images, job)
+    model = workspace.add_model(project_id, "spade", dataclasses.asdict(settings), detector,
+                                {"n_normal": len(normal), "n_test": len(test), "test_ids": test.ids})
+    if on_ready is not None:
+        on_ready(model.id, detector, test.ids)
+    return model.id
+
+
+def compute_maps(detector: Any, images: Any, job: Job) -> None:
+    """One backbone pass over ``images``; the detector keeps their raw per-stage maps."""
+    detector.anomaly_maps(images, progress=job.progress_for(f"heatmaps of {len(images)} test images"),
+                          cancel=job.cancelled)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import streamlit as st
 
+from dashboard import state
 from dashboard.jobs import Job
 
 POLL_SECONDS = 1.0
@@ -31,9 +32,9 @@ def job_panel(job: Job | None, key: str, on_finished: Callable[[Job], None] | No
             if columns[1].button("Stop", key=f"{key}-stop", type="secondary", width="stretch"):
                 job.stop()
                 st.toast("Stopping at the next safe point…")
-            st.session_state[f"{key}-was-running"] = True
+            state.mark_job_watched(key, True)
             return
-        if st.session_state.pop(f"{key}-was-running", False):
+        if state.mark_job_watched(key, False):
             if on_finished is not None:
                 on_finished(job)
             st.rerun()  # full page: the results of the job are now in the store

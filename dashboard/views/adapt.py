@@ -59,7 +59,7 @@ with st.container(border=True):
         state.start_job("train", Job(f"PANDA-{strategy} run #{run_id}",
                                      lambda job: tasks.train_panda(workspace, project.id, settings, run_id, job),
                                      project_id=project.id))
-        st.session_state["panda-live-run"] = run_id
+        state.set_live_run(run_id)
         st.rerun()
     for problem in problems:
         st.caption(f"Cannot train yet: {problem}.")
@@ -93,7 +93,7 @@ runs = workspace.runs(project.id)
 if not runs:
     st.info("No training run yet. Without labelled test images only the training distance is plotted.")
     st.stop()
-live_id = st.session_state.get("panda-live-run", runs[0].id)
+live_id = state.live_run(runs[0].id)
 
 
 @st.fragment(run_every=1.0 if busy else None)

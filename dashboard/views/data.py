@@ -67,7 +67,7 @@ with upload_tab:
         with st.spinner(f"Checking and storing {len(uploads)} images…"):
             report = workspace.import_images(project.id, uploads, role)
         state.clear_uploads()
-        st.session_state["last-import"] = ("Upload", report)
+        state.set_last_import("Upload", report)
         st.rerun()
 
 with folder_tab:
@@ -109,14 +109,14 @@ with folder_tab:
                     report.added += second.added
                     report.duplicates += second.duplicates
                     report.problems += second.problems
-            st.session_state["last-import"] = (f"Folder {folder}", report)
+            state.set_last_import(f"Folder {folder}", report)
             st.rerun()
         except (OSError, ValueError) as error:
             st.error(f"Cannot import {folder}: {error}")
 
-if "last-import" in st.session_state:
-    what, report = st.session_state.pop("last-import")
-    show_report(report, what)
+last_import = state.take_last_import()
+if last_import is not None:
+    show_report(last_import[1], last_import[0])
 
 # ---------------------------------------------------------------------- browse and remove
 st.subheader("Images")

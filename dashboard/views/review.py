@@ -84,16 +84,15 @@ with right:
     current = annotations.get(image.id)
 
     def save_verdict() -> None:
-        verdict = st.session_state.get(f"verdict-{image.id}")
-        note = st.session_state.get(f"note-{image.id}", "")
+        verdict, note = state.review_inputs(image.id)
         if verdict is None:
             workspace.clear_annotation(image.id)
         else:
             workspace.annotate(image.id, verdict, note)
 
-    st.radio("Verdict", VERDICTS, format_func=VERDICT_LABELS.get, key=f"verdict-{image.id}", horizontal=True,
+    st.radio("Verdict", VERDICTS, format_func=VERDICT_LABELS.get, key=state.VERDICT_WIDGET.format(image_id=image.id), horizontal=True,
              index=VERDICTS.index(current.verdict) if current else None, on_change=save_verdict)
-    st.text_area("Note", value=current.note if current else "", key=f"note-{image.id}", on_change=save_verdict,
+    st.text_area("Note", value=current.note if current else "", key=state.NOTE_WIDGET.format(image_id=image.id), on_change=save_verdict,
                  placeholder="What did you see? (saved when you click outside the box)", height=100)
     if current:
         st.caption("Saved ✓")

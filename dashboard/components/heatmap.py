@@ -1,0 +1,96 @@
+"""Heatmap viewer pieces: crops at display size, overlays with outlines, the colour scale choice.
+
+Everything here works on maps already computed (``SpadeDetector.combined_maps``
+recombines cached raw maps): nothing calls the backbone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from core import maps
+from core.images import ImageSize, preprocess, preprocess_mask
+
+DISPLAY_SIDE = 336  # every heatmap panel is this many pixels square, whatever the source image size
+GROUND_TRUTH_COLOUR = (0, 255, 0)
+PREDICTION_COLOUR = (255, 255, 255)
+PATCH_COLOUR = (255, 200, 0)
+
+
+def crop_for_display(image: np.ndarray, size: ImageSize) -> np.ndarray:
+    """The part of an (H, W, 3) uint8 image the model saw (resize + centre crop), at DISPLAY_SIDE."""
+    crop = (preprocess(image, size).transpose(1, 2, 0) * 255.0).round().astype(np.uint8)
+    return cv2.resize(crop, (DISPLAY_SIDE, DISPLAY_SIDE), interpolation=cv2.INTER_LINEAR)
+
+
+def mask_for_display(mask: np.ndarray, size: ImageSize) -> np.ndarray:
+    crop = preprocess_mask(mask, size).astype(np.uint8)
+    return cv2.resize(crop, (DISPLAY_SIDE, DISPLAY_SIDE), interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
+def to_display(heatmap: np.ndarray) -> np.ndarray:
+    return cv2.resize(np.asarray(heatmap, dtype=np.float32), (DISPLAY_SIDE, DISPLAY_SIDE),
+                      interpolation=cv2.INTER_LINEAR)
+
+
+@dataclass(frozen=True)
+class Scale:
+    vmin: float
+    vmax: float
+    anchored: bool
+
+
+def colour_scale(heatmap: np.ndarray, threshold: float, typical: float, per_image: bool) -> Scale:
+    """Fixed across images (anchored at the threshold: the upper half of the colours = above it), or per image."""
+    if per_image:
+        scale = maps.image_scale(heatmap)
+        return Scale(scale.vmin, scale.vmax, False)
+    scale = maps.model_scale(threshold, typical)
+    return Scale(scale.vmin, scale.vmax, True)
+
+
+def overlay_panel(crop: np.ndarray, heatmap: np.ndarray, scale: Scale, alpha: float, threshold: float,
+                  show_contour: bool, mask: np.ndarray | None) -> np.ndarray:
+    """Heatmap over the crop, the thresholded region outlined (white) and the ground truth (green)."""
+    display_map = to_display(heatmap)
+    panel = maps.overlay(crop, display_map, scale.vmin, scale.vmax, alpha=alpha)
+    if show_contour:
+        panel = maps.draw_contours(panel, maps.contours(maps.threshold_mask(display_map, threshold)),
+                                   PREDICTION_COLOUR, 2)
+    if mask is not None:
+        panel = maps.draw_contours(panel, maps.contours(mask), GROUND_TRUTH_COLOUR, 2)
+    return panel
+
+
+def with_box(crop: np.ndarray, box: tuple[int, int, int, int] | None, crop_side: int) -> np.ndarray:
+    """Draw a (top, left, bottom, right) box given in crop pixels onto a display-size crop."""
+    if box is None:
+        return crop
+    factor = DISPLAY_SIDE / crop_side
+    top, left, bottom, right = (int(round(v * factor)) for v in box)
+    drawn = crop.copy()
+    cv2.rectangle(drawn, (left, top), (max(left + 1, right - 1), max(top + 1, bottom - 1)), PATCH_COLOUR, 2)
+    return drawn
+
+
+def colour_bar(scale: Scale, threshold: float, width: int = DISPLAY_SIDE, height: int = 14) -> np.ndarray:
+    """A horizontal colour bar for the scale, with a white tick where the threshold sits."""
+    ramp = np.tile(np.linspace(scale.vmin, scale.vmax, width, dtype=np.float32), (height, 1))
+    bar = maps.overlay(np.zeros((height, width, 3), np.uint8), ramp, scale.vmin, scale.vmax, alpha=1.0)
+    position = int(np.clip((threshold - scale.vmin) / (scale.vmax - scale.vmin), 0, 1) * (width - 1))
+    bar[:, max(0, position - 1) : position + 1] = 255
+    return bar
+
+
+def crop_masks(rows, size: ImageSize) -> np.ndarray:
+    """(N, crop, crop) bool ground truth of stored images at the model's geometry; no mask = all False."""
+    from core.images import decode_mask
+
+    masks = np.zeros((len(rows), size.crop, size.crop), dtype=bool)
+    for index, row in enumerate(rows):
+        if row.mask_path is not None:
+            masks[index] = preprocess_mask(decode_mask(str(row.mask_path)), size)
+    return masks
