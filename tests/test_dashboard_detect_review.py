@@ -95,12 +95,14 @@ def test_annotation_is_saved_at_once_and_seen_by_a_new_session(fitted):
     assert len(workspace.models(project.id)) == 2
 
 
-def test_two_sessions_keep_their_own_project(fitted, workspace_dir):
-    workspace, project, _ = fitted
+def test_two_sessions_keep_their_own_project(tiny_bottle):
+    workspace, project = tiny_bottle
     other_project = workspace.create_project("someone else's")
-    first = new_app(project.id, page="views/detect.py")
-    second = new_app(other_project.id, page="views/detect.py")
+    first = new_app(project.id, page="views/data.py")
+    second = new_app(other_project.id, page="views/data.py")
     first.run()
     assert first.session_state["project_id"] == project.id
     assert second.session_state["project_id"] == other_project.id
-    assert "No model yet" in second.info[0].value and not first.info
+    assert first.sidebar.selectbox[0].value == project.id and second.sidebar.selectbox[0].value == other_project.id
+    assert [metric.value for metric in first.metric][:2] == ["8", "6"]
+    assert [metric.value for metric in second.metric][:2] == ["0", "0"]
