@@ -421,9 +421,13 @@ def build_backbone(name: str = DEFAULT_BACKBONE, weights: str | os.PathLike | No
     a path loads that file, ``"random"`` keeps random initialisation (tests only).
     """
     spec = get_spec(name)
-    network = _BUILDERS[name]()
     if weights == "random":
-        return network.eval()
+        # Seeded, so "random" names one network in every process: a model saved with
+        # random weights (tests) scores the same after loading elsewhere.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return _BUILDERS[name]().eval()
+    network = _BUILDERS[name]()
     path = locate_weights(spec, weights)
     if path is not None:
         _apply_state_dict(network, spec, _load_state_dict(path), str(path))
