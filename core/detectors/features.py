@@ -15,6 +15,11 @@ reuse it for every normal class.
 
 A saved model records what produced its features (:func:`feature_identity`);
 :func:`check_compatible` refuses an extractor that would produce different ones.
+
+:class:`FeatureDetector` is the base of detectors that score whole images from
+these features: it turns ``feature_request`` / ``fit_features`` /
+``score_features`` into the ImageSet contract of :class:`~core.detectors.base.Detector`,
+adds ``score_batch`` for a single preprocessed upload, and keeps the identity check.
 """
 
 from __future__ import annotations
@@ -294,6 +299,9 @@ class FeatureDetector(Detector):
 
     # ------------------------------------------------------------------ persistence helpers
     def _common_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        if self.identity_ is None:
+            # Fitted from precomputed features (fit_features): they came from the settings' extractor.
+            self.identity_ = feature_identity(self.extractor(), self.image_size)
         fields: dict[str, Any] = {"features_identity": self.identity_}
         arrays: dict[str, np.ndarray] = {}
         if self.holdout_scores_ is not None:
