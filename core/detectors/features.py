@@ -51,13 +51,6 @@ class FeatureRequest:
     stages: tuple[str, ...] = ()
     pool_stages: bool = False
 
-    def covers(self, other: "FeatureRequest") -> bool:
-        """True when features extracted for ``self`` also serve ``other``."""
-        if not set(other.stages) <= set(self.stages):
-            return False
-        # Full maps can be pooled later; pooled vectors cannot be unpooled.
-        return not other.stages or other.pool_stages or not self.pool_stages
-
 
 def image_size_for(settings: FeatureSettings) -> ImageSize:
     """The resize/crop geometry for these settings.
