@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from core.cli import add_threads_option, apply_threads
 from core.config import PANDA_STRATEGIES, FeatureSettings, PandaSettings
 
 
@@ -52,6 +53,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="model file (.npz)")
     parser.add_argument("--curves", default=None, help="JSON file for the per-epoch curves")
     parser.add_argument("--quiet", action="store_true")
+    add_threads_option(parser)
     return parser
 
 
@@ -130,6 +132,7 @@ def _printer(quiet: bool, prefix: str = ""):
 
 # ---------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args.threads)
     settings = settings_from_args(args)
     normal = read_images(args.normal, "normal")
     test = read_images(args.test, "test") if args.test else None

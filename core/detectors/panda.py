@@ -77,6 +77,7 @@ class PandaDetector(Detector):
         self.curves_: list[EpochRecord] = []
         self.summary_: dict[str, Any] = {}
         self.train_choice_: np.ndarray | None = None
+        self.fisher_: FisherDiagonal | None = None  # EWC's Fisher of the last fit (not saved with the model)
         self._index: KnnIndex | None = None
         self._network: TrainableNetwork | None = None
 
@@ -120,6 +121,7 @@ class PandaDetector(Detector):
         self.trainable_ = run.prepared.trainable
         self.centre_ = np.asarray(result.centre, dtype=np.float32)
         self.curves_ = list(result.records)
+        self.fisher_ = run.fisher
         self._network = run.network
         self._index = None
         self.gallery_, self.ses_, self.head_, self.train_choice_ = None, None, None, None
@@ -157,6 +159,7 @@ class PandaDetector(Detector):
             "mean_epoch_seconds": result.mean_epoch_seconds,
             "peak_memory_bytes": result.peak_memory_bytes,
         }
+        self.train_scores_ = np.asarray(train, dtype=np.float64)  # fitted from here on: holdout can be scored
         holdout_scores = self.score(holdout) if holdout is not None and len(holdout) else None
         self._set_threshold(train, holdout_scores)
         return self

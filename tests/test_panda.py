@@ -1,0 +1,152 @@
+"""PandaDetector: the detector contract for every strategy, save/load, the adapt command.
+
+Random EfficientNet-Lite0 weights on 32x32 synthetic images, one or two epochs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core.config import FeatureSettings, PandaSettings
+from core.datasets import ImageItem, ImageSet
+from core.detectors import NotFittedError, load_detector, make_detector
+from core.detectors.base import ModelFileError
+from core.detectors.panda import PandaDetector
+from core.metrics import image_auroc
+
+FEATURES = FeatureSettings(weights="random", resize=32, crop=32, device="cpu", batch_size=16)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors: threads only add contention on a busy two-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _items(n: int, label: int, offset: int, prefix: str, seed: int) -> list[ImageItem]:
+    rng = np.random.default_rng(seed)
+    return [
+        ImageItem(name=f"{prefix}{i}", array=(rng.integers(0, 90, (32, 32, 3)) + offset).astype(np.uint8), label=label)
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def normal() -> ImageSet:
+    return ImageSet(_items(24, 0, 0, "n", 0))
+
+
+@pytest.fixture(scope="module")
+def test_set() -> ImageSet:
+    return ImageSet(_items(8, 0, 0, "tn", 1) + _items(8, 1, 150, "ta", 2))
+
+
+def settings(strategy: str, **changes) -> PandaSettings:
+    base = PandaSettings(features=FEATURES, strategy=strategy, epochs=2, batch_size=8, snapshot_every=1,
+                         fisher_batches=1, grad_clip=1.0)
+    return dataclasses.replace(base, **changes)
+
+
+def test_score_before_fit_is_a_clear_error(normal):
+    with pytest.raises(NotFittedError):
+        PandaDetector(settings("early")).score(normal)
+
+
+@pytest.mark.parametrize("strategy", ["early", "ses", "ewc", "oe"])
+def test_fit_score_save_load_round_trip(strategy, normal, test_set, tmp_path):
+    outliers = ImageSet(_items(12, 1, 140, "o", 3)) if strategy == "oe" else None
+    detector = make_detector("panda", settings(strategy))
+    assert isinstance(detector, PandaDetector)
+    detector.fit(normal, test=test_set, outliers=outliers)
+    details = detector.score_details(test_set)
+    assert details.scores.shape == (len(test_set),) and details.scores.dtype == np.float64
+    assert image_auroc(test_set.labels, details.scores) > 0.8
+    assert detector.train_scores_.shape == (len(normal),) and detector.threshold_ is not None
+    assert [r.epoch for r in detector.curves_] == [0, 1, 2]
+    if strategy == "ses":
+        assert detector.state_epochs_ == [1, 2] and details.choice is not None
+        assert set(np.unique(details.choice)) <= {0, 1}
+    else:
+        assert len(detector.states_) == 1 and details.choice is None
+
+    path = detector.save(tmp_path / f"{strategy}.npz")
+    loaded = load_detector(path)
+    assert isinstance(loaded, PandaDetector) and loaded.settings == detector.settings
+    np.testing.assert_allclose(loaded.score(test_set), details.scores, rtol=1e-5, atol=1e-6)
+    assert loaded.threshold_ == detector.threshold_
+    np.testing.assert_array_equal(loaded.train_scores_, detector.train_scores_)
+    assert [r.to_dict() for r in loaded.curves_] == [r.to_dict() for r in detector.curves_]
+    assert loaded.summary_["strategy"] == strategy
+
+
+def test_saved_model_refuses_another_backbone(normal, tmp_path):
+    detector = PandaDetector(settings("early", epochs=1)).fit(normal)
+    path = detector.save(tmp_path / "m.npz")
+    from core.detectors.base import read_model_file
+
+    header, arrays = read_model_file(path)
+    header["features_identity"]["weights"] = "something-else.pth"
+    other = PandaDetector(detector.settings)
+    from core.detectors.base import restore_common
+
+    restore_common(other, header, arrays)
+    with pytest.raises(ModelFileError, match="weights"):
+        other.score(normal)
+
+
+def test_holdout_sets_the_threshold(normal):
+    holdout = ImageSet(_items(10, 0, 0, "h", 9))
+    detector = PandaDetector(settings("early", epochs=1, target_fpr=0.1)).fit(normal, holdout=holdout)
+    assert detector.holdout_fpr_ is not None and detector.holdout_fpr_ <= 0.1 + 1e-9
+    decisions = detector.decide(detector.score(holdout))
+    assert decisions.mean() <= 0.1 + 1e-9
+
+
+def test_cancelled_fit_keeps_a_usable_model(normal, test_set):
+    steps = {"n": 0}
+    detector = PandaDetector(settings("ses", epochs=4))
+    detector.fit(normal, progress=lambda done, total: steps.__setitem__("n", done), cancel=lambda: steps["n"] >= 4)
+    assert detector.summary_["cancelled"] and detector.summary_["minibatches"] == 4
+    assert detector.state_epochs_ == [1]  # the one snapshot taken before the stop
+    assert detector.score(test_set).shape == (len(test_set),)
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="strategy"):
+        PandaSettings(strategy="late")
+    with pytest.raises(ValueError, match="cache_dtype"):
+        PandaSettings(cache_dtype="int8")
+    with pytest.raises(ValueError, match="epochs"):
+        PandaSettings(epochs=-1)
+
+
+def test_adapt_command_writes_model_and_curves(tmp_path):
+    from core.cli import adapt as adapt_cli
+
+    folder = tmp_path / "normal"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 90, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    parser = adapt_cli.add_parser(__import__("argparse").ArgumentParser().add_subparsers())
+    out, curves = tmp_path / "m.npz", tmp_path / "c.json"
+    args = parser.parse_args([
+        "--normal", str(folder), "--strategy", "ewc", "--epochs", "1", "--weights", "random", "--crop", "32",
+        "--resize", "32", "--device", "cpu", "--param", "batch_size=8", "--param", "fisher_batches=1",
+        "--out", str(out), "--curves", str(curves), "--save-fisher", str(tmp_path / "f.npz"), "--quiet",
+    ])
+    assert adapt_cli.run(args) == 0
+    written = json.loads(curves.read_text())
+    assert [e["epoch"] for e in written["epochs"]] == [0, 1]
+    assert written["settings"]["strategy"] == "ewc" and written["settings"]["batch_size"] == 8
+    assert isinstance(load_detector(out), PandaDetector)
+    assert (tmp_path / "f.npz").exists()
