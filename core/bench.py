@@ -222,10 +222,35 @@ def _gaussian(options: BenchOptions) -> Detector:
     return GaussianDetector(settings_for(GaussianSettings, options))
 
 
+def _panda(strategy: str) -> Callable[[BenchOptions], Detector]:
+    """PANDA with one strategy; ``--epochs`` sets its length, ``--outliers`` (a folder or zip) feeds "oe"."""
+
+    def make(options: BenchOptions) -> Detector:
+        from core.config import PandaSettings
+        from core.detectors.panda import PandaDetector
+
+        base = PandaSettings(strategy=strategy, epochs=options.epochs or 0)
+        detector = PandaDetector(settings_for(PandaSettings, options, base))
+        if strategy == "oe":
+            if not options.outliers:
+                raise ValueError("panda-oe needs --outliers (a folder or zip of outlier images)")
+            from core.datasets import read_folder, read_zip
+
+            source = Path(options.outliers)
+            detector.outliers = read_zip(source, label=1) if source.suffix.lower() == ".zip" else read_folder(source, label=1)
+        return detector
+
+    return make
+
+
 BENCH_METHODS: dict[str, Callable[[BenchOptions], Detector]] = {
     "dn2": _dn2,
     "dn2-kmeans": _dn2_kmeans,
     "gaussian": _gaussian,
+    "panda-early": _panda("early"),
+    "panda-ses": _panda("ses"),
+    "panda-ewc": _panda("ewc"),
+    "panda-oe": _panda("oe"),
 }
 """Benchmark method name -> detector factory. Other methods add one entry each."""
 
@@ -514,7 +539,11 @@ def run_bench(
             score_s += time.perf_counter() - start
         else:
             start = time.perf_counter()
-            detector.fit(task.train, phase(f"fit {task.name}"), cancel)
+            if hasattr(detector, "curves_"):  # PANDA: the labelled test set only feeds its per-epoch curves
+                detector.fit(task.train, phase(f"fit {task.name}"), cancel, test=task.test)
+                entry["curves"] = [record.to_dict() for record in detector.curves_]
+            else:
+                detector.fit(task.train, phase(f"fit {task.name}"), cancel)
             fit_s += time.perf_counter() - start
             if hasattr(detector, "anomaly_maps"):
                 scores, pixel, seconds = _segmentation(detector, task, phase, cancel)

@@ -150,3 +150,17 @@ def test_adapt_command_writes_model_and_curves(tmp_path):
     assert written["settings"]["strategy"] == "ewc" and written["settings"]["batch_size"] == 8
     assert isinstance(load_detector(out), PandaDetector)
     assert (tmp_path / "f.npz").exists()
+
+
+def test_bench_entries_build_panda_detectors(tmp_path):
+    from core.bench import BENCH_METHODS, BenchOptions
+
+    for strategy in ("early", "ses", "ewc"):
+        detector = BENCH_METHODS[f"panda-{strategy}"](BenchOptions(epochs=3, params={"lr": "0.05"}))
+        assert isinstance(detector, PandaDetector)
+        assert detector.settings.strategy == strategy and detector.settings.epochs == 3 and detector.settings.lr == 0.05
+    with pytest.raises(ValueError, match="outliers"):
+        BENCH_METHODS["panda-oe"](BenchOptions())
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "o.png")
+    detector = BENCH_METHODS["panda-oe"](BenchOptions(outliers=str(tmp_path)))
+    assert len(detector.outliers) == 1 and detector.outliers.labels.tolist() == [1]

@@ -78,6 +78,9 @@ class PandaDetector(Detector):
         self.summary_: dict[str, Any] = {}
         self.train_choice_: np.ndarray | None = None
         self.fisher_: FisherDiagonal | None = None  # EWC's Fisher of the last fit (not saved with the model)
+        # Outlier exposure images fit uses when its ``outliers`` argument is None
+        # (lets a benchmark factory supply them before the generic fit call).
+        self.outliers: ImageSet | None = None
         self._index: KnnIndex | None = None
         self._network: TrainableNetwork | None = None
 
@@ -108,6 +111,7 @@ class PandaDetector(Detector):
         the weights trained so far (``summary_["cancelled"]``); a cancel while
         the prefix cache is built raises ``Cancelled``.
         """
+        outliers = outliers if outliers is not None else self.outliers
         run = adapt(normal, self.settings, test=test, outliers=outliers, fisher=fisher,
                     fisher_reference=fisher_reference, on_epoch=on_epoch, progress=progress, cancel=cancel)
         return self.fit_run(run, holdout)
