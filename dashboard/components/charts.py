@@ -12,10 +12,9 @@ ANOMALY_COLOUR = "#dc2626"
 UNKNOWN_COLOUR = "#64748b"
 FIGURE_HEIGHT = 320
 _MARGINS = dict(l=10, r=10, t=50, b=10)
-# Plotly's hover toolbar sits over the title of small figures; quoted numbers need no zooming.
+# Plotly's toolbar covers the title or the data of figures this small; dragging still zooms,
+# double-click resets, and Streamlit's own fullscreen button stays.
 STATIC = {"displayModeBar": False}
-# Interactive figures keep the toolbar, set vertically at the right edge, clear of the title.
-_MODEBAR = dict(orientation="v")
 
 
 def score_histogram(
@@ -40,7 +39,7 @@ def score_histogram(
         figure.add_histogram(x=scores[labels == 1], name="test: anomalous", marker_color=ANOMALY_COLOUR, opacity=0.7, xbins=bins)
     figure.add_vline(x=threshold, line_dash="dash", line_color="#0f172a", annotation_text="threshold")
     figure.update_layout(
-        barmode="overlay", height=FIGURE_HEIGHT, margin=_MARGINS, modebar=_MODEBAR, title="Anomaly scores (higher = more anomalous)",
+        barmode="overlay", height=FIGURE_HEIGHT, margin=_MARGINS, title="Anomaly scores (higher = more anomalous)",
         xaxis_title="score", yaxis_title="images", legend=dict(orientation="h", y=-0.25),
     )
     return figure
@@ -56,7 +55,7 @@ def roc_figure(fpr: np.ndarray, tpr: np.ndarray, auroc: float, operating_point: 
             marker=dict(color="#0f172a", size=10, symbol="x"),
         )
     figure.update_layout(
-        height=FIGURE_HEIGHT, margin=_MARGINS, modebar=_MODEBAR, title=f"ROC curve — AUROC {auroc:.3f}",
+        height=FIGURE_HEIGHT, margin=_MARGINS, title=f"ROC curve — AUROC {auroc:.3f}",
         xaxis_title="false positive rate", yaxis_title="true positive rate",
         xaxis_range=[0, 1], yaxis_range=[0, 1.02], legend=dict(orientation="h", y=-0.25),
     )
@@ -64,7 +63,7 @@ def roc_figure(fpr: np.ndarray, tpr: np.ndarray, auroc: float, operating_point: 
 
 
 def training_curves(runs: Sequence[dict], metric_sets: Sequence[tuple[str, str, str]], title: str,
-                    y_title: str) -> go.Figure:
+                    y_title: str, y_range: tuple[float, float] | None = None) -> go.Figure:
     """Per-epoch curves of one or more runs.
 
     ``runs``: ``{"name", "epochs", "values": {key: [...]}, "stop_epoch"}``;
@@ -91,7 +90,8 @@ def training_curves(runs: Sequence[dict], metric_sets: Sequence[tuple[str, str, 
                     marker=dict(color=colour, size=13, symbol="star", line=dict(color="#0f172a", width=1)),
                 )
     figure.update_layout(
-        height=FIGURE_HEIGHT, margin=_MARGINS, modebar=_MODEBAR, title=title, xaxis_title="epoch", yaxis_title=y_title,
+        height=FIGURE_HEIGHT, margin=_MARGINS, title=title, xaxis_title="epoch", yaxis_title=y_title,
+        yaxis_range=y_range, xaxis=dict(dtick=1 if max((len(r["epochs"]) for r in runs), default=0) <= 12 else None),
         legend=dict(orientation="h", y=-0.3),
     )
     return figure

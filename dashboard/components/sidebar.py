@@ -48,7 +48,7 @@ def workspace_and_project() -> tuple[Workspace, Project | None]:
 
         running = [job for job in state.jobs().values() if job.running]
         for job in running:
-            st.caption(f"⏳ {job.title}: {job.progress.stage} ({job.progress.fraction:.0%})")
+            st.caption(f":material/hourglass_top: {job.title}: {job.progress.stage} ({job.progress.fraction:.0%})")
     _show_flashes()
     return workspace, state.current_project()
 

@@ -36,13 +36,13 @@ counts = workspace.counts(project.id)
 # ---------------------------------------------------------------------- configure and run
 with st.container(border=True):
     columns = st.columns([3, 2, 1, 1, 1])
-    strategy = columns[0].selectbox("Strategy", list(STRATEGIES), format_func=STRATEGIES.get, key="panda-strategy")
+    strategy = columns[0].selectbox("Strategy", list(STRATEGIES), format_func=STRATEGIES.get, key="panda-strategy", config=charts.STATIC)
     backbones = list(list_backbones())
     backbone = columns[1].selectbox("Backbone", backbones, index=backbones.index("efficientnet_lite0"),
-                                    key="panda-backbone")
+                                    key="panda-backbone", config=charts.STATIC)
     epochs = columns[2].number_input("Epochs", 1, 500, 10, key="panda-epochs",
                                      help="The paper trains much longer on big sets; a few epochs show the trend.")
-    lr = columns[3].number_input("Learning rate", 1e-5, 1.0, 1e-2, format="%.0e", key="panda-lr")
+    lr = columns[3].number_input("Learning rate", 1e-5, 1.0, 1e-2, format="%.0e", key="panda-lr", config=charts.STATIC)
     ewc_lambda = columns[4].number_input("EWC λ", 0.0, 1e7, 1e4, format="%.0e", key="panda-lambda",
                                          disabled=strategy != "ewc")
     problems = []
@@ -63,7 +63,7 @@ with st.container(border=True):
         st.rerun()
     for problem in problems:
         st.caption(f"Cannot train yet: {problem}.")
-    job_panel(state.job("train", project.id), key="train")
+    job_panel(state.job("train", project.id), key="train", config=charts.STATIC)
 
 
 def curve_series(run: Run) -> dict:
@@ -80,12 +80,13 @@ def draw_run(run: Run, key: str) -> None:
     series = [curve_series(run)]
     left, right = st.columns(2)
     left.plotly_chart(charts.training_curves(series, RATIO_CURVES, "Normalised distance to the centre",
-                                             "mean distance / normal-train mean"), key=f"{key}-ratio")
-    right.plotly_chart(charts.training_curves(series, AUROC_CURVE, "Test ROC AUC per epoch", "ROC AUC"),
-                       key=f"{key}-auroc")
+                                             "mean distance / normal-train mean"),
+                      key=f"{key}-ratio", config=charts.STATIC)
+    right.plotly_chart(charts.training_curves(series, AUROC_CURVE, "Test ROC AUC per epoch", "ROC AUC", (0, 1.02)),
+                       key=f"{key}-auroc", config=charts.STATIC)
     with st.expander("Raw distances to the centre"):
         st.plotly_chart(charts.training_curves(series, DISTANCE_CURVES, "Mean squared distance to the centre",
-                                               "distance²"), key=f"{key}-raw")
+                                               "distance²"), key=f"{key}-raw", config=charts.STATIC)
 
 
 # ---------------------------------------------------------------------- the run being watched
@@ -100,7 +101,8 @@ live_id = state.live_run(runs[0].id)
 def live_curves() -> None:
     # Re-reads the store each second while training: the curves grow as epochs end.
     run = workspace.run(live_id) if live_id in {r.id for r in runs} else runs[0]
-    status = {"running": "⏳ running", "finished": "✅ finished", "stopped": "⏹ stopped", "failed": "⚠️ failed"}
+    status = {"running": ":material/hourglass_top: running", "finished": ":material/check_circle: finished",
+              "stopped": ":material/stop_circle: stopped", "failed": ":material/error: failed"}
     epochs_done = max((record["epoch"] for record in run.curves), default=0)
     st.subheader(f"Run #{run.id}: PANDA-{run.strategy} — {status[run.status]}, epoch {epochs_done}"
                  + (f", model from epoch {run.stop_epoch}" if run.stop_epoch is not None else ""))
@@ -140,11 +142,12 @@ st.dataframe(table, hide_index=True, width="stretch",
              column_config={"best ROC AUC": st.column_config.NumberColumn(format="%.3f"),
                             "final ROC AUC": st.column_config.NumberColumn(format="%.3f")})
 chosen = st.multiselect("Overlay runs", [run.id for run in runs], default=[run.id for run in runs[:3]],
-                        format_func=lambda i: f"#{i} {next(r.strategy for r in runs if r.id == i)}", key="compare-runs")
-if chosen:
-    series = [curve_series(run) for run in runs if run.id in chosen]
+                        format_func=lambda i: f"#{i} {next(r.strategy for r in runs if r.id == i)}", key="compare-runs", config=charts.STATIC)
+series = [curve_series(run) for run in runs if run.id in chosen and run.curves]
+if series:
     left, right = st.columns(2)
-    left.plotly_chart(charts.training_curves(series, AUROC_CURVE, "ROC AUC per epoch", "ROC AUC"), key="cmp-auroc")
+    left.plotly_chart(charts.training_curves(series, AUROC_CURVE, "ROC AUC per epoch", "ROC AUC", (0, 1.02)),
+                      key="cmp-auroc", config=charts.STATIC)
     right.plotly_chart(charts.training_curves(series, RATIO_CURVES[1:], "Anomalous / train distance",
-                                              "normalised distance"), key="cmp-ratio")
-    st.caption("★ marks the epoch each run's model comes from. Trained models appear on Detect and Review.")
+                                              "normalised distance"), key="cmp-ratio", config=charts.STATIC)
+    st.caption("The star marks the epoch each run's model comes from. Trained models appear on Detect and Review.")

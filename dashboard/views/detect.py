@@ -24,7 +24,7 @@ counts = workspace.counts(project.id)
 with st.container(border=True):
     st.markdown(f"**Fit a detector** on the {counts['normal']} normal images of “{project.name}”")
     columns = st.columns([2, 2, 1, 1])
-    method = columns[0].selectbox("Method", list(FIT_METHODS), format_func=FIT_METHODS.get, key="fit-method")
+    method = columns[0].selectbox("Method", list(FIT_METHODS), format_func=FIT_METHODS.get, key="fit-method", config=charts.STATIC)
     backbones = list(list_backbones())
     backbone = columns[1].selectbox(
         "Backbone", backbones, index=backbones.index("efficientnet_lite0"), key="fit-backbone",
@@ -46,10 +46,10 @@ with st.container(border=True):
     if counts["normal"] < 3:
         st.caption("Import at least 3 normal images on the Data page first.")
     st.caption("PANDA models trained on the Adapt page appear in the model list below.")
-    job_panel(state.job("fit", project.id), key="fit")
+    job_panel(state.job("fit", project.id), key="fit", config=charts.STATIC)
 
 # ---------------------------------------------------------------------- results
-model = pick_model(workspace, project, ("dn2", "gaussian", "panda"), key="detect-model")
+model = pick_model(workspace, project, ("dn2", "gaussian", "panda"), key="detect-model", config=charts.STATIC)
 if model is None:
     st.info("No model yet: fit one above.")
     st.stop()
@@ -93,13 +93,15 @@ if test.labels is not None and (test.labels == 1).any():
     metrics[3].metric("Anomalies caught (TPR)", f"{flagged[test.labels == 1].mean():.1%}")
 
 plots = st.columns(2)
-plots[0].plotly_chart(charts.score_histogram(test.scores, test.labels, threshold, train_scores), key="histogram")
+plots[0].plotly_chart(charts.score_histogram(test.scores, test.labels, threshold, train_scores),
+                      key="histogram", config=charts.STATIC)
 if test.has_both_classes:
     from core.metrics import image_auroc
 
     fpr, tpr, _ = roc_curve_points(test.labels, test.scores)
     point = (float(flagged[test.labels == 0].mean()), float(flagged[test.labels == 1].mean()))
-    plots[1].plotly_chart(charts.roc_figure(fpr, tpr, image_auroc(test.labels, test.scores), point), key="roc")
+    plots[1].plotly_chart(charts.roc_figure(fpr, tpr, image_auroc(test.labels, test.scores), point),
+                          key="roc", config=charts.STATIC)
 else:
     plots[1].info("An ROC curve needs test images labelled normal and anomalous.")
 
@@ -107,14 +109,14 @@ st.subheader("Test images, most anomalous first")
 order = np.argsort(-test.scores, kind="stable")
 sizes = sorted({size for size in (12, 24, 48, 96) if size < len(order)} | {len(order)})
 shown = st.select_slider("How many", sizes, value=min(24, len(order)) if 24 in sizes else len(order),
-                         key="gallery-size") if len(sizes) > 1 else len(order)
+                         key="gallery-size", config=charts.STATIC) if len(sizes) > 1 else len(order)
 position = {row.id: index for index, row in enumerate(test.rows)}
 
 
 def caption(image):
     index = position[image.id]
     tag = {0: "normal", 1: "anomalous"}.get(image.label, "unlabelled")
-    mark = "⚠️ " if test.scores[index] > threshold else ""
+    mark = "▲ " if test.scores[index] > threshold else ""
     return f"{mark}{test.scores[index]:.3g} · {tag}"
 
 

@@ -61,8 +61,8 @@ def move(step: int) -> None:
 
 
 navigation = st.columns([1, 1, 4])
-navigation[0].button("◀ Previous", on_click=move, args=(-1,), width="stretch", shortcut="Left")
-navigation[1].button("Next ▶", on_click=move, args=(1,), width="stretch", shortcut="Right")
+navigation[0].button("Previous", icon=":material/arrow_back:", on_click=move, args=(-1,), width="stretch", shortcut="Left")
+navigation[1].button("Next", icon=":material/arrow_forward:", on_click=move, args=(1,), width="stretch", shortcut="Right")
 navigation[2].markdown(f"**{index + 1} / {len(queue)}** — arrow keys move too")
 
 image = queue[index]
@@ -95,7 +95,7 @@ with right:
     st.text_area("Note", value=current.note if current else "", key=state.NOTE_WIDGET.format(image_id=image.id), on_change=save_verdict,
                  placeholder="What did you see? (saved when you click outside the box)", height=100)
     if current:
-        st.caption("Saved ✓")
+        st.caption(":material/check: saved")
 
 # ---------------------------------------------------------------------- feed back and export
 st.divider()
