@@ -36,13 +36,13 @@ counts = workspace.counts(project.id)
 # ---------------------------------------------------------------------- configure and run
 with st.container(border=True):
     columns = st.columns([3, 2, 1, 1, 1])
-    strategy = columns[0].selectbox("Strategy", list(STRATEGIES), format_func=STRATEGIES.get, key="panda-strategy", config=charts.STATIC)
+    strategy = columns[0].selectbox("Strategy", list(STRATEGIES), format_func=STRATEGIES.get, key="panda-strategy")
     backbones = list(list_backbones())
     backbone = columns[1].selectbox("Backbone", backbones, index=backbones.index("efficientnet_lite0"),
-                                    key="panda-backbone", config=charts.STATIC)
+                                    key="panda-backbone")
     epochs = columns[2].number_input("Epochs", 1, 500, 10, key="panda-epochs",
                                      help="The paper trains much longer on big sets; a few epochs show the trend.")
-    lr = columns[3].number_input("Learning rate", 1e-5, 1.0, 1e-2, format="%.0e", key="panda-lr", config=charts.STATIC)
+    lr = columns[3].number_input("Learning rate", 1e-5, 1.0, 1e-2, format="%.0e", key="panda-lr")
     ewc_lambda = columns[4].number_input("EWC λ", 0.0, 1e7, 1e4, format="%.0e", key="panda-lambda",
                                          disabled=strategy != "ewc")
     problems = []
@@ -63,7 +63,7 @@ with st.container(border=True):
         st.rerun()
     for problem in problems:
         st.caption(f"Cannot train yet: {problem}.")
-    job_panel(state.job("train", project.id), key="train", config=charts.STATIC)
+    job_panel(state.job("train", project.id), key="train")
 
 
 def curve_series(run: Run) -> dict:
@@ -142,7 +142,7 @@ st.dataframe(table, hide_index=True, width="stretch",
              column_config={"best ROC AUC": st.column_config.NumberColumn(format="%.3f"),
                             "final ROC AUC": st.column_config.NumberColumn(format="%.3f")})
 chosen = st.multiselect("Overlay runs", [run.id for run in runs], default=[run.id for run in runs[:3]],
-                        format_func=lambda i: f"#{i} {next(r.strategy for r in runs if r.id == i)}", key="compare-runs", config=charts.STATIC)
+                        format_func=lambda i: f"#{i} {next(r.strategy for r in runs if r.id == i)}", key="compare-runs")
 series = [curve_series(run) for run in runs if run.id in chosen and run.curves]
 if series:
     left, right = st.columns(2)

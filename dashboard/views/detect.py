@@ -24,7 +24,7 @@ counts = workspace.counts(project.id)
 with st.container(border=True):
     st.markdown(f"**Fit a detector** on the {counts['normal']} normal images of “{project.name}”")
     columns = st.columns([2, 2, 1, 1])
-    method = columns[0].selectbox("Method", list(FIT_METHODS), format_func=FIT_METHODS.get, key="fit-method", config=charts.STATIC)
+    method = columns[0].selectbox("Method", list(FIT_METHODS), format_func=FIT_METHODS.get, key="fit-method")
     backbones = list(list_backbones())
     backbone = columns[1].selectbox(
         "Backbone", backbones, index=backbones.index("efficientnet_lite0"), key="fit-backbone",
@@ -46,10 +46,10 @@ with st.container(border=True):
     if counts["normal"] < 3:
         st.caption("Import at least 3 normal images on the Data page first.")
     st.caption("PANDA models trained on the Adapt page appear in the model list below.")
-    job_panel(state.job("fit", project.id), key="fit", config=charts.STATIC)
+    job_panel(state.job("fit", project.id), key="fit")
 
 # ---------------------------------------------------------------------- results
-model = pick_model(workspace, project, ("dn2", "gaussian", "panda"), key="detect-model", config=charts.STATIC)
+model = pick_model(workspace, project, ("dn2", "gaussian", "panda"), key="detect-model")
 if model is None:
     st.info("No model yet: fit one above.")
     st.stop()
@@ -109,7 +109,7 @@ st.subheader("Test images, most anomalous first")
 order = np.argsort(-test.scores, kind="stable")
 sizes = sorted({size for size in (12, 24, 48, 96) if size < len(order)} | {len(order)})
 shown = st.select_slider("How many", sizes, value=min(24, len(order)) if 24 in sizes else len(order),
-                         key="gallery-size", config=charts.STATIC) if len(sizes) > 1 else len(order)
+                         key="gallery-size") if len(sizes) > 1 else len(order)
 position = {row.id: index for index, row in enumerate(test.rows)}
 
 
