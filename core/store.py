@@ -382,36 +382,54 @@ class Workspace:
         progress: ProgressFn | None = None,
         cancel: CancelFn | None = None,
     ) -> ImportReport:
-        """Add the usable images of ``images`` to a project under ``role``.
+        """Add the usable images of ``images`` to a project under ``role`` (see :meth:`import_sets`)."""
+        return self.import_sets(project_id, {role: images}, progress, cancel)
+
+    def import_sets(
+        self,
+        project_id: int,
+        sets: dict[str, ImageSet],
+        progress: ProgressFn | None = None,
+        cancel: CancelFn | None = None,
+    ) -> ImportReport:
+        """Add image sets to a project, ``{role: ImageSet}`` (e.g. a data set's normal and test parts), at once.
 
         Every image is decoded once; the ones that fail are reported in
-        ``problems`` (with the reader's own problems) and the rest imported.
+        ``problems`` (with the readers' own problems) and the rest imported.
         Images whose bytes are already in this project under the same role are
         skipped as duplicates; a different picture under a name already taken
-        gets a numbered name. Rows are inserted in one transaction, after all
-        files are written, so a failure or a cancel leaves the project as it was.
+        gets a numbered name. The rows of all sets are inserted in one
+        transaction, after all files are written, so a failure or a cancel
+        leaves the project as it was: never a normal set without its test set.
         """
-        if role not in ROLES:
-            raise StoreError(f"role must be one of {ROLES}, not {role!r}")
+        unknown = [role for role in sets if role not in ROLES]
+        if unknown:
+            raise StoreError(f"role must be one of {ROLES}, not {unknown[0]!r}")
         self.project(project_id)  # fails early for an unknown project
-        report = ImportReport(problems=list(images.problems))
-        prepared: list[_Prepared] = []
-        for done, item in enumerate(images.items, start=1):
-            check_cancel(cancel)
-            try:
-                prepared.append(self._prepare(item))
-            except ImageError as error:
-                report.problems.append(Problem(error.source, error.reason))
-            report_progress(progress, done, len(images.items))
+        report = ImportReport(problems=[problem for images in sets.values() for problem in images.problems])
+        total = sum(len(images) for images in sets.values())
+        prepared: list[tuple[str, _Prepared]] = []
+        done = 0
+        for role, images in sets.items():
+            for item in images.items:
+                check_cancel(cancel)
+                try:
+                    prepared.append((role, self._prepare(item)))
+                except ImageError as error:
+                    report.problems.append(Problem(error.source, error.reason))
+                done += 1
+                report_progress(progress, done, total)
 
         with self._transaction() as connection:
-            existing = connection.execute(
-                "SELECT name, sha FROM images WHERE project_id = ? AND role = ?", (project_id, role)
-            ).fetchall()
-            known_shas = {row["sha"] for row in existing}
-            taken_names = {row["name"] for row in existing}
+            known: dict[str, tuple[set[str], set[str]]] = {}
+            for role in sets:
+                existing = connection.execute(
+                    "SELECT name, sha FROM images WHERE project_id = ? AND role = ?", (project_id, role)
+                ).fetchall()
+                known[role] = ({row["sha"] for row in existing}, {row["name"] for row in existing})
             now = time.time()
-            for entry in prepared:
+            for role, entry in prepared:
+                known_shas, taken_names = known[role]
                 if entry.sha in known_shas:
                     report.duplicates.append(entry.item.name)
                     continue

@@ -59,7 +59,7 @@ DEMOS = {
 }
 
 
-def import_demo(workspace: Workspace, key: str) -> tuple[Project, dict[str, ImportReport]]:
+def import_demo(workspace: Workspace, key: str) -> tuple[Project, ImportReport]:
     """Create (or reuse) the demo's project and import its sets; importing twice adds nothing."""
     demo = DEMOS[key]
     if demo.layout == "mvtec":
@@ -67,11 +67,7 @@ def import_demo(workspace: Workspace, key: str) -> tuple[Project, dict[str, Impo
     else:
         train, test = read_class_folders(demo.folder, demo.normal_class)
     project = workspace.get_or_create_project(demo.project_name)
-    reports = {
-        "normal": workspace.import_images(project.id, train, "normal"),
-        "test": workspace.import_images(project.id, test, "test"),
-    }
-    return project, reports
+    return project, workspace.import_sets(project.id, {"normal": train, "test": test})
 
 
 # ---------------------------------------------------------------------- detection

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import zipfile
+from pathlib import Path
+
+import pytest
 
 from conftest import DEMO_BOTTLE, finish_jobs, new_app, png_bytes
 from core.store import Workspace
@@ -92,3 +95,21 @@ def test_folder_import_in_mvtec_layout(workspace_dir):
     next(button for button in at.button if button.label == "Import folder").click().run()
     assert any("Cannot import" in error.value for error in at.error)
     assert workspace.counts(project.id)["normal"] == 40
+
+
+def test_fashion_mnist_tab_imports_the_one_class_protocol(workspace_dir):
+    from core.datasets import FASHION_MNIST_DIR
+
+    if not Path(FASHION_MNIST_DIR).is_dir():
+        pytest.skip(f"Fashion-MNIST IDX files not installed at {FASHION_MNIST_DIR} (Debian dataset-fashion-mnist)")
+    workspace = Workspace(workspace_dir)
+    project = workspace.create_project("fashion")
+    at = new_app(project.id, page="views/data.py")
+    at.selectbox(key="fashion-class").set_value("Sneaker")
+    at.number_input(key="fashion-train").set_value(20)
+    at.number_input(key="fashion-test").set_value(30).run()
+    next(button for button in at.button if button.label == "Import Fashion-MNIST").click().run()
+    assert not at.exception
+    assert workspace.counts(project.id) == {"normal": 20, "test": 30, "outlier": 0}
+    test = workspace.image_set(project.id, "test").images
+    assert {item.group for item in test if item.label == 0} == {"Sneaker"}

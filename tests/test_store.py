@@ -151,6 +151,26 @@ def test_failure_mid_import_leaves_the_project_unchanged(workspace_dir, noise_pn
     assert all(row.path.exists() for row in before)
 
 
+def test_normal_and_test_sets_import_together_or_not_at_all(workspace_dir, noise_pngs, monkeypatch):
+    workspace = Workspace(workspace_dir)
+    project = workspace.create_project("p")
+    normal, test = image_set_from_uploads(noise_pngs[:3]), image_set_from_uploads(noise_pngs[3:], label=1)
+    real_prepare = Workspace._prepare
+
+    def fail_on_test_images(self, item):
+        if item.label == 1:
+            raise OSError("disk full")
+        return real_prepare(self, item)
+
+    monkeypatch.setattr(Workspace, "_prepare", fail_on_test_images)
+    with pytest.raises(OSError):
+        workspace.import_sets(project.id, {"normal": normal, "test": test})
+    assert workspace.counts(project.id) == {"normal": 0, "test": 0, "outlier": 0}
+    monkeypatch.setattr(Workspace, "_prepare", real_prepare)
+    report = workspace.import_sets(project.id, {"normal": normal, "test": test})
+    assert len(report.added) == 5 and workspace.counts(project.id) == {"normal": 3, "test": 2, "outlier": 0}
+
+
 def test_cancelled_import_adds_nothing(workspace_dir, noise_pngs):
     from core.progress import Cancelled
 

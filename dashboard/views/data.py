@@ -5,7 +5,15 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from core.datasets import list_classes, read_class_folders, read_folder, read_mvtec
+from core.datasets import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    list_classes,
+    read_class_folders,
+    read_fashion_mnist,
+    read_folder,
+    read_mvtec,
+)
 from core.store import ImportReport, StoreError, image_set_from_uploads
 from dashboard import state
 from dashboard.components.gallery import gallery, paged
@@ -50,7 +58,7 @@ def show_report(report: ImportReport, what: str) -> None:
 
 
 st.subheader(f"Import into “{project.name}”")
-upload_tab, folder_tab = st.tabs(["Upload files or zips", "Folder on this machine"])
+upload_tab, folder_tab, fashion_tab = st.tabs(["Upload files or zips", "Folder on this machine", "Fashion-MNIST"])
 with upload_tab:
     files = st.file_uploader(
         "Images (PNG, JPEG, BMP, TIFF, WebP) or zip archives of them",
@@ -104,15 +112,29 @@ with folder_tab:
                         if normal_class is None:
                             raise ValueError("pick the normal class first")
                         train, test = read_class_folders(folder, normal_class)
-                    report = workspace.import_images(project.id, train, "normal")
-                    second = workspace.import_images(project.id, test, "test")
-                    report.added += second.added
-                    report.duplicates += second.duplicates
-                    report.problems += second.problems
+                    report = workspace.import_sets(project.id, {"normal": train, "test": test})
             state.set_last_import(f"Folder {folder}", report)
             st.rerun()
         except (OSError, ValueError) as error:
             st.error(f"Cannot import {folder}: {error}")
+
+with fashion_tab:
+    st.caption(f"The one-class protocol on Fashion-MNIST (IDX files of the Debian package dataset-fashion-mnist, "
+               f"read from {FASHION_MNIST_DIR}): one class is normal, the nine others are anomalies.")
+    columns = st.columns(3)
+    fashion_class = columns[0].selectbox("Normal class", FASHION_MNIST_CLASSES, index=1, key="fashion-class")
+    max_train = columns[1].number_input("Normal training images", 10, 6000, 200, step=50, key="fashion-train")
+    max_test = columns[2].number_input("Test images (all classes)", 10, 10000, 200, step=50, key="fashion-test")
+    if st.button("Import Fashion-MNIST", type="primary"):
+        try:
+            with st.spinner("Reading the IDX files…"):
+                train, test = read_fashion_mnist(normal_class=fashion_class, max_train=int(max_train),
+                                                 max_test=int(max_test))
+                report = workspace.import_sets(project.id, {"normal": train, "test": test})
+            state.set_last_import(f"Fashion-MNIST ({fashion_class} normal)", report)
+            st.rerun()
+        except (OSError, ValueError) as error:
+            st.error(f"Cannot read Fashion-MNIST: {error}")
 
 last_import = state.take_last_import()
 if last_import is not None:

@@ -27,9 +27,9 @@ for column, demo in zip(columns, tasks.DEMOS.values()):
         if st.button(f"Open the {demo.key} demo", key=f"demo-{demo.key}", type="primary", width="stretch",
                      disabled=state.any_job_running()):
             with st.spinner("Importing the demo images into your workspace…"):
-                demo_project, reports = tasks.import_demo(workspace, demo.key)
+                demo_project, report = tasks.import_demo(workspace, demo.key)
             state.set_project(demo_project)
-            added = sum(len(report.added) for report in reports.values())
+            added = len(report.added)
             if not workspace.models(demo_project.id):
                 # One click gives results: the first model fits while the Detect page opens.
                 settings = tasks.settings_for("dn2", "efficientnet_lite0")
