@@ -209,6 +209,18 @@ def display_image(path: str, side: int) -> np.ndarray:
     return cv2.resize(decode_image(path), (side, side), interpolation=cv2.INTER_AREA)
 
 
+@st.cache_data(show_spinner=False, max_entries=512)
+def model_view(path: str, resize: int, crop: int, is_mask: bool = False) -> np.ndarray:
+    """The part of a workspace image (or mask) a model saw, at the heatmap panels' size; decoded once."""
+    from core.images import ImageSize, decode_image, decode_mask
+    from dashboard.components import heatmap
+
+    size = ImageSize(resize, crop)
+    if is_mask:
+        return heatmap.mask_for_display(decode_mask(path), size)
+    return heatmap.crop_for_display(decode_image(path), size)
+
+
 @st.cache_resource(show_spinner=False, max_entries=8)
 def detector(workspace_folder: str, model_id: int, model_file: str):
     """A saved model loaded once per process. ``model_file`` is part of the key so a replaced file reloads."""

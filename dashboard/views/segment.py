@@ -4,7 +4,7 @@ import numpy as np
 import streamlit as st
 
 from core.backbones import list_backbones
-from core.images import ImageError, decode_image, decode_mask
+from core.images import ImageError
 from core.metrics import segmentation_metrics
 from dashboard import state, tasks
 from dashboard.components import heatmap as view
@@ -110,9 +110,8 @@ def viewer() -> None:
         index = positions[choice]
         row = rows[choice]
         try:
-            original = decode_image(str(row.path))
-            crop = view.crop_for_display(original, size)
-            mask = view.mask_for_display(decode_mask(str(row.mask_path)), size) if row.mask_path else None
+            crop = state.model_view(str(row.path), size.resize, size.crop)
+            mask = state.model_view(str(row.mask_path), size.resize, size.crop, is_mask=True) if row.mask_path else None
         except ImageError as error:
             st.error(f"{row.name}: {error.reason}")
             return
@@ -121,7 +120,8 @@ def viewer() -> None:
         left, middle, right = st.columns(3)
         left.image(view.overlay_panel(crop, heatmap, scale, alpha, threshold, show_contour,
                                       mask if show_truth else None),
-                   caption="heatmap (white: above threshold, green: ground truth)", width=view.DISPLAY_SIDE)
+                   caption="heatmap (white: above threshold, green: ground truth)", width=view.DISPLAY_SIDE,
+                   alt="heatmap")
         left.image(view.colour_bar(scale, threshold), width=view.DISPLAY_SIDE,
                    caption=f"{scale.vmin:.3g} … {scale.vmax:.3g}" + (" (threshold mid-scale)" if scale.anchored else ""))
         middle.image(crop if mask is None else view.overlay_panel(crop, np.zeros_like(heatmap), scale, 0.0, threshold,
@@ -139,7 +139,7 @@ def viewer() -> None:
             normal_rows = workspace.images(project.id, "normal")
             normal_row = normal_rows[explanation.normal_index] if explanation.normal_index < len(normal_rows) else None
             if normal_row is not None:
-                normal_crop = view.crop_for_display(decode_image(str(normal_row.path)), size)
+                normal_crop = state.model_view(str(normal_row.path), size.resize, size.crop)
                 right.image(view.with_box(normal_crop, explanation.box, size.crop), width=view.DISPLAY_SIDE,
                             caption=f"nearest normal: {normal_row.name} (box: the patch matched to the peak)")
         st.caption(f"image score {peaks[index]:.4g} at the peak (x={x}, y={y}); {len(stages)} layer(s), σ={sigma:g}")

@@ -1,0 +1,61 @@
+"""AppTest: the Segment page fits SPADE once, then every control recombines cached maps (no backbone pass)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import finish_jobs, new_app
+from core.backbones import FeatureExtractor
+
+pytest.importorskip("core.detectors.spade", reason="the SPADE engine (core/detectors/spade.py) is not there yet")
+
+
+@pytest.fixture
+def backbone_calls(monkeypatch):
+    """Counts every FeatureExtractor forward pass, in any thread."""
+    calls = []
+    original = FeatureExtractor.__call__
+
+    def counting(self, images, stages=()):
+        calls.append(len(images))
+        return original(self, images, stages)
+
+    monkeypatch.setattr(FeatureExtractor, "__call__", counting)
+    return calls
+
+
+def test_segment_page_heatmap_controls_never_rerun_the_backbone(tiny_bottle, backbone_calls):
+    workspace, project = tiny_bottle
+    at = new_app(project.id, page="views/segment.py")
+    assert not at.exception
+    next(button for button in at.button if button.label == "Fit SPADE").click().run()
+    finish_jobs(at, timeout=150)
+    assert not at.exception, at.exception
+    (model,) = workspace.models(project.id, "spade")
+    assert any("heatmap" in str(image.proto) for image in at.get("image")), "no heatmap drawn"
+    passes = len(backbone_calls)
+    assert passes > 0  # the fit and the test maps did use the backbone ...
+
+    # ... and nothing after that does: σ, layers, opacity, scale, threshold, image choice.
+    at.slider(key="seg-sigma").set_value(8.0).run()
+    layer_boxes = [box for box in at.checkbox if box.key and box.key.startswith("seg-stage-")]
+    assert len(layer_boxes) >= 2
+    layer_boxes[0].uncheck().run()
+    at.slider(key="seg-alpha").set_value(0.8).run()
+    at.toggle(key="seg-per-image").set_value(True).run()
+    at.selectbox(key="seg-image").set_value(workspace.images(project.id, "test")[-1].id).run()
+    assert not at.exception, at.exception
+    assert len(backbone_calls) == passes
+
+    # Pixel-level metrics of the whole set for the current settings (the tiny set has masks).
+    next(button for button in at.button if button.label.startswith("Pixel AUROC")).click().run()
+    values = {metric.label: float(metric.value) for metric in at.metric}
+    assert 0.0 <= values["Pixel AUROC"] <= 1.0 and 0.0 <= values["PRO (FPR ≤ 0.3)"] <= 1.0
+    assert len(backbone_calls) == passes
+
+    # A new session after a "restart" offers to recompute the maps instead of failing.
+    from dashboard import state
+
+    state.segmentation.clear()
+    other = new_app(project.id, page="views/segment.py")
+    assert any(button.label == "Compute heatmaps" for button in other.button)
