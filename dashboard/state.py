@@ -240,6 +240,7 @@ class SegmentationCache:
     detector: Any = None
     image_ids: list[int] | None = None
     ready: bool = False
+    default_peaks: Any = None  # (N,) peak of each image's default heatmap: the page's stable ordering
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -255,7 +256,8 @@ def segmentation(workspace_folder: str, project: int, model_id: int) -> Segmenta
 def segmentation_ready(workspace_folder: str, project: int, model_id: int, detector: Any, image_ids: list[int]) -> None:
     """Called by the fitting/computing job when a detector's maps are ready."""
     holder = segmentation(workspace_folder, project, model_id)
-    holder.detector, holder.image_ids, holder.ready = detector, list(image_ids), True
+    holder.detector, holder.image_ids, holder.default_peaks = detector, list(image_ids), None
+    holder.ready = True  # last: a page reading the holder meanwhile sees it whole or not at all
 
 
 @st.cache_data(show_spinner=False, ttl=300)

@@ -67,6 +67,8 @@ if not holder.ready:
     st.stop()
 
 detector = holder.detector
+if holder.default_peaks is None:
+    holder.default_peaks = detector.combined_maps().reshape(len(holder.image_ids), -1).max(axis=1)
 rows = {row.id: row for row in workspace.images(project.id, "test")}
 image_ids = [image_id for image_id in holder.image_ids if image_id in rows]  # removed images drop out
 positions = {image_id: index for index, image_id in enumerate(holder.image_ids)}
@@ -93,19 +95,20 @@ def viewer() -> None:
 
     heatmaps = detector.combined_maps(stages=stages, sigma=sigma)  # (N, crop, crop), from cached raw maps
     typical = float(np.median(heatmaps))
-    default_threshold = float(np.quantile(heatmaps, 0.99))
     with controls:
-        low, high = float(heatmaps.min()), float(heatmaps.max())
-        threshold = st.slider("Pixel threshold", low, high, min(max(default_threshold, low), high),
-                              (high - low) / 200 or 1.0, format="%.3g", key=f"seg-threshold-{model.id}")
+        # A percentile keeps the slider's range fixed while σ and the layers change the map's values.
+        percentile = st.slider("Pixel threshold (percentile of all test pixels)", 80.0, 99.9, 99.0, 0.1,
+                               key="seg-threshold")
+        threshold = float(np.percentile(heatmaps, percentile))
+        st.caption(f"= score {threshold:.4g}")
 
     peaks = heatmaps.reshape(len(heatmaps), -1).max(axis=1)
-    order = [image_id for image_id in sorted(image_ids, key=lambda i: -peaks[positions[i]])]
     with panels:
+        # Ordered once by the default maps, so the list does not reshuffle while σ moves.
+        order = sorted(image_ids, key=lambda i: -holder.default_peaks[positions[i]])
         choice = st.selectbox(
-            "Image (highest heatmap peak first)", order, key="seg-image",
-            format_func=lambda i: f"{rows[i].name} · peak {peaks[positions[i]]:.3g}"
-            + {0: " · normal", 1: " · anomalous"}.get(rows[i].label, ""),
+            "Image (most anomalous first)", order, key="seg-image",
+            format_func=lambda i: rows[i].name + {0: " · normal", 1: " · anomalous"}.get(rows[i].label, ""),
         )
         index = positions[choice]
         row = rows[choice]
