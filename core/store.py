@@ -689,12 +689,17 @@ class Workspace:
             rows = connection.execute("SELECT * FROM runs WHERE project_id = ? ORDER BY id DESC", (project_id,)).fetchall()
         return [self._run_from_row(row) for row in rows]
 
-    def mark_abandoned_runs(self) -> int:
-        """Runs still 'running' when no process runs them (after a restart) become 'stopped'."""
+    def mark_abandoned_runs(self, started_before: float) -> int:
+        """Runs still 'running' that began before ``started_before`` (this process's start) become 'stopped'.
+
+        Only a process that was stopped can leave such runs; runs started by
+        the current process are left alone, whichever session started them.
+        """
         with self._transaction() as connection:
             cursor = connection.execute(
                 "UPDATE runs SET status = 'stopped', message = 'interrupted: the app stopped during training'"
-                " WHERE status = 'running'"
+                " WHERE status = 'running' AND created < ?",
+                (started_before,),
             )
         return cursor.rowcount
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+import time
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,8 @@ import streamlit as st
 
 from core.store import Project, Workspace, default_workspace
 from dashboard.jobs import Job
+
+PROCESS_STARTED = time.time()
 
 # ---------------------------------------------------------------------- session keys
 WORKSPACE_PATH = "workspace_path"  # str: folder of the workspace this session uses
@@ -49,12 +52,12 @@ def _open_workspace(folder: str) -> Workspace:
     """One handle per workspace folder per process (it only holds paths; connections are per call)."""
     workspace = Workspace(folder)
     # Runs left 'running' by a previous process can never finish; say so once, at open.
-    workspace.mark_abandoned_runs()
+    workspace.mark_abandoned_runs(started_before=PROCESS_STARTED)
     return workspace
 
 
 def workspace_path() -> str:
-    return _session_default(WORKSPACE_PATH, lambda: str(default_workspace()))
+    return _session_default(WORKSPACE_PATH, lambda: str(default_workspace().expanduser().resolve()))
 
 
 def set_workspace_path(folder: str) -> Workspace:

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import threading
+import time
 import zipfile
 
 import numpy as np
@@ -257,8 +258,11 @@ def test_runs_models_scores_and_preferences(workspace_dir, noise_pngs):
     assert run.status == "stopped" and run.stop_epoch == 1 and [r["epoch"] for r in run.curves] == [0, 1]
 
     abandoned = workspace.create_run(project.id, "early", {})
-    assert workspace.mark_abandoned_runs() == 1
-    assert workspace.run(abandoned).status == "stopped"
+    restarted_at = time.time() + 1e-3
+    time.sleep(0.01)
+    current = workspace.create_run(project.id, "ses", {})
+    assert workspace.mark_abandoned_runs(started_before=restarted_at) == 1
+    assert workspace.run(abandoned).status == "stopped" and workspace.run(current).status == "running"
 
     class FakeDetector:
         def save(self, path):
