@@ -156,14 +156,16 @@ def _apply_one(settings: Any, path: list[str], text: str, key: str) -> Any:
     names = [f.name for f in dataclasses.fields(settings)]
     name = path[0]
     if name not in names:
-        raise ParamError(f"unknown setting {key!r} for {type(settings).__name__}; valid: {', '.join(_param_names(settings))}")
+        valid = ", ".join(_param_names(settings))
+        raise ParamError(f"unknown setting {key!r} for {type(settings).__name__}; valid: {valid}")
     current = getattr(settings, name)
     if len(path) > 1:
         if not dataclasses.is_dataclass(current):
             raise ParamError(f"unknown setting {key!r}: {name} has no sub-settings")
         return dataclasses.replace(settings, **{name: _apply_one(current, path[1:], text, key)})
     if dataclasses.is_dataclass(current):
-        raise ParamError(f"setting {key!r} is a group; set its fields, e.g. {key}.{dataclasses.fields(current)[0].name}=...")
+        example = dataclasses.fields(current)[0].name
+        raise ParamError(f"setting {key!r} is a group; set its fields, e.g. {key}.{example}=...")
     try:
         return dataclasses.replace(settings, **{name: _convert(text, hints[name], key)})
     except ParamError:
@@ -324,7 +326,8 @@ def load_tasks(
             categories = sorted(p.name for p in root.iterdir() if _is_mvtec_category(p))
             if not categories:
                 raise ValueError(f"{root}: neither an MVTec AD category nor a folder of categories")
-            tasks = [BenchTask(name, *read_mvtec(root / name)) for name in _pick_classes(categories, classes, "category")]
+            chosen = _pick_classes(categories, classes, "category")
+            tasks = [BenchTask(name, *read_mvtec(root / name)) for name in chosen]
             classes = None
     elif kind == "oneclass":
         names = _pick_classes(list_classes(root), classes, "class")
@@ -370,7 +373,10 @@ def _environment() -> dict[str, Any]:
     from core.knn import choose_backend
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return {"device": device, "torch_threads": torch.get_num_threads(), "knn_backend": choose_backend(), "torch": torch.__version__}
+    return {
+        "device": device, "torch_threads": torch.get_num_threads(), "knn_backend": choose_backend(),
+        "torch": torch.__version__,
+    }
 
 
 # --------------------------------------------------------------------------- feature sharing
@@ -380,7 +386,9 @@ def _item_key(item) -> str:
     return item.path if item.path is not None else item.name
 
 
-def _cache_file(cache_dir: Path, settings: FeatureSettings, extractor_identity: str, keys: list[str], spec: str) -> Path:
+def _cache_file(
+    cache_dir: Path, settings: FeatureSettings, extractor_identity: str, keys: list[str], spec: str
+) -> Path:
     size = image_size_for(settings)
     fingerprint = json.dumps(
         {"backbone": settings.backbone, "weights": extractor_identity, "resize": size.resize, "crop": size.crop,
@@ -459,7 +467,9 @@ def _renamed(item, index: int):
 # --------------------------------------------------------------------------- the run
 
 
-def _segmentation(detector: Detector, task: BenchTask, phase: PhaseProgress, cancel: CancelFn | None) -> tuple[np.ndarray, dict[str, Any], float]:
+def _segmentation(
+    detector: Detector, task: BenchTask, phase: PhaseProgress, cancel: CancelFn | None
+) -> tuple[np.ndarray, dict[str, Any], float]:
     """Image scores, pixel metrics (with per-stage ablation) and seconds for a segmentation detector."""
     start = time.perf_counter()
     if hasattr(detector, "score_and_maps"):

@@ -77,7 +77,8 @@ class TextProgress:
         filled = int(self.width * done / total)
         elapsed = now - self.started
         rate = done / elapsed if elapsed > 0 else 0.0
-        return f"{self.label:<20.20} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {elapsed:6.1f}s {rate:6.1f}/s"
+        bar = "#" * filled + "." * (self.width - filled)
+        return f"{self.label:<20.20} [{bar}] {done}/{total} {elapsed:6.1f}s {rate:6.1f}/s"
 
 
 def progress_factory(enabled: bool = True, stream: TextIO | None = None) -> Callable[[str], TextProgress | None]:

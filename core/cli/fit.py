@@ -24,7 +24,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--holdout", metavar="DIR_OR_ZIP", help="held-out normal images that set the threshold")
     parser.add_argument("--backbone", help="backbone name (see `python -m core info`)")
     parser.add_argument("--weights", help="local weights file, or 'random' (tests only)")
-    parser.add_argument("--target-fpr", type=float, default=None, help="false-positive rate of the threshold (default 0.05)")
+    parser.add_argument("--target-fpr", type=float, default=None,
+                        help="false-positive rate of the threshold (default 0.05)")
     parser.add_argument("--out", required=True, metavar="MODEL.npz", help="where to save the model")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_param_option(parser)
@@ -32,7 +33,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def build_detector(method: str, backbone: str | None, weights: str | None, target_fpr: float | None, params: dict[str, str]):
+def build_detector(
+    method: str, backbone: str | None, weights: str | None, target_fpr: float | None, params: dict[str, str]
+):
     """A fresh detector with the command line's settings."""
     from core.bench import BenchOptions, settings_for
     from core.detectors import detector_class

@@ -30,7 +30,8 @@ def describe_knn() -> str:
     backend = knn.choose_backend()
     if knn.faiss is None:
         return f"{backend} (FAISS not installed)"
-    return f"{backend} (FAISS {getattr(knn.faiss, '__version__', 'unknown version')}, GPU support: {knn.faiss_gpu_available()})"
+    version = getattr(knn.faiss, "__version__", "unknown version")
+    return f"{backend} (FAISS {version}, GPU support: {knn.faiss_gpu_available()})"
 
 
 def run(args: argparse.Namespace) -> int:
