@@ -86,6 +86,14 @@ def settings_for(method: str, backbone: str, k: int = 2, target_fpr: float = 0.0
     raise ValueError(f"the Detect page does not fit {method!r} models")
 
 
+def stored_settings(method: str, values: dict[str, Any]) -> Any:
+    """The settings dataclass a model was fitted with, rebuilt from the JSON the store keeps."""
+    from core.detectors import detector_class
+    from core.detectors.base import settings_from_dict
+
+    return settings_from_dict(detector_class(method).settings_type, values)
+
+
 def test_summary(labels: np.ndarray | None, scores: np.ndarray, threshold: float) -> dict[str, Any]:
     from core.metrics import image_auroc
 

@@ -40,7 +40,7 @@ def test_detect_page_fits_and_shows_threshold_histogram_roc_and_gallery(tiny_bot
     assert len(at.get("image")) >= 1  # the ranked gallery
 
     # Moving the threshold above every score flags nothing and changes the implied FPR.
-    slider = at.slider(key=f"threshold-{model.id}")
+    slider = at.slider(key=f"threshold-{model.id}-6")
     slider.set_value(slider.max).run()
     labels = {metric.label: metric.value for metric in at.metric}
     assert labels["Flagged test images"] == "0 / 6"

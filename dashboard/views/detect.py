@@ -78,7 +78,8 @@ chosen = state.threshold(model.id, float(detector.threshold_))
 threshold = st.slider(
     "Threshold: images scoring above it are flagged as anomalous",
     min_value=low, max_value=high, value=min(max(chosen, low), high), step=(high - low) / 400 or 1.0,
-    format="%.3g", key=f"threshold-{model.id}",
+    # The key changes with the number of scores: newly scored images may widen the slider's range.
+    format="%.3g", key=f"threshold-{model.id}-{len(test.scores)}",
 )
 state.set_threshold(model.id, threshold)
 

@@ -108,8 +108,7 @@ with columns[0]:
                  disabled=not confirmed or not refit_possible,
                  help=None if refit_possible else "PANDA models are retrained on the Adapt page."):
         added = workspace.add_to_normal_set(confirmed)
-        settings = tasks.settings_for(model.method, model.settings["features"]["backbone"],
-                                      k=model.settings.get("k", 2), target_fpr=model.settings.get("target_fpr", 0.05))
+        settings = tasks.stored_settings(model.method, model.settings)  # same method and settings, more normals
         state.start_job("refit", Job(f"Refitting {model.method} with {len(added)} more normals",
                                    lambda job: tasks.fit_and_score(workspace, project.id, model.method, settings, job),
                                    project_id=project.id))
