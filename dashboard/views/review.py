@@ -6,6 +6,7 @@ import streamlit as st
 from core.images import ImageError
 from core.store import VERDICTS
 from dashboard import state, tasks
+from dashboard.components import heatmap as view
 from dashboard.components.jobs import job_panel
 from dashboard.components.models import loaded_detector, pick_model, scored_test
 from dashboard.components.sidebar import require_project, workspace_and_project
@@ -68,9 +69,34 @@ navigation[2].markdown(f"**{index + 1} / {len(queue)}** — arrow keys move too"
 image = queue[index]
 position = order[index]
 left, right = st.columns([3, 2])
+
+
+def segmentation_for(image_id: int):
+    """A SPADE model of this project whose heatmaps are in memory and cover the image, else None."""
+    for spade in workspace.models(project.id, "spade"):
+        holder = state.segmentation(str(workspace.root), project.id, spade.id)
+        if holder.ready and image_id in holder.image_ids:
+            return holder
+    return None
+
+
 with left:
     try:
-        st.image(state.display_image(str(image.path), IMAGE_SIDE), width=IMAGE_SIDE)
+        holder = segmentation_for(image.id)
+        if holder is None:
+            st.image(state.display_image(str(image.path), IMAGE_SIDE), width=IMAGE_SIDE)
+        else:
+            # The Segment page's default view (all layers, default σ), from maps already in memory.
+            size = holder.detector.image_size
+            heatmap_all = holder.detector.combined_maps()
+            crop = state.model_view(str(image.path), size.resize, size.crop)
+            threshold_pixels = float(np.percentile(heatmap_all, 99.0))
+            scale = view.colour_scale(heatmap_all[0], threshold_pixels, float(np.median(heatmap_all)), False)
+            pictures = st.columns(2)
+            pictures[0].image(crop, caption="image (the part the model sees)", width=view.DISPLAY_SIDE)
+            pictures[1].image(view.overlay_panel(crop, heatmap_all[holder.image_ids.index(image.id)], scale, 0.5,
+                                                 threshold_pixels, True, None),
+                              caption="SPADE heatmap (Segment page for details)", width=view.DISPLAY_SIDE)
     except (ImageError, OSError) as error:
         st.error(f"{image.name}: {getattr(error, 'reason', error)}")
 with right:
