@@ -19,6 +19,13 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def huge_png() -> bytes:
+    """A 20001-pixel-wide image: compresses to almost nothing but breaks the side limit."""
+    buffer = io.BytesIO()
+    Image.new("L", (20_001, 8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 @pytest.fixture
 def workspace_dir(tmp_path, monkeypatch) -> Path:
     """An empty workspace folder, also exported as ANOMALY_WORKSPACE for code that reads the default."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEMO_BOTTLE, finish_jobs, new_app, png_bytes
+from conftest import DEMO_BOTTLE, finish_jobs, huge_png, new_app
 from core.store import Workspace
 
 
@@ -60,15 +60,17 @@ def test_data_page_creates_a_project_and_lists_bad_uploads(workspace_dir, noise_
         (noise_pngs[1][0], noise_pngs[1][1], "image/png"),
         ("corrupt.png", noise_pngs[2][1][:50], "image/png"),
         ("readme.txt", b"not an image", "text/plain"),
+        ("huge.png", huge_png(), "image/png"),
         ("evil.zip", evil_zip.getvalue(), "application/zip"),
     ])
     at.run()
     next(button for button in at.button if button.label == "Import uploads").click().run()
     assert not at.exception
     errors = " ".join(error.value for error in at.error)
-    assert "3 files could not be used" in errors
+    assert "4 files could not be used" in errors
     table = at.dataframe[0].value
-    assert set(table["file"]) == {"corrupt.png", "readme.txt", "evil.zip/../../outside.png"}
+    assert set(table["file"]) == {"corrupt.png", "readme.txt", "huge.png", "evil.zip/../../outside.png"}
+    assert "too large" in table.set_index("file").loc["huge.png", "reason"]
     assert [row.name for row in workspace.images(project.id)] == ["noise_0.png", "noise_1.png", "evil/good/inside.png"]
     assert any("imported 3 images" in success.value for success in at.success)
     assert not (workspace_dir.parent / "outside.png").exists()

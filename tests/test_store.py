@@ -11,22 +11,14 @@ import zipfile
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import DEMO_BOTTLE, png_bytes
+from conftest import DEMO_BOTTLE, huge_png
 from core.datasets import ImageItem, ImageSet, read_mvtec
 from core.store import StoreError, Workspace, default_workspace, image_set_from_uploads
 
 
 def object_files(workspace: Workspace) -> list:
     return sorted(path for path in workspace.objects.glob("*/*") if not path.name.startswith(".tmp-"))
-
-
-def huge_png() -> bytes:
-    # A 20001-pixel-wide image compresses to almost nothing but breaks the side limit.
-    buffer = io.BytesIO()
-    Image.new("L", (20_001, 8)).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def zip_bytes(members: dict[str, bytes]) -> bytes:
