@@ -82,7 +82,7 @@ def settings_for(method: str, backbone: str, k: int = 2, target_fpr: float = 0.0
     if method == "gaussian":
         return config.GaussianSettings(features=features, target_fpr=target_fpr)
     if method == "spade":
-        return dataclasses.replace(config.SpadeSettings(), features=features)
+        return config.SpadeSettings(features=features, target_fpr=target_fpr)
     raise ValueError(f"the Detect page does not fit {method!r} models")
 
 
@@ -227,8 +227,12 @@ def fit_segmentation(workspace: Workspace, project_id: int, settings: Any, job: 
     detector = make_detector("spade", settings)
     detector.fit(normal.images, progress=job.progress_for(f"learning {len(normal)} normal images"), cancel=job.cancelled)
     compute_maps(detector, test.images, job)
-    model = workspace.add_model(project_id, "spade", dataclasses.asdict(settings), detector,
-                                {"n_normal": len(normal), "n_test": len(test), "test_ids": test.ids})
+    # The raw maps are cached by image content: these image scores need no second backbone pass.
+    scores = detector.score(test.images)
+    summary = {"n_normal": len(normal), **test_summary(
+        test.images.labels if test.images.has_labels else None, scores, detector.threshold_)}
+    model = workspace.add_model(project_id, "spade", dataclasses.asdict(settings), detector, summary)
+    workspace.save_scores(model.id, test.ids, scores)
     if on_ready is not None:
         on_ready(model.id, detector, test.ids)
     return model.id

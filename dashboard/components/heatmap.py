@@ -94,3 +94,13 @@ def crop_masks(rows, size: ImageSize) -> np.ndarray:
         if row.mask_path is not None:
             masks[index] = preprocess_mask(decode_mask(str(row.mask_path)), size)
     return masks
+
+
+def with_marker(panel: np.ndarray, point: tuple[int, int], crop_side: int, arm: int = 9) -> np.ndarray:
+    """A cross at (y, x) in crop pixels: the pixel the nearest-normal explanation is about."""
+    factor = DISPLAY_SIDE / crop_side
+    y, x = int(round(point[0] * factor)), int(round(point[1] * factor))
+    drawn = panel.copy()
+    cv2.line(drawn, (x - arm, y), (x + arm, y), PATCH_COLOUR, 2)
+    cv2.line(drawn, (x, y - arm), (x, y + arm), PATCH_COLOUR, 2)
+    return drawn

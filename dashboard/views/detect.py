@@ -45,11 +45,11 @@ with st.container(border=True):
         st.rerun()
     if counts["normal"] < 3:
         st.caption("Import at least 3 normal images on the Data page first.")
-    st.caption("PANDA models trained on the Adapt page appear in the model list below.")
+    st.caption("PANDA models (Adapt page) and SPADE models (Segment page) appear in the model list below.")
     job_panel(state.job("fit", project.id), key="fit")
 
 # ---------------------------------------------------------------------- results
-model = pick_model(workspace, project, ("dn2", "gaussian", "panda"), key="detect-model")
+model = pick_model(workspace, project, ("dn2", "gaussian", "panda", "spade"), key="detect-model")
 if model is None:
     st.info("No model yet: fit one above.")
     st.stop()

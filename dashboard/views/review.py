@@ -20,7 +20,7 @@ workspace, project = workspace_and_project()
 project = require_project(project)
 st.title("Review")
 
-model = pick_model(workspace, project, ("dn2", "gaussian", "panda"), key="review-model")
+model = pick_model(workspace, project, ("dn2", "gaussian", "panda", "spade"), key="review-model")
 if model is None:
     st.info("Nothing to review yet: fit a model on the **Detect** page first.")
     st.stop()
@@ -129,7 +129,7 @@ confirmed = [image_id for image_id, note in annotations.items()
              if note.verdict == "normal" and image_id in {row.id for row in test.rows}]
 columns = st.columns([2, 1, 1])
 with columns[0]:
-    refit_possible = model.method in ("dn2", "gaussian")
+    refit_possible = model.method in ("dn2", "gaussian", "spade")
     if st.button(f"Add {len(confirmed)} confirmed normals to the normal set and refit", type="primary",
                  disabled=not confirmed or not refit_possible,
                  help=None if refit_possible else "PANDA models are retrained on the Adapt page."):

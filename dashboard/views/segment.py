@@ -5,6 +5,7 @@ import streamlit as st
 
 from core.backbones import list_backbones
 from core.images import ImageError
+from core.maps import peak
 from core.metrics import segmentation_metrics
 from dashboard import state, tasks
 from dashboard.components import heatmap as view
@@ -94,13 +95,15 @@ def viewer() -> None:
         show_truth = st.checkbox("Ground-truth outline (green)", True, key="seg-truth")
 
     heatmaps = detector.combined_maps(stages=stages, sigma=sigma)  # (N, crop, crop), from cached raw maps
-    typical = float(np.median(heatmaps))
+    # Calibrated on normal images scored without themselves: about pixel_fpr of normal pixels lie above it.
+    calibrated = detector.pixel_threshold(stages, sigma)
+    typical = detector.typical_pixel_score(stages, sigma)
     with controls:
-        # A percentile keeps the slider's range fixed while σ and the layers change the map's values.
-        percentile = st.slider("Pixel threshold (percentile of all test pixels)", 80.0, 99.9, 99.0, 0.1,
-                               key="seg-threshold")
-        threshold = float(np.percentile(heatmaps, percentile))
-        st.caption(f"= score {threshold:.4g}")
+        # A factor keeps the slider's range fixed while σ and the layers change the scores' scale.
+        factor = st.slider("Pixel threshold (× calibrated)", 0.5, 2.0, 1.0, 0.05, key="seg-threshold",
+                           help=f"×1 = the score {detector.settings.pixel_fpr:.0%} of normal pixels exceed.")
+        threshold = typical + factor * (calibrated - typical)
+        st.caption(f"threshold = {threshold:.4g}")
 
     peaks = heatmaps.reshape(len(heatmaps), -1).max(axis=1)
     with panels:
@@ -121,8 +124,8 @@ def viewer() -> None:
         heatmap = heatmaps[index]
         scale = view.colour_scale(heatmap, threshold, typical, per_image)
         left, middle, right = st.columns(3)
-        left.image(view.overlay_panel(crop, heatmap, scale, alpha, threshold, show_contour,
-                                      mask if show_truth else None),
+        left.image(view.with_marker(view.overlay_panel(crop, heatmap, scale, alpha, threshold, show_contour,
+                                                       mask if show_truth else None), peak(heatmap), size.crop),
                    caption="heatmap (white: above threshold, green: ground truth)", width=view.DISPLAY_SIDE,
                    alt="heatmap")
         left.image(view.colour_bar(scale, threshold), width=view.DISPLAY_SIDE,
@@ -131,21 +134,24 @@ def viewer() -> None:
                                                                   False, mask),
                      caption="input" + (" with ground truth" if mask is not None else " (no mask)"),
                      width=view.DISPLAY_SIDE)
-        from core.maps import peak
-
         y, x = peak(heatmap)
         try:
             explanation = detector.explain(index, y, x)
         except Exception as error:  # noqa: BLE001 - an explanation is a bonus, never a reason to fail
             right.caption(f"No nearest-normal explanation: {error}")
         else:
-            normal_rows = workspace.images(project.id, "normal")
-            normal_row = normal_rows[explanation.normal_index] if explanation.normal_index < len(normal_rows) else None
-            if normal_row is not None:
+            # By name: the normal set may have grown since the model was fitted.
+            normal_row = next((r for r in workspace.images(project.id, "normal") if r.name == explanation.train_name),
+                              None)
+            if normal_row is None:
+                right.caption(f"The nearest normal image ({explanation.train_name}) is no longer in the project.")
+            else:
                 normal_crop = state.model_view(str(normal_row.path), size.resize, size.crop)
                 right.image(view.with_box(normal_crop, explanation.box, size.crop), width=view.DISPLAY_SIDE,
-                            caption=f"nearest normal: {normal_row.name} (box: the patch matched to the peak)")
-        st.caption(f"image score {peaks[index]:.4g} at the peak (x={x}, y={y}); {len(stages)} layer(s), σ={sigma:g}")
+                            caption=f"nearest normal patch ({explanation.stage}): {normal_row.name}"
+                            + (" (approximate: K-means gallery)" if explanation.approximate else ""))
+        st.caption(f"Peak at x={x}, y={y} (marked +), score {peaks[index]:.4g}; the yellow box on the right is the "
+                   f"normal patch its features matched. {len(stages)} layer(s), σ={sigma:g}.")
 
     if any(rows[i].mask_path for i in image_ids):
         key = (model.id, tuple(stages), sigma)
