@@ -245,6 +245,18 @@ def _panda(strategy: str) -> Callable[[BenchOptions], Detector]:
     return make
 
 
+def _spade(gallery: str) -> Callable[[BenchOptions], Detector]:
+    """SPADE with an exact or K-means pixel gallery (segmentation: pixel AUROC, PRO, per-stage ablation)."""
+
+    def make(options: BenchOptions) -> Detector:
+        from core.config import SpadeSettings
+        from core.detectors.spade import SpadeDetector
+
+        return SpadeDetector(settings_for(SpadeSettings, options, SpadeSettings(gallery=gallery)))
+
+    return make
+
+
 BENCH_METHODS: dict[str, Callable[[BenchOptions], Detector]] = {
     "dn2": _dn2,
     "dn2-kmeans": _dn2_kmeans,
@@ -253,6 +265,8 @@ BENCH_METHODS: dict[str, Callable[[BenchOptions], Detector]] = {
     "panda-ses": _panda("ses"),
     "panda-ewc": _panda("ewc"),
     "panda-oe": _panda("oe"),
+    "spade": _spade("exact"),
+    "spade-kmeans": _spade("kmeans"),
 }
 """Benchmark method name -> detector factory. Other methods add one entry each."""
 

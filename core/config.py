@@ -167,3 +167,68 @@ class PandaSettings:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         _check_fraction("ses_holdout", self.ses_holdout)
         _check_fraction("target_fpr", self.target_fpr)
+
+
+SPADE_GALLERIES = ("exact", "kmeans")
+SPADE_COMBINATIONS = ("sum", "concat")
+SPADE_IMAGE_SCORES = ("dn2", "max")
+
+
+@dataclass(frozen=True)
+class SpadeSettings:
+    """SPADE: per-pixel kNN against normal pixels of the same stage (PANDA paper, Sec. 2.3; supplement 2.3).
+
+    ``strides``: feature stages by stride (the paper's "first three blocks" = 4, 8, 16).
+    ``k``: pixel neighbours, score = sum of squared L2 to the k nearest normal pixels.
+    ``top_images``: search only the pixels of the K normal images nearest by pooled
+    feature (SPADE's K = 50); 0 = every normal image. ``gallery``: "exact" keeps every
+    normal pixel, "kmeans" replaces each stage's pixels by ``n_means`` K-means centres
+    (the paper's speed-up; ``top_images`` is then unused).
+    ``patch``: side of the neighbourhood whose features are averaged before the search
+    (1 = the paper's single-pixel features; 3 adds local context, which our MVTec
+    measurements favour). ``combine``: "sum" adds per-stage maps (the paper's ensemble),
+    "concat" concatenates the stages' features at the finest stage's resolution.
+    ``normalise``: divide each stage's distances by the spread of normal-pixel distances
+    before summing. ``sigma``: Gaussian smoothing in pixels of a 224-pixel crop (scaled
+    with the crop). ``image_score``: "dn2" (pooled-feature kNN, ``image_k``) or "max"
+    (the heatmap's maximum). ``pixel_fpr``: target share of normal pixels above the mask
+    threshold, calibrated on ``calibration_images`` normal images scored without
+    themselves. ``max_gallery_bytes``: refuse an exact gallery larger than this.
+    ``cache_mb``: memory for cached raw maps of scored images.
+    """
+
+    features: FeatureSettings = FeatureSettings()
+    strides: tuple[int, ...] = (4, 8, 16)
+    k: int = 1
+    top_images: int = 50
+    gallery: str = "exact"
+    n_means: int = 1024
+    patch: int = 1
+    combine: str = "sum"
+    normalise: bool = False
+    sigma: float = 4.0
+    image_score: str = "dn2"
+    image_k: int = 2
+    target_fpr: float = 0.05
+    pixel_fpr: float = 0.01
+    calibration_images: int = 16
+    max_gallery_bytes: int = 2 * 1024**3
+    cache_mb: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("gallery", self.gallery, SPADE_GALLERIES)
+        _check_choice("combine", self.combine, SPADE_COMBINATIONS)
+        _check_choice("image_score", self.image_score, SPADE_IMAGE_SCORES)
+        if not self.strides:
+            raise ValueError("strides must name at least one stage stride")
+        for name in ("k", "n_means", "image_k", "calibration_images", "max_gallery_bytes", "cache_mb"):
+            _check_positive(name, getattr(self, name))
+        if self.top_images < 0:
+            raise ValueError(f"top_images must be 0 (every normal image) or positive, got {self.top_images}")
+        if self.patch < 1 or self.patch % 2 == 0:
+            raise ValueError(f"patch must be an odd positive integer (1 = single pixels), got {self.patch}")
+        if self.sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+        _check_fraction("target_fpr", self.target_fpr)
+        _check_fraction("pixel_fpr", self.pixel_fpr)
