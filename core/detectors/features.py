@@ -25,6 +25,7 @@ adds ``score_batch`` for a single preprocessed upload, and keeps the identity ch
 from __future__ import annotations
 
 import dataclasses
+import time
 from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -76,6 +77,29 @@ def extractor_for(settings: FeatureSettings) -> FeatureExtractor:
     return shared_extractor(settings.backbone, settings.weights, settings.device)
 
 
+@dataclass
+class ExtractionTiming:
+    """Where extraction time went; filled in by :func:`extract_features` (an accumulator, so not frozen).
+
+    ``forward_s``: time the backbone spent on the batches (forward pass and
+    gathering the outputs); ``total_s``: wall time of the whole extraction,
+    decoding included. ``forward_s / total_s`` near 1 means decoding was
+    hidden behind the network.
+    """
+
+    images: int = 0
+    forward_s: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def backbone_images_per_s(self) -> float | None:
+        return self.images / self.forward_s if self.forward_s > 0 else None
+
+    @property
+    def images_per_s(self) -> float | None:
+        return self.images / self.total_s if self.total_s > 0 else None
+
+
 def extract_features(
     image_set: ImageSet,
     settings: FeatureSettings,
@@ -84,12 +108,14 @@ def extract_features(
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
     extractor: FeatureExtractor | None = None,
+    timing: ExtractionTiming | None = None,
 ) -> Features:
     """Features of every image of ``image_set``, gathered on the CPU.
 
     Returns ``Features(maps {stage: (N, C, h, w)} or (N, C) with pool_stages, pooled (N, D))``
     in the set's order. ``extractor`` overrides the shared one (PANDA's adapted
-    network); it must use the same geometry as ``settings``.
+    network); it must use the same geometry as ``settings``. ``timing``, when
+    given, accumulates how long the backbone itself took.
     Raises ``ImageError`` for an undecodable image (validate the set first),
     ``Cancelled`` when ``cancel`` says so.
     """
@@ -97,17 +123,28 @@ def extract_features(
     stages = tuple(stages)
     for stage in stages:
         network.spec.stage(stage)  # fail before decoding anything
+    start = time.perf_counter()
     batches = image_set.iter_batches(image_size_for(settings), settings.batch_size, progress, cancel)
-    features = network.extract(_cancellable(batches, cancel), stages, pool_stages=pool_stages)
+    features = network.extract(_cancellable(batches, cancel, timing), stages, pool_stages=pool_stages)
+    if timing is not None:
+        timing.images += len(image_set)
+        timing.total_s += time.perf_counter() - start
     return features
 
 
-def _cancellable(batches: Iterable[tuple[Any, torch.Tensor]], cancel: CancelFn | None):
+def _cancellable(
+    batches: Iterable[tuple[Any, torch.Tensor]], cancel: CancelFn | None, timing: ExtractionTiming | None
+):
     # iter_batches checks cancel between images; checking again before each
     # backbone call stops within one batch even when decoding is ahead.
     for batch in batches:
         check_cancel(cancel)
+        handed_over = time.perf_counter()
         yield batch
+        # The consumer resumes this generator once it has run the backbone on the
+        # batch: the time in between is the forward pass, measured on these very batches.
+        if timing is not None:
+            timing.forward_s += time.perf_counter() - handed_over
 
 
 def pooled_stage(features: Features, stage: str) -> np.ndarray:
