@@ -27,7 +27,7 @@ PROCESS_STARTED = time.time()
 # ---------------------------------------------------------------------- session keys
 WORKSPACE_PATH = "workspace_path"  # str: folder of the workspace this session uses
 PROJECT_ID = "project_id"  # int | None: the project this session works on
-JOBS = "jobs"  # dict[str, Job]: background work of this session, by kind ("fit", "train", ...)
+JOBS = "jobs"  # dict[str, Job]: background work of this session, by kind (FIT or TRAIN)
 FLASH = "flash"  # list[(kind, text)]: messages to show once on the next page run
 UPLOAD_GENERATION = "upload_generation"  # int: bumped to empty the file uploader after an import
 REVIEW_POSITION = "review_position"  # dict[model_id, image_id]: where the reviewer is, per model
@@ -92,6 +92,11 @@ def current_project() -> Project | None:
 
 
 # ---------------------------------------------------------------------- jobs
+# Job kinds. One model fit at a time per session (a laptop CPU has no spare cores), and one PANDA run.
+FIT = "fit"
+TRAIN = "train"
+
+
 def jobs() -> dict[str, Job]:
     return _session_default(JOBS, dict)
 
@@ -104,9 +109,18 @@ def job(kind: str, project: int | None = None) -> Job | None:
     return found
 
 
-def start_job(kind: str, job_: Job) -> Job:
-    jobs()[kind] = job_
-    return job_
+def job_running(kind: str) -> bool:
+    found = jobs().get(kind)
+    return found is not None and found.running
+
+
+def start_job(kind: str, title: str, work, project: int) -> Job | None:
+    """Start ``work(job)`` in the background unless this session already runs a job of that kind."""
+    if job_running(kind):
+        flash("warning", f"“{jobs()[kind].title}” is still running: wait for it or stop it first.")
+        return None
+    jobs()[kind] = Job(title, work, project_id=project)
+    return jobs()[kind]
 
 
 def any_job_running() -> bool:
@@ -257,7 +271,7 @@ def segmentation(workspace_folder: str, project: int, model_id: int) -> Segmenta
 
 
 def segmentation_ready(workspace_folder: str, project: int, model_id: int, detector: Any, image_ids: list[int]) -> None:
-    """Called by the fitting/computing job when a detector's maps are ready."""
+    """Called by the fitting/computing job (in its thread) when a detector's maps are ready."""
     holder = segmentation(workspace_folder, project, model_id)
     holder.detector, holder.image_ids, holder.default_peaks = detector, list(image_ids), None
     holder.ready = True  # last: a page reading the holder meanwhile sees it whole or not at all
@@ -272,3 +286,39 @@ def backbone_offline(name: str) -> bool:
         return locate_weights(get_spec(name)) is not None
     except Exception:  # noqa: BLE001 - a broken weights package just means "not available"
         return False
+
+
+def start_segmentation_fit(workspace_: Workspace, project: int, backbone: str) -> Job | None:
+    """Fit SPADE in the background; its heatmaps land in :func:`segmentation` the moment they exist.
+
+    One backbone pass over the normal and the test images gives both the
+    image scores (SPADE's image score is DN2's pooled-feature kNN) and the
+    raw maps every slider recombines.
+    """
+    from dashboard import tasks
+
+    folder = str(workspace_.root)
+    settings = tasks.settings_for("spade", backbone)
+    return start_job(
+        FIT, f"Fitting SPADE ({backbone}): image scores and heatmaps",
+        lambda job: tasks.fit_segmentation(
+            workspace_, project, settings, job,
+            on_ready=lambda model_id, found, ids: segmentation_ready(folder, project, model_id, found, ids),
+        ),
+        project,
+    )
+
+
+def start_heatmaps(workspace_: Workspace, project: int, model_id: int) -> Job | None:
+    """Recompute a saved SPADE model's test maps (after a restart): one backbone pass over the test images."""
+    from dashboard import tasks
+
+    def work(job: Job) -> None:
+        from core.detectors import load_detector
+
+        found = load_detector(workspace_.model(model_id).path)
+        test = workspace_.image_set(project, "test")
+        tasks.compute_maps(found, test.images, job)
+        segmentation_ready(str(workspace_.root), project, model_id, found, test.ids)
+
+    return start_job(FIT, "Computing heatmaps", work, project)

@@ -30,6 +30,7 @@ class Demo:
     description: str
     folder: Path
     layout: str  # "mvtec" or "classes"
+    first_model: str  # "spade" where there are masks to segment, else "dn2"
     normal_class: str | None = None
 
 
@@ -44,6 +45,7 @@ DEMOS = {
             "with defect masks. Detection and segmentation.",
             DEMO_ROOT / "bottle",
             "mvtec",
+            "spade",
         ),
         Demo(
             "fashion",
@@ -53,6 +55,7 @@ DEMOS = {
             "trouser is an anomaly. One-class detection, no masks.",
             DEMO_ROOT / "fashion",
             "classes",
+            "dn2",
             "Trouser",
         ),
     )
@@ -82,7 +85,9 @@ def settings_for(method: str, backbone: str, k: int = 2, target_fpr: float = 0.0
     if method == "gaussian":
         return config.GaussianSettings(features=features, target_fpr=target_fpr)
     if method == "spade":
-        return config.SpadeSettings(features=features, target_fpr=target_fpr)
+        # Fewer nearest images than the paper's K = 50 (10) and a smaller calibration set (8): the pixel
+        # search dominates on a CPU, and on small normal sets the nearest 10 images hold the matches.
+        return config.SpadeSettings(features=features, target_fpr=target_fpr, top_images=10, calibration_images=8)
     raise ValueError(f"the Detect page does not fit {method!r} models")
 
 

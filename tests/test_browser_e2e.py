@@ -22,7 +22,7 @@ from conftest import REPO_ROOT
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-TIME_LIMIT = 170  # seconds for the whole test: the brief's bound is 3 minutes
+TIME_LIMIT = int(os.environ.get("E2E_TIME_LIMIT", "170"))  # seconds for the whole test: the brief bounds it under 3 minutes
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements-dev.txt)")
 pytestmark = [
@@ -119,17 +119,13 @@ def test_demo_to_heatmap_in_a_browser(app_server, browser, tmp_path):
     browser.get(url)
     button(browser, "Open the bottle demo").click()
 
-    # The demo opens Detect with DN2 fitting; its results appear when the fit ends.
-    wait_for_text(browser, "Flagged test images", timeout=120)
+    # The demo opens Detect with the first model fitting; its results appear when the fit ends.
+    wait_for_text(browser, "Flagged test images", timeout=TIME_LIMIT - 30)
     screenshot(browser, tmp_path, "e2e-detect")
 
-    try:
-        import core.detectors.spade  # noqa: F401
-    except ImportError:
-        pytest.skip("demo and fit passed in the browser; the heatmap part needs core/detectors/spade.py, not there yet")
+    # The demo's first model is SPADE: the same fit already computed the heatmaps.
     browser.find_element(By.XPATH, "//a[@data-testid='stSidebarNavLink'][contains(@href, 'segment')]").click()
-    button(browser, "Fit SPADE").click()
-    WebDriverWait(browser, 120, poll_frequency=0.25).until(
+    WebDriverWait(browser, 60, poll_frequency=0.25).until(
         lambda d: d.find_elements(By.CSS_SELECTOR, "[data-testid='stImage'] img[alt='heatmap']")
     )
     first_heatmap = time.time() - launched

@@ -7,9 +7,6 @@ import pytest
 from conftest import finish_jobs, new_app
 from core.backbones import FeatureExtractor
 
-pytest.importorskip("core.detectors.spade", reason="the SPADE engine (core/detectors/spade.py) is not there yet")
-
-
 @pytest.fixture
 def backbone_calls(monkeypatch):
     """Counts every FeatureExtractor forward pass, in any thread."""

@@ -11,7 +11,6 @@ from dashboard import state, tasks
 from dashboard.components import charts
 from dashboard.components.jobs import job_panel
 from dashboard.components.sidebar import require_project, workspace_and_project
-from dashboard.jobs import Job
 
 STRATEGIES = {
     "early": "Early — stop after a fixed number of epochs",
@@ -50,20 +49,18 @@ with st.container(border=True):
         problems.append("needs at least 4 normal images")
     if strategy == "oe" and counts["outlier"] == 0:
         problems.append("OE needs outlier images (import some as 'outlier' on the Data page)")
-    current = state.job("train", project.id)
-    busy = current is not None and current.running
+    busy = state.job_running(state.TRAIN)
     if st.button("Start training", type="primary", disabled=bool(problems) or busy):
         settings = tasks.panda_settings(strategy, backbone, int(epochs), float(lr), float(ewc_lambda))
         run_id = workspace.create_run(project.id, strategy, {"backbone": backbone, "epochs": int(epochs),
                                                              "lr": float(lr), "ewc_lambda": float(ewc_lambda)})
-        state.start_job("train", Job(f"PANDA-{strategy} run #{run_id}",
-                                     lambda job: tasks.train_panda(workspace, project.id, settings, run_id, job),
-                                     project_id=project.id))
+        state.start_job(state.TRAIN, f"PANDA-{strategy} run #{run_id}",
+                        lambda job: tasks.train_panda(workspace, project.id, settings, run_id, job), project.id)
         state.set_live_run(run_id)
         st.rerun()
     for problem in problems:
         st.caption(f"Cannot train yet: {problem}.")
-    job_panel(state.job("train", project.id), key="train")
+    job_panel(state.job(state.TRAIN, project.id), key="train")
 
 
 def curve_series(run: Run) -> dict:

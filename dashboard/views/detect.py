@@ -11,7 +11,6 @@ from dashboard.components.gallery import gallery
 from dashboard.components.jobs import job_panel
 from dashboard.components.models import loaded_detector, pick_model, scored_test
 from dashboard.components.sidebar import require_project, workspace_and_project
-from dashboard.jobs import Job
 
 FIT_METHODS = {"dn2": "DN2 — kNN on pooled features", "gaussian": "Gaussian — Mahalanobis distance"}
 
@@ -36,17 +35,16 @@ with st.container(border=True):
                                 help="DN2 sums the squared distances to the k nearest normal images.")
     target_fpr = columns[3].number_input("Target FPR", 0.001, 0.5, 0.05, step=0.01, format="%.3f", key="fit-fpr",
                                          help="The first threshold lets this share of normal images through as false alarms.")
-    running = state.job("fit", project.id)
-    if st.button("Fit and score", type="primary", disabled=counts["normal"] < 3 or (running is not None and running.running)):
+    if st.button("Fit and score", type="primary", disabled=counts["normal"] < 3 or state.job_running(state.FIT)):
         settings = tasks.settings_for(method, backbone, k=int(k), target_fpr=float(target_fpr))
         title = f"Fitting {method.upper() if method == 'dn2' else method} ({backbone})"
-        state.start_job("fit", Job(title, lambda job: tasks.fit_and_score(workspace, project.id, method, settings, job),
-                                   project_id=project.id))
+        state.start_job(state.FIT, title, lambda job: tasks.fit_and_score(workspace, project.id, method, settings, job),
+                        project.id)
         st.rerun()
     if counts["normal"] < 3:
         st.caption("Import at least 3 normal images on the Data page first.")
     st.caption("PANDA models (Adapt page) and SPADE models (Segment page) appear in the model list below.")
-    job_panel(state.job("fit", project.id), key="fit")
+    job_panel(state.job(state.FIT, project.id), key="fit")
 
 # ---------------------------------------------------------------------- results
 model = pick_model(workspace, project, ("dn2", "gaussian", "panda", "spade"), key="detect-model")
@@ -62,10 +60,9 @@ except Exception as error:  # noqa: BLE001 - a damaged model file must not take 
 test = scored_test(workspace, model)
 if test.unscored:
     st.warning(f"{test.unscored} test images were added after this model was fitted.")
-    if st.button(f"Score the {test.unscored} new test images"):
-        state.start_job("fit", Job(f"Scoring with model #{model.id}",
-                                   lambda job: tasks.score_missing(workspace, model.id, detector, job),
-                                   project_id=project.id))
+    if st.button(f"Score the {test.unscored} new test images", disabled=state.job_running(state.FIT)):
+        state.start_job(state.FIT, f"Scoring with model #{model.id}",
+                        lambda job: tasks.score_missing(workspace, model.id, detector, job), project.id)
         st.rerun()
 if len(test.scores) == 0:
     st.info("This project has no test images to score yet.")

@@ -10,7 +10,6 @@ from dashboard.components import heatmap as view
 from dashboard.components.jobs import job_panel
 from dashboard.components.models import loaded_detector, pick_model, scored_test
 from dashboard.components.sidebar import require_project, workspace_and_project
-from dashboard.jobs import Job
 
 IMAGE_SIDE = 420
 VERDICT_LABELS = {"normal": ":material/check_circle: normal", "anomalous": ":material/cancel: anomalous",
@@ -131,16 +130,15 @@ columns = st.columns([2, 1, 1])
 with columns[0]:
     refit_possible = model.method in ("dn2", "gaussian", "spade")
     if st.button(f"Add {len(confirmed)} confirmed normals to the normal set and refit", type="primary",
-                 disabled=not confirmed or not refit_possible,
+                 disabled=not confirmed or not refit_possible or state.job_running(state.FIT),
                  help=None if refit_possible else "PANDA models are retrained on the Adapt page."):
         added = workspace.add_to_normal_set(confirmed)
         settings = tasks.stored_settings(model.method, model.settings)  # same method and settings, more normals
-        state.start_job("refit", Job(f"Refitting {model.method} with {len(added)} more normals",
-                                   lambda job: tasks.fit_and_score(workspace, project.id, model.method, settings, job),
-                                   project_id=project.id))
+        state.start_job(state.FIT, f"Refitting {model.method} with {len(added)} more normals",
+                        lambda job: tasks.fit_and_score(workspace, project.id, model.method, settings, job), project.id)
         state.flash("info", f"{len(added)} images added to the normal set; a new model is being fitted.")
         st.rerun()
-    job_panel(state.job("refit", project.id), key="review-refit")
+    job_panel(state.job(state.FIT, project.id), key="review-fit")
 columns[1].download_button("Annotations (CSV)", workspace.export_annotations_csv(project.id),
                            file_name=f"{project.name}-annotations.csv", mime="text/csv", width="stretch")
 columns[2].download_button("Annotations (JSON)", workspace.export_annotations_json(project.id),

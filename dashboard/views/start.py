@@ -6,7 +6,6 @@ import streamlit as st
 from dashboard import state, tasks
 from dashboard.components import charts
 from dashboard.components.sidebar import workspace_and_project
-from dashboard.jobs import Job
 
 workspace, project = workspace_and_project()
 
@@ -31,15 +30,18 @@ for column, demo in zip(columns, tasks.DEMOS.values()):
             state.set_project(demo_project)
             added = len(report.added)
             if not workspace.models(demo_project.id):
-                # One click gives results: the first model fits while the Detect page opens.
-                settings = tasks.settings_for("dn2", "efficientnet_lite0")
-                state.start_job("fit", Job(
-                    "Fitting DN2 (efficientnet_lite0)",
-                    lambda job, p=demo_project.id, s=settings: tasks.fit_and_score(workspace, p, "dn2", s, job),
-                    project_id=demo_project.id,
-                ))
+                # One click gives results: the first model fits while the Detect page opens. For the bottles
+                # it is SPADE, whose one backbone pass gives the image scores (DN2's kNN on pooled features)
+                # and the Segment page's heatmaps; the clothes have no masks, so plain DN2.
+                if demo.first_model == "spade":
+                    state.start_segmentation_fit(workspace, demo_project.id, "efficientnet_lite0")
+                else:
+                    settings = tasks.settings_for("dn2", "efficientnet_lite0")
+                    state.start_job(state.FIT, "Fitting DN2 (efficientnet_lite0)",
+                                    lambda job, p=demo_project.id: tasks.fit_and_score(workspace, p, "dn2", settings, job),
+                                    demo_project.id)
                 state.flash("success", f"Demo project “{demo_project.name}” ready ({added} images added). "
-                                       "DN2 is being fitted; heatmaps are on the Segment page.")
+                                       "The first model is being fitted; its scores appear here.")
             else:
                 state.flash("info", f"Demo project “{demo_project.name}” reopened with its models.")
             st.switch_page("views/detect.py")

@@ -1,0 +1,272 @@
+"""SPADE detector: shapes, a synthetic defect, cached recombination, explanations, persistence, limits."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.config import FeatureSettings, SpadeSettings
+from core.backbones import WeightsUnavailableError
+from core.datasets import ImageItem, ImageSet, read_mvtec
+from core.detectors import NotFittedError, load_detector, make_detector
+from core.detectors.spade import GalleryTooLargeError, SpadeDetector, _CacheEntry, _RawCache
+from core.images import preprocess_mask
+from core.metrics import pixel_auroc
+from core.progress import Cancelled
+
+FEATURES = FeatureSettings(weights="random", resize=64, crop=64, device="cpu", batch_size=8)
+BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def few_threads():
+    """Tiny batches gain nothing from many threads, and lose a lot on a busy shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def texture(seed: int, size: int = 96) -> np.ndarray:
+    """A striped, slightly noisy (size, size, 3) uint8 image: every normal image looks alike."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size]
+    phase = rng.uniform(0, 2 * np.pi)
+    base = 128 + 60 * np.sin(2 * np.pi * x / 12 + phase)
+    image = base[..., None] + rng.normal(0, 6, (size, size, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+DEFECT = (slice(36, 60), slice(48, 72))  # rows, columns in the 96-pixel image
+
+
+def with_defect(image: np.ndarray) -> np.ndarray:
+    damaged = image.copy()
+    damaged[DEFECT] = (250, 30, 30)
+    return damaged
+
+
+def normal_set(n: int = 10) -> ImageSet:
+    return ImageSet([ImageItem(f"normal/{i}.png", array=texture(i)) for i in range(n)], name="normal")
+
+
+def probe_set() -> ImageSet:
+    items = [ImageItem("test/good.png", array=texture(100), label=0),
+             ImageItem("test/bad.png", array=with_defect(texture(101)), label=1)]
+    return ImageSet(items, name="test")
+
+
+def settings(**changes) -> SpadeSettings:
+    base = SpadeSettings(features=FEATURES, top_images=4, calibration_images=4, sigma=4.0)
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.fixture(scope="module")
+def fitted() -> SpadeDetector:
+    return SpadeDetector(settings()).fit(normal_set())
+
+
+# --------------------------------------------------------------------------- contract and shapes
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="gallery"):
+        SpadeSettings(gallery="nope")
+    with pytest.raises(ValueError, match="patch_pixels"):
+        SpadeSettings(patch_pixels=-1)
+    with pytest.raises(ValueError, match="top_images"):
+        SpadeSettings(top_images=-1)
+    with pytest.raises(ValueError, match="strides"):
+        SpadeSettings(strides=())
+
+
+def test_scoring_before_fit_raises():
+    detector = make_detector("spade", settings())
+    with pytest.raises(NotFittedError):
+        detector.anomaly_maps(probe_set())
+    with pytest.raises(NotFittedError):
+        detector.score(probe_set())
+
+
+def test_shapes_and_fitted_attributes(fitted):
+    assert fitted.stages_ == ("block1", "block2", "block4")  # strides 4, 8, 16 on Lite
+    assert fitted.stage_shapes_ == {"block1": (16, 16), "block2": (8, 8), "block4": (4, 4)}
+    images = probe_set()
+    heat = fitted.anomaly_maps(images)
+    assert heat.shape == (2, 64, 64) and heat.dtype == np.float32
+    raw = fitted.raw_maps(images)
+    assert {key: value.shape for key, value in raw.items()} == {"block1": (2, 16, 16), "block2": (2, 8, 8), "block4": (2, 4, 4)}
+    scores = fitted.score(images)
+    assert scores.shape == (2,) and scores.dtype == np.float64
+    assert fitted.train_scores_.shape == (10,) and fitted.threshold_ is not None
+    assert set(fitted.calibration_) == set(fitted.stages_)
+    assert all(value.shape[0] == 4 for value in fitted.calibration_.values())
+
+
+def test_other_resolution_and_concat():
+    features = dataclasses.replace(FEATURES, resize=48, crop=40)
+    detector = SpadeDetector(settings(features=features, strides=(8, 16), combine="concat")).fit(normal_set(6))
+    assert detector.stages_ == ("block2+block4",)
+    assert detector.stage_shapes_ == {"block2+block4": (5, 5)}
+    assert detector.anomaly_maps(probe_set()).shape == (2, 40, 40)
+
+
+def test_synthetic_defect_lights_up_its_region():
+    # Pretrained Lite0 weights: random ones spread a defect over the whole 64-pixel crop.
+    try:
+        detector = SpadeDetector(settings(features=dataclasses.replace(FEATURES, weights=None))).fit(normal_set())
+    except WeightsUnavailableError as error:
+        pytest.skip(f"pretrained Lite0 weights unavailable: {error}")
+    heat = detector.anomaly_maps(probe_set())
+    mask = np.zeros((96, 96), bool)
+    mask[DEFECT] = True
+    mask = preprocess_mask(mask, detector.image_size)
+    bad = heat[1]
+    assert mask[np.unravel_index(np.argmax(bad), bad.shape)], "the hottest pixel lies outside the defect"
+    assert bad[mask].mean() > 2 * bad[~mask].mean()
+    assert bad.max() > 3 * heat[0].max()
+    assert pixel_auroc(mask[None], bad[None]) > 0.9
+    scores = detector.score(probe_set())
+    assert scores[1] > scores[0]
+
+
+def test_pixel_threshold_is_calibrated_on_normal_pixels(fitted):
+    threshold = fitted.pixel_threshold()
+    calibration = fitted.combine(fitted.calibration_)
+    share = float((calibration > threshold).mean())
+    assert share <= fitted.settings.pixel_fpr + 1e-9
+    heat = fitted.anomaly_maps(probe_set())
+    mask = fitted.threshold_mask(heat)
+    assert mask.dtype == bool and mask[1].sum() > mask[0].sum()
+    # Other σ / stage choices get their own threshold.
+    assert fitted.pixel_threshold(stages=("block4",), sigma=0) != threshold
+    scale = fitted.colour_scale()
+    assert scale.vmin < threshold < scale.vmax
+
+
+# --------------------------------------------------------------------------- cached recombination
+
+
+def test_recombination_from_cache_equals_a_full_recompute(fitted, monkeypatch):
+    images = probe_set()
+    fitted.anomaly_maps(images)
+    recombined = fitted.combined_maps(stages=("block2", "block4"), sigma=2.0)
+    # A model fitted with only those stages and that σ computes the same maps from scratch.
+    fresh = SpadeDetector(settings(strides=(8, 16), sigma=2.0)).fit(normal_set())
+    np.testing.assert_allclose(fresh.anomaly_maps(images), recombined, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fitted.combined_maps(indices=[1]), fitted.combined_maps()[1:2])
+
+    # Scoring the same images again never touches the backbone.
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone ran for cached images")
+
+    monkeypatch.setattr(fitted, "extractor", no_backbone)
+    again = fitted.raw_maps(images)
+    assert set(again) == set(fitted.stages_)
+
+
+def test_raw_cache_is_bounded_and_least_recently_used():
+    cache = _RawCache(max_bytes=100)
+    for key in "abc":
+        cache.put(key, _CacheEntry({}, {}, 0.0, 40))
+    assert len(cache) == 2 and cache.get("a") is None and cache.used == 80
+    cache.get("b")
+    cache.put("d", _CacheEntry({}, {}, 0.0, 40))
+    assert cache.get("b") is not None and cache.get("c") is None
+
+
+# --------------------------------------------------------------------------- explanations
+
+
+def test_explanation_points_at_the_matching_training_image():
+    normal = normal_set(8)
+    detector = SpadeDetector(settings(top_images=0)).fit(normal)
+    # A test image that is training image 5 plus a defect: its undamaged pixels match image 5 exactly.
+    probe = ImageSet([ImageItem("probe.png", array=with_defect(texture(5)))])
+    heat = detector.anomaly_maps(probe)
+    explanation = detector.explain(0, y=8, x=8, stage="block1")
+    assert explanation.train_index == 5 and explanation.train_name == "normal/5.png"
+    assert abs(explanation.y - 8) <= 4 and abs(explanation.x - 8) <= 4
+    assert explanation.distance < 1e-3
+    assert 0 <= explanation.original_y < 96 and 0 <= explanation.original_x < 96
+    top, left, bottom, right = explanation.box
+    assert top <= explanation.y < bottom and left <= explanation.x < right
+    # Without a pixel, the heatmap's peak is explained, by the stage that flags it most.
+    peak = detector.explain(0)
+    assert heat[0, peak.query_y, peak.query_x] == heat[0].max()
+    assert peak.stage in detector.stages_ and 0 <= peak.train_index < 8
+    assert peak.normal_index == peak.train_index and not peak.approximate
+    with pytest.raises(IndexError):
+        detector.explain(3)
+
+
+def test_kmeans_gallery_and_its_explanations():
+    detector = SpadeDetector(settings(gallery="kmeans", n_means=32, calibration_images=2)).fit(normal_set(10))
+    heat = detector.anomaly_maps(probe_set())
+    assert heat.shape == (2, 64, 64) and heat[1].max() > heat[0].max()
+    explanation = detector.explain(1)
+    assert explanation.approximate and 0 <= explanation.train_index < 10
+    # The calibration images were kept out of the K-means sample, so their maps are honest.
+    assert len(detector.calibration_names_) == 2
+
+
+# --------------------------------------------------------------------------- persistence and limits
+
+
+def test_save_load_round_trip(fitted, tmp_path):
+    images = probe_set()
+    heat = fitted.anomaly_maps(images)
+    scores = fitted.score(images)
+    path = fitted.save(tmp_path / "spade.npz")
+    loaded = load_detector(path)
+    assert isinstance(loaded, SpadeDetector)
+    assert loaded.stages_ == fitted.stages_ and loaded.train_names_ == fitted.train_names_
+    np.testing.assert_array_equal(loaded.anomaly_maps(images), heat)
+    np.testing.assert_array_equal(loaded.score(images), scores)
+    assert loaded.pixel_threshold() == fitted.pixel_threshold()
+    assert loaded.threshold_ == fitted.threshold_
+    assert loaded.explain(1) == fitted.explain(1)
+
+
+def test_gallery_memory_cap_fails_early_with_advice():
+    detector = SpadeDetector(settings(max_gallery_bytes=1000))
+    # The check runs before any image is decoded: this set's pixels do not exist.
+    missing = ImageSet([ImageItem(f"{i}.png", path=f"/nonexistent/{i}.png") for i in range(5)])
+    with pytest.raises(GalleryTooLargeError, match="kmeans") as caught:
+        detector.fit(missing)
+    assert "max_gallery_bytes" in str(caught.value)
+    assert detector.gallery_bytes(5) > 1000
+
+
+def test_fit_can_be_cancelled():
+    with pytest.raises(Cancelled):
+        SpadeDetector(settings()).fit(normal_set(), cancel=lambda: True)
+
+
+def test_image_score_max_and_holdout_calibration():
+    detector = SpadeDetector(settings(image_score="max")).fit(normal_set(8), holdout=normal_set(12).subset(range(8, 12)))
+    assert detector.calibration_names_ == [f"holdout #{i}" for i in range(4)]
+    scores = detector.score(probe_set())
+    np.testing.assert_allclose(scores, detector.combined_maps().reshape(2, -1).max(axis=1))
+    assert scores[1] > scores[0]
+
+
+# --------------------------------------------------------------------------- real data
+
+
+@pytest.mark.realdata
+def test_real_bottle_pixel_auroc_floor():
+    if not BOTTLE.is_dir():
+        pytest.skip(f"MVTec AD bottle not found at {BOTTLE}")
+    train, test = read_mvtec(BOTTLE)
+    good = [i for i, item in enumerate(test) if item.label == 0][:5]
+    bad = [i for i, item in enumerate(test) if item.label == 1][:15]
+    test = test.subset(good + bad)
+    detector = SpadeDetector(SpadeSettings(calibration_images=8)).fit(train.sample(30, seed=0))
+    heat = detector.anomaly_maps(test)
+    masks = test.masks(detector.image_size)
+    assert pixel_auroc(masks, heat) >= 0.9
