@@ -61,7 +61,7 @@ def probe_set() -> ImageSet:
 
 
 def settings(**changes) -> SpadeSettings:
-    base = SpadeSettings(features=FEATURES, top_images=4, calibration_images=4, sigma=4.0)
+    base = SpadeSettings(features=FEATURES, strides=(4, 8, 16), top_images=4, calibration_images=4, sigma=4.0)
     return dataclasses.replace(base, **changes)
 
 
@@ -270,3 +270,45 @@ def test_real_bottle_pixel_auroc_floor():
     heat = detector.anomaly_maps(test)
     masks = test.masks(detector.image_size)
     assert pixel_auroc(masks, heat) >= 0.9
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _write_pngs(folder: Path, images: dict[str, np.ndarray]) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, pixels in images.items():
+        Image.fromarray(pixels).save(folder / name)
+
+
+def test_segment_command_fits_saves_and_reuses_a_model(tmp_path, capsys):
+    import csv
+
+    from core.__main__ import main
+
+    _write_pngs(tmp_path / "normal", {f"{i}.png": texture(i) for i in range(6)})
+    _write_pngs(tmp_path / "test", {"good.png": texture(50), "bad.png": with_defect(texture(51))})
+    model = tmp_path / "spade.npz"
+    common = ["--param", "features.resize=64", "--param", "features.crop=64", "--param", "calibration_images=3"]
+    code = main(["segment", "--fit-normal", str(tmp_path / "normal"), str(tmp_path / "test"), "--out", str(tmp_path / "out"),
+                 "--save-model", str(model), "--weights", "random", "--quiet", *common])
+    assert code == 0 and model.is_file()
+    with open(tmp_path / "out" / "segment.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [Path(row["file"]).name for row in rows] == ["bad.png", "good.png"]
+    for row in rows:
+        overlay = tmp_path / "out" / row["overlay"]
+        mask = tmp_path / "out" / row["mask"]
+        from PIL import Image
+
+        assert Image.open(overlay).size == (96, 96) and Image.open(mask).size == (96, 96)
+        assert row["nearest_normal"].endswith(".png")
+    # The saved model segments again, with another σ and one stage; bad options fail with one line.
+    code = main(["segment", "--model", str(model), str(tmp_path / "test" / "bad.png"), "--out", str(tmp_path / "again"),
+                 "--sigma", "2", "--stages", "block2", "--scale", "image", "--quiet"])
+    assert code == 0 and (tmp_path / "again" / "0000_bad_overlay.png").is_file()
+    assert main(["segment", "--model", str(model), str(tmp_path / "test"), "--out", str(tmp_path / "x"),
+                 "--stages", "block9", "--quiet"]) == 2
+    assert "block9" in capsys.readouterr().err

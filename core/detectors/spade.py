@@ -71,7 +71,7 @@ class Explanation:
     neighbour is reported; ``y``, ``x``: centre of the matched cell in that
     training image's crop pixels, ``original_y``, ``original_x`` the same point
     in its original pixels; ``box``: (top, left, bottom, right) crop pixels of
-    the matched cell (widened by the feature neighbourhood ``patch``);
+    the matched cell (widened by the averaged neighbourhood, ``patch_pixels``);
     ``distance``: the pixel's raw score on that stage (sum of squared L2 over k);
     ``query_y``, ``query_x``: the explained pixel (crop pixels of the scored
     image); ``approximate``: True with a K-means gallery, where the match is the
@@ -309,7 +309,7 @@ class SpadeDetector(Detector):
     def _layout(self) -> tuple:
         """The settings that shape the gallery; changing them needs a new fit."""
         s = self.settings
-        return (self.backbone_stages(), s.patch, s.combine, s.gallery, s.n_means if s.gallery == "kmeans" else None)
+        return (self.backbone_stages(), s.patch_pixels, s.combine, s.gallery, s.n_means if s.gallery == "kmeans" else None)
 
     def feature_request(self) -> FeatureRequest:
         return FeatureRequest(stages=self.backbone_stages())
@@ -355,12 +355,18 @@ class SpadeDetector(Detector):
         return value * self.image_size.crop / REFERENCE_CROP
 
     # ------------------------------------------------------------------ pixel features
+    def patch_cells(self, stage: str) -> int:
+        """Side, in cells, of the neighbourhood averaged on ``stage``: the odd count closest below
+        ``patch_pixels / stride`` (at least 1)."""
+        stride = get_spec(self.settings.features.backbone).stage(stage).stride
+        return max(1, 2 * math.floor((self.settings.patch_pixels / stride - 1) / 2) + 1)
+
     def _pixel_features(self, stage_maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """{stage: (B, C, h, w)} -> {key: (B, h, w, C)} float32: neighbourhood-averaged, maybe concatenated."""
-        patch = self.settings.patch
         prepared = {}
         for name in self.backbone_stages():
             x = stage_maps[name].float()
+            patch = self.patch_cells(name)
             if patch > 1:
                 # Averaging a patch x patch neighbourhood gives each pixel some context
                 # (PatchCore's "locally aware" features); borders average what exists.
@@ -540,7 +546,7 @@ class SpadeDetector(Detector):
         self._require_fitted()
         if self._fitted_layout is not None and self._fitted_layout != self._layout():
             raise NotFittedError(
-                "the settings that shape the SPADE gallery (strides, patch, combine, gallery, n_means) changed "
+                "the settings that shape the SPADE gallery (strides, patch_pixels, combine, gallery, n_means) changed "
                 "since fit; fit again"
             )
 
@@ -649,7 +655,8 @@ class SpadeDetector(Detector):
         return self._last
 
     # ------------------------------------------------------------------ recombination (no backbone, no kNN)
-    def _check_stages(self, stages: Sequence[str] | None) -> tuple[str, ...]:
+    def check_stages(self, stages: Sequence[str] | None) -> tuple[str, ...]:
+        """The stages to combine (None = all of ``stages_``); KeyError naming the valid ones otherwise."""
         chosen = self.stages_ if stages is None else tuple(stages)
         unknown = [s for s in chosen if s not in self.stages_]
         if unknown or not chosen:
@@ -658,7 +665,7 @@ class SpadeDetector(Detector):
 
     def combine(self, raw: dict[str, np.ndarray], stages: Sequence[str] | None = None, sigma: float | None = None) -> np.ndarray:
         """{key: (N, h, w)} raw maps -> (N, crop, crop) heatmaps with this model's normalisation and crop."""
-        chosen = self._check_stages(stages)
+        chosen = self.check_stages(stages)
         normalisation = self.normalisation_ if self.settings.normalise else None
         return maps.combine(raw, chosen, self._sigma_pixels(sigma), self.image_size.crop, normalisation)
 
@@ -695,7 +702,7 @@ class SpadeDetector(Detector):
         pixels lie above it.
         """
         self._require_ready()
-        key = (self._check_stages(stages), self._sigma_pixels(sigma), self.settings.pixel_fpr, self.settings.normalise)
+        key = (self.check_stages(stages), self._sigma_pixels(sigma), self.settings.pixel_fpr, self.settings.normalise)
         if key not in self._pixel_thresholds:
             heat = self._calibration_heatmaps(stages, sigma)
             self._pixel_thresholds[key] = threshold_at_fpr(heat.reshape(-1), self.settings.pixel_fpr)
@@ -748,7 +755,7 @@ class SpadeDetector(Detector):
         train_index, within = divmod(row, h * w)
         ty, tx = divmod(within, w)
         step_y, step_x = crop / h, crop / w
-        reach = self.settings.patch // 2
+        reach = max(self.patch_cells(name) for name in self.backbone_stages() if name in stage.split("+")) // 2
         box = (
             max(0, int(round((ty - reach) * step_y))), max(0, int(round((tx - reach) * step_x))),
             min(crop, int(round((ty + 1 + reach) * step_y))), min(crop, int(round((tx + 1 + reach) * step_x))),
