@@ -85,9 +85,10 @@ def settings_for(method: str, backbone: str, k: int = 2, target_fpr: float = 0.0
     if method == "gaussian":
         return config.GaussianSettings(features=features, target_fpr=target_fpr)
     if method == "spade":
-        # Fewer nearest images than the paper's K = 50 (10) and a smaller calibration set (8): the pixel
-        # search dominates on a CPU, and on small normal sets the nearest 10 images hold the matches.
-        return config.SpadeSettings(features=features, target_fpr=target_fpr, top_images=10, calibration_images=8)
+        # SPADE's own measured defaults (its input geometry included); only the backbone is the user's.
+        defaults = config.SpadeSettings()
+        features = dataclasses.replace(defaults.features, backbone=backbone, weights=weights)
+        return dataclasses.replace(defaults, features=features, target_fpr=target_fpr)
     raise ValueError(f"the Detect page does not fit {method!r} models")
 
 
