@@ -12,12 +12,14 @@ from dashboard.jobs import Job
 POLL_SECONDS = 1.0
 
 
-def job_panel(job: Job | None, key: str, on_finished: Callable[[Job], None] | None = None) -> None:
+def job_panel(job: Job | None, key: str, on_finished: Callable[[Job], None] | None = None,
+              quiet_when_done: bool = False) -> None:
     """Show ``job``; while it runs, refresh every second without rerunning the whole page.
 
     When the job ends the whole page is rerun once, so that its results appear.
+    ``quiet_when_done``: say nothing about a job that finished well (pages that did not start it).
     """
-    if job is None:
+    if job is None or (quiet_when_done and job.status == "finished"):
         return
 
     @st.fragment(run_every=POLL_SECONDS if job.running else None)

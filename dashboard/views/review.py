@@ -85,17 +85,17 @@ with left:
         if holder is None:
             st.image(state.display_image(str(image.path), IMAGE_SIDE), width=IMAGE_SIDE)
         else:
-            # The Segment page's default view (all layers, default σ), from maps already in memory.
-            size = holder.detector.image_size
-            heatmap_all = holder.detector.combined_maps()
+            # The Segment page's default view (all layers, default σ, calibrated threshold), from cached maps.
+            found = holder.detector
+            size = found.image_size
+            heatmap = found.combined_maps(indices=[holder.image_ids.index(image.id)])[0]
             crop = state.model_view(str(image.path), size.resize, size.crop)
-            threshold_pixels = float(np.percentile(heatmap_all, 99.0))
-            scale = view.colour_scale(heatmap_all[0], threshold_pixels, float(np.median(heatmap_all)), False)
+            scale = found.colour_scale()
             pictures = st.columns(2)
-            pictures[0].image(crop, caption="image (the part the model sees)", width=view.DISPLAY_SIDE)
-            pictures[1].image(view.overlay_panel(crop, heatmap_all[holder.image_ids.index(image.id)], scale, 0.5,
-                                                 threshold_pixels, True, None),
-                              caption="SPADE heatmap (Segment page for details)", width=view.DISPLAY_SIDE)
+            pictures[0].image(crop, caption="image (the part the model sees)", width="stretch")
+            pictures[1].image(view.overlay_panel(crop, heatmap, view.Scale(scale.vmin, scale.vmax, True), 0.5,
+                                                 found.pixel_threshold(), True, None),
+                              caption="SPADE heatmap (details on Segment)", width="stretch")
     except (ImageError, OSError) as error:
         st.error(f"{image.name}: {getattr(error, 'reason', error)}")
 with right:
@@ -138,7 +138,7 @@ with columns[0]:
                         lambda job: tasks.fit_and_score(workspace, project.id, model.method, settings, job), project.id)
         state.flash("info", f"{len(added)} images added to the normal set; a new model is being fitted.")
         st.rerun()
-    job_panel(state.job(state.FIT, project.id), key="review-fit")
+    job_panel(state.job(state.FIT, project.id), key="review-fit", quiet_when_done=True)
 columns[1].download_button("Annotations (CSV)", workspace.export_annotations_csv(project.id),
                            file_name=f"{project.name}-annotations.csv", mime="text/csv", width="stretch")
 columns[2].download_button("Annotations (JSON)", workspace.export_annotations_json(project.id),
