@@ -100,7 +100,7 @@ def stored_settings(method: str, values: dict[str, Any]) -> Any:
     return settings_from_dict(detector_class(method).settings_type, values)
 
 
-def test_summary(labels: np.ndarray | None, scores: np.ndarray, threshold: float) -> dict[str, Any]:
+def score_summary(labels: np.ndarray | None, scores: np.ndarray, threshold: float) -> dict[str, Any]:
     from core.metrics import image_auroc
 
     summary: dict[str, Any] = {"n_test": int(len(scores)), "threshold": float(threshold)}
@@ -125,7 +125,7 @@ def fit_and_score(workspace: Workspace, project_id: int, method: str, settings: 
         scores = detector.score(test.images, progress=job.progress_for(f"scoring {len(test)} test images"),
                                 cancel=job.cancelled)
         labels = test.images.labels if test.images.has_labels else None
-        summary.update(test_summary(labels, scores, detector.threshold_))
+        summary.update(score_summary(labels, scores, detector.threshold_))
     model = workspace.add_model(project_id, method, dataclasses.asdict(settings), detector, summary)
     if scores is not None:
         workspace.save_scores(model.id, test.ids, scores)
@@ -197,7 +197,7 @@ def train_panda(workspace: Workspace, project_id: int, settings: Any, run_id: in
         if len(test):
             # Scoring must finish even after a Stop: the kept weights are the run's result.
             scores = detector.score(test.images, progress=job.progress_for(f"scoring {len(test)} test images"))
-            summary.update(test_summary(test.images.labels if test.images.has_labels else None, scores,
+            summary.update(score_summary(test.images.labels if test.images.has_labels else None, scores,
                                         detector.threshold_))
         model = workspace.add_model(project_id, "panda", dataclasses.asdict(settings), detector, summary)
         if scores is not None:
@@ -235,7 +235,7 @@ def fit_segmentation(workspace: Workspace, project_id: int, settings: Any, job: 
     compute_maps(detector, test.images, job)
     # The raw maps are cached by image content: these image scores need no second backbone pass.
     scores = detector.score(test.images)
-    summary = {"n_normal": len(normal), **test_summary(
+    summary = {"n_normal": len(normal), **score_summary(
         test.images.labels if test.images.has_labels else None, scores, detector.threshold_)}
     model = workspace.add_model(project_id, "spade", dataclasses.asdict(settings), detector, summary)
     workspace.save_scores(model.id, test.ids, scores)
