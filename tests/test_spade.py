@@ -61,7 +61,7 @@ def probe_set() -> ImageSet:
 
 
 def settings(**changes) -> SpadeSettings:
-    base = SpadeSettings(features=FEATURES, strides=(4, 8, 16), top_images=4, calibration_images=4, sigma=4.0)
+    base = SpadeSettings(features=FEATURES, strides=(4, 8, 16), gallery="exact", top_images=4, calibration_images=4, sigma=4.0)
     return dataclasses.replace(base, **changes)
 
 

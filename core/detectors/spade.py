@@ -54,7 +54,9 @@ from core.progress import CancelFn, ProgressFn, check_cancel
 REFERENCE_CROP = 224
 """``SpadeSettings.sigma`` is in pixels of a crop this size; other crops scale it."""
 
-_KMEANS_POINTS_PER_MEAN = 32  # K-means training sample: enough for stable centres, bounded fit time
+# K-means sample per centre: FAISS wants at least 39 points per centre (it warns below);
+# more only lengthens the fit.
+_KMEANS_POINTS_PER_MEAN = 40
 _KMEANS_ITERATIONS = 10
 _SEARCH_BLOCK = 1 << 23  # query x gallery distances computed at once (32 MiB of float32)
 
@@ -853,7 +855,7 @@ class _GalleryBuilder:
 
     Exact: every pixel, written into preallocated (N * h * w, C) arrays (peak
     memory = the gallery plus one batch). K-means: a seeded sample of
-    pixels per image (bounded by ``32 * n_means`` per stage) from images
+    pixels per image (bounded by ``40 * n_means`` per stage) from images
     outside the calibration set, plus the calibration images' full features.
     """
 
@@ -929,7 +931,9 @@ class _GalleryBuilder:
             for key, chunks in self._samples.items():
                 points = np.concatenate(chunks)
                 rows = np.concatenate(self._sample_rows[key])
-                centres = kmeans_summary(points, self.settings.n_means, seed=self.settings.seed, iterations=_KMEANS_ITERATIONS)
+                # A small normal set cannot support n_means centres: use as many as its sample can.
+                n_means = max(1, min(self.settings.n_means, len(points) // _KMEANS_POINTS_PER_MEAN))
+                centres = kmeans_summary(points, n_means, seed=self.settings.seed, iterations=_KMEANS_ITERATIONS)
                 centres = centres.astype(np.float16).astype(np.float32)
                 # Each centre points at the sampled real pixel closest to it, for explanations.
                 representative = KnnIndex(1).fit(points).search(centres, 1).indices[:, 0]
