@@ -255,7 +255,7 @@ def _panda(strategy: str) -> Callable[[BenchOptions], Detector]:
 
 
 def _spade(gallery: str) -> Callable[[BenchOptions], Detector]:
-    """SPADE with an exact or K-means pixel gallery (segmentation: pixel AUROC, PRO, per-stage ablation)."""
+    """SPADE with a K-means or exact pixel gallery (segmentation: pixel AUROC, PRO, per-stage ablation)."""
 
     def make(options: BenchOptions) -> Detector:
         from core.config import SpadeSettings
@@ -274,8 +274,8 @@ BENCH_METHODS: dict[str, Callable[[BenchOptions], Detector]] = {
     "panda-ses": _panda("ses"),
     "panda-ewc": _panda("ewc"),
     "panda-oe": _panda("oe"),
-    "spade": _spade("exact"),
-    "spade-kmeans": _spade("kmeans"),
+    "spade": _spade("kmeans"),
+    "spade-exact": _spade("exact"),
 }
 """Benchmark method name -> detector factory. Other methods add one entry each."""
 
