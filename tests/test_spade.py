@@ -102,6 +102,8 @@ def test_shapes_and_fitted_attributes(fitted):
     assert {key: value.shape for key, value in raw.items()} == {"block1": (2, 16, 16), "block2": (2, 8, 8), "block4": (2, 4, 4)}
     scores = fitted.score(images)
     assert scores.shape == (2,) and scores.dtype == np.float64
+    np.testing.assert_array_equal(fitted.image_scores("dn2"), scores)  # the default image score
+    np.testing.assert_allclose(fitted.image_scores("max"), heat.reshape(2, -1).max(axis=1))
     assert fitted.train_scores_.shape == (10,) and fitted.threshold_ is not None
     assert set(fitted.calibration_) == set(fitted.stages_)
     assert all(value.shape[0] == 4 for value in fitted.calibration_.values())

@@ -624,26 +624,33 @@ class SpadeDetector(Detector):
                 raw[key][i], nearest[key][i] = found[key], rows[key]
         dn2 = self._image_index.score(features.pooled.float().cpu().numpy()).astype(np.float64)
         self._last = _ScoredSet(raw, nearest, dn2, None)
-        return self._last_image_scores()
+        return self.image_scores()
 
     def score(self, images: ImageSet, progress=None, cancel=None) -> np.ndarray:
         """(N,) image scores (``settings.image_score``); computes and caches the maps as well."""
         self.raw_maps(images, progress, cancel)
-        return self._last_image_scores()
+        return self.image_scores()
 
-    def _last_image_scores(self) -> np.ndarray:
+    def image_scores(self, kind: str | None = None) -> np.ndarray:
+        """(N,) image scores of the last scored set: "dn2" (pooled kNN) or "max" (heatmap peak).
+
+        ``kind`` None = ``settings.image_score``, the score the image threshold was set for.
+        """
         last = self._require_last()
-        if self.settings.image_score == "dn2":
+        kind = self.settings.image_score if kind is None else kind
+        if kind == "dn2":
             return last.dn2.astype(np.float64)
-        heat = self.combined_maps()
-        return heat.reshape(len(heat), -1).max(axis=1).astype(np.float64)
+        if kind == "max":
+            heat = self.combined_maps()
+            return heat.reshape(len(heat), -1).max(axis=1).astype(np.float64)
+        raise ValueError(f"image score kind must be 'dn2' or 'max', got {kind!r}")
 
     def score_and_maps(
         self, images: ImageSet, progress: ProgressFn | None = None, cancel: CancelFn | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """(N,) image scores and (N, crop, crop) heatmaps in one pass over the images."""
         self.raw_maps(images, progress, cancel)
-        return self._last_image_scores(), self.combined_maps()
+        return self.image_scores(), self.combined_maps()
 
     def anomaly_maps(self, images: ImageSet, progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> np.ndarray:
         """(N, crop, crop) float32 heatmaps at the current ``settings`` σ and stages."""
