@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from core.cli import add_param_option, add_threads_option, apply_threads, parse_params, progress_factory, read_images, report_problems
+from core.cli import (
+    add_param_option, add_threads_option, apply_threads, parse_params, progress_factory, read_images, report_problems,
+)
 
 CSV_NAME = "segment.csv"
 
@@ -136,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
             mask = maps.threshold_mask(original, pixel_threshold)
             scale = model_scale if args.scale == "model" else maps.image_scale(original)
             overlay = maps.overlay(image, original, scale.vmin, scale.vmax, args.alpha, args.colormap)
-            overlay = maps.draw_contours(overlay, maps.contours(mask), (255, 255, 255), max(1, round(max(image.shape[:2]) / 300)))
+            thickness = max(1, round(max(image.shape[:2]) / 300))  # visible on large images too
+            overlay = maps.draw_contours(overlay, maps.contours(mask), (255, 255, 255), thickness)
             stem = _file_stem(index, shown[item.name])
             overlay_path, mask_path = out / f"{stem}_overlay.png", out / f"{stem}_mask.png"
             _write_png(overlay_path, overlay)

@@ -526,7 +526,8 @@ class SpadeDetector(Detector):
                 rows = torch.from_numpy(gallery.origin)[rows.cpu()]
             elif chosen is not None:
                 # Gather the chosen images' pixels; local row r maps back to chosen[r // per] * per + r % per.
-                index = (chosen.to(gallery.features.device)[:, None] * per + torch.arange(per, device=gallery.features.device)[None]).reshape(-1)
+                device = gallery.features.device
+                index = (chosen.to(device)[:, None] * per + torch.arange(per, device=device)[None]).reshape(-1)
                 distances, local = nearest_pixels(query, gallery.features[index], gallery.sq_norms[index], settings.k)
                 rows = index[local]
             elif exclude is not None:
@@ -556,7 +557,9 @@ class SpadeDetector(Detector):
         # Search settings that change raw maps without a refit.
         return (self.settings.k, self.settings.top_images)
 
-    def raw_maps(self, images: ImageSet, progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> dict[str, np.ndarray]:
+    def raw_maps(
+        self, images: ImageSet, progress: ProgressFn | None = None, cancel: CancelFn | None = None
+    ) -> dict[str, np.ndarray]:
         """{key: (N, h, w) float32} unsmoothed per-stage distance maps of ``images`` (cached).
 
         Images already scored with the same search settings come from the
@@ -672,7 +675,9 @@ class SpadeDetector(Detector):
             raise KeyError(f"stages {list(chosen)} not available; this model has {list(self.stages_)}")
         return chosen
 
-    def combine(self, raw: dict[str, np.ndarray], stages: Sequence[str] | None = None, sigma: float | None = None) -> np.ndarray:
+    def combine(
+        self, raw: dict[str, np.ndarray], stages: Sequence[str] | None = None, sigma: float | None = None
+    ) -> np.ndarray:
         """{key: (N, h, w)} raw maps -> (N, crop, crop) heatmaps with this model's normalisation and crop."""
         chosen = self.check_stages(stages)
         normalisation = self.normalisation_ if self.settings.normalise else None
@@ -725,7 +730,9 @@ class SpadeDetector(Detector):
         """One colour scale for every image of this model, with the pixel threshold mid-scale."""
         return maps.model_scale(self.pixel_threshold(stages, sigma), self.typical_pixel_score(stages, sigma))
 
-    def threshold_mask(self, heatmap: np.ndarray, stages: Sequence[str] | None = None, sigma: float | None = None) -> np.ndarray:
+    def threshold_mask(
+        self, heatmap: np.ndarray, stages: Sequence[str] | None = None, sigma: float | None = None
+    ) -> np.ndarray:
         """Heatmap(s) made with these stages/σ -> bool mask of pixels above :meth:`pixel_threshold`."""
         return maps.threshold_mask(heatmap, self.pixel_threshold(stages, sigma))
 
@@ -826,7 +833,9 @@ class SpadeDetector(Detector):
             self.stage_shapes_ = {key: (int(v[0]), int(v[1])) for key, v in header["stage_shapes"].items()}
             self.train_names_ = list(header["train_names"])
             self.calibration_names_ = list(header["calibration_names"])
-            self.normalisation_ = {key: maps.StageNormalisation(float(v[0]), float(v[1])) for key, v in header["normalisation"].items()}
+            self.normalisation_ = {
+                key: maps.StageNormalisation(float(v[0]), float(v[1])) for key, v in header["normalisation"].items()
+            }
             pooled = torch.from_numpy(arrays["pooled"].astype(np.float32))
             self.train_sizes_ = arrays["train_sizes"].astype(np.int64)
             device = self._search_device()
