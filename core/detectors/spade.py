@@ -276,7 +276,7 @@ class SpadeDetector(Detector):
         self._fitted_layout: tuple | None = None
         self._cache = _RawCache(self.settings.cache_mb * 1024 * 1024)
         self._last: _ScoredSet | None = None
-        self._pixel_thresholds: dict[tuple, float] = {}
+        self._pixel_thresholds: dict[tuple, tuple[float, float]] = {}
 
     # ------------------------------------------------------------------ geometry and network
     @property
@@ -708,6 +708,15 @@ class SpadeDetector(Detector):
     def _calibration_heatmaps(self, stages: Sequence[str] | None, sigma: float | None) -> np.ndarray:
         return self.combine(self.calibration_, stages, sigma)
 
+    def _calibration_stats(self, stages: Sequence[str] | None, sigma: float | None) -> tuple[float, float]:
+        """(pixel threshold, median) of the calibration heatmaps for these stages and σ, cached."""
+        self._require_ready()
+        key = (self.check_stages(stages), self._sigma_pixels(sigma), self.settings.pixel_fpr, self.settings.normalise)
+        if key not in self._pixel_thresholds:
+            heat = self._calibration_heatmaps(stages, sigma).reshape(-1)
+            self._pixel_thresholds[key] = (threshold_at_fpr(heat, self.settings.pixel_fpr), float(np.median(heat)))
+        return self._pixel_thresholds[key]
+
     def pixel_threshold(self, stages: Sequence[str] | None = None, sigma: float | None = None) -> float:
         """Score above which a pixel is anomalous, for these stages and σ.
 
@@ -715,16 +724,11 @@ class SpadeDetector(Detector):
         images scored without themselves, so about ``pixel_fpr`` of normal
         pixels lie above it.
         """
-        self._require_ready()
-        key = (self.check_stages(stages), self._sigma_pixels(sigma), self.settings.pixel_fpr, self.settings.normalise)
-        if key not in self._pixel_thresholds:
-            heat = self._calibration_heatmaps(stages, sigma)
-            self._pixel_thresholds[key] = threshold_at_fpr(heat.reshape(-1), self.settings.pixel_fpr)
-        return self._pixel_thresholds[key]
+        return self._calibration_stats(stages, sigma)[0]
 
     def typical_pixel_score(self, stages: Sequence[str] | None = None, sigma: float | None = None) -> float:
         """Median normal-pixel score (calibration maps): the low anchor of :func:`core.maps.model_scale`."""
-        return float(np.median(self._calibration_heatmaps(stages, sigma)))
+        return self._calibration_stats(stages, sigma)[1]
 
     def colour_scale(self, stages: Sequence[str] | None = None, sigma: float | None = None) -> maps.ColourScale:
         """One colour scale for every image of this model, with the pixel threshold mid-scale."""
