@@ -122,6 +122,10 @@ class PandaSettings:
     The optimiser values are the paper's; its supplement gives no learning rate
     for PANDA, 1e-2 is the authors' public default. OE uses its own learning
     rate and weight decay (supplement: 0.1, none).
+    ``ewc_step``: "gradient" puts the EWC penalty in the loss as the paper does;
+    "proximal" applies its exact proximal step after each SGD step instead,
+    which stays stable when the learning rate times lambda*F is large (e.g. a
+    schedule compressed by a higher learning rate).
     ``cache_dtype``: "float32", "float16" or "auto" (float16 once the float32
     prefix cache would exceed ``cache_budget_mb``).
     """
@@ -140,6 +144,7 @@ class PandaSettings:
     snapshot_every: int = 0
     ses_holdout: float = 0.1
     ewc_lambda: float = 1e4
+    ewc_step: str = "gradient"
     fisher_file: str | None = None
     fisher_batches: int = 100
     oe_lr: float = 0.1
@@ -154,6 +159,7 @@ class PandaSettings:
     def __post_init__(self) -> None:
         _check_choice("strategy", self.strategy, PANDA_STRATEGIES)
         _check_choice("cache_dtype", self.cache_dtype, ("auto", "float32", "float16"))
+        _check_choice("ewc_step", self.ewc_step, ("gradient", "proximal"))
         for name in ("k", "batch_size", "fisher_batches", "cache_budget_mb"):
             _check_positive(name, getattr(self, name))
         for name in ("epochs", "minibatches", "snapshot_every"):

@@ -56,6 +56,22 @@ class EwcPenalty(nn.Module):
             raise ValueError("the EWC penalty has no parameters")
         return 0.5 * self.lam * total
 
+    @torch.no_grad()
+    def proximal_(self, parameters: dict[str, torch.Tensor], step: float) -> None:
+        """Exact proximal step of the penalty, in place: theta <- argmin_t penalty(t) + ||t - theta||^2 / (2 step).
+
+        Per coordinate that is theta <- (theta + step*lam*F*theta0) / (1 + step*lam*F).
+        Unlike a gradient step on the penalty it never overshoots theta0, however
+        stiff lam*F is, so it stays stable at learning rates where the explicit
+        penalty gradient oscillates (and, clipped together with the compactness
+        gradient, would inject that oscillation as noise into the weights).
+        """
+        for index, name in enumerate(self.names):
+            stiffness = step * self.lam * getattr(self, f"fisher_{index}")
+            anchor = getattr(self, f"anchor_{index}")
+            parameter = parameters[name]
+            parameter.copy_((parameter + stiffness * anchor) / (1.0 + stiffness))
+
 
 def outlier_exposure_loss(normal_logits: torch.Tensor, outlier_logits: torch.Tensor) -> torch.Tensor:
     """(B,), (B',) head outputs w.psi(x) -> scalar logistic loss of Eq. 5, averaged over all samples.

@@ -187,7 +187,8 @@ def adapt(
     if strategy == "ewc":
         used_fisher = fisher_for(settings, prepared, network, fisher, fisher_reference, None, cancel)
         anchor = network.suffix_state()
-        objective = CompactnessObjective(EwcPenalty(used_fisher.for_network(network), anchor, settings.ewc_lambda))
+        penalty = EwcPenalty(used_fisher.for_network(network), anchor, settings.ewc_lambda)
+        objective = CompactnessObjective(penalty, settings.ewc_step)
     elif strategy == "oe":
         dim = prepared.extractor.spec.pooled_dim
         objective = OutlierExposureObjective(prepared.outliers, dim, settings.seed)

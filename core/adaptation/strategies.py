@@ -34,16 +34,28 @@ class Objective(ABC):
     def step_loss(self, network: TrainableNetwork, features: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Pooled features (B, D) of normal images at ``indices`` -> (scalar loss, named parts for the curves)."""
 
+    def after_step(self, network: TrainableNetwork, lr: float) -> None:
+        """Called after every optimiser step with its learning rate (nothing by default)."""
+
     def test_scores(self, network: TrainableNetwork, train_features: np.ndarray, test_features: np.ndarray, k: int) -> np.ndarray:
         """(M,) anomaly scores of test features (M, D) at this point of training: kNN to the normal features."""
         return KnnIndex(k).fit(train_features).score(test_features)
 
 
 class CompactnessObjective(Objective):
-    """Mean squared distance to the centre (Eq. 1), plus the EWC penalty (Eq. 4) when one is given."""
+    """Mean squared distance to the centre (Eq. 1), plus the EWC penalty (Eq. 4) when one is given.
 
-    def __init__(self, ewc: EwcPenalty | None = None) -> None:
+    ``ewc_step``: "gradient" adds the penalty to the loss, as the paper does (its
+    gradient is clipped together with the compactness gradient); "proximal"
+    minimises the compactness loss by SGD and applies the penalty's exact
+    proximal step after each SGD step, which stays stable at any learning rate.
+    """
+
+    def __init__(self, ewc: EwcPenalty | None = None, ewc_step: str = "gradient") -> None:
+        if ewc_step not in ("gradient", "proximal"):
+            raise ValueError(f"ewc_step must be 'gradient' or 'proximal', got {ewc_step!r}")
         self.ewc = ewc
+        self.ewc_step = ewc_step
         self.name = "compactness+ewc" if ewc is not None else "compactness"
         self.centre: torch.Tensor | None = None
 
@@ -58,5 +70,13 @@ class CompactnessObjective(Objective):
         compact = compactness_loss(features.float(), self.centre)
         if self.ewc is None:
             return compact, {"compactness": float(compact.detach())}
+        if self.ewc_step == "proximal":
+            with torch.no_grad():
+                penalty = self.ewc(network.trainable_parameters())
+            return compact, {"compactness": float(compact.detach()), "penalty": float(penalty)}
         penalty = self.ewc(network.trainable_parameters())
         return compact + penalty, {"compactness": float(compact.detach()), "penalty": float(penalty.detach())}
+
+    def after_step(self, network: TrainableNetwork, lr: float) -> None:
+        if self.ewc is not None and self.ewc_step == "proximal":
+            self.ewc.proximal_(network.trainable_parameters(), lr)

@@ -203,6 +203,7 @@ def train(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, optimiser.grad_clip)
             sgd.step()
+            objective.after_step(network, optimiser.lr)
             steps += 1
             losses.append(float(loss.detach()))
             for key, value in named.items():

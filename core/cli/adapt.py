@@ -50,6 +50,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--compare", action="store_true", help="run DN2/Early/SES/EWC and write the table (needs --test)")
     parser.add_argument("--early-epoch", type=int, default=None, help="with --compare: where Early stops")
     parser.add_argument("--ewc-epochs", type=int, default=None, help="with --compare: length of the EWC run")
+    parser.add_argument("--strategies", default="early,ses,ewc",
+                        help="with --compare: which of early,ses,ewc to run (DN2 and the long run always are)")
     parser.add_argument("--out", default=None, help="model file (.npz)")
     parser.add_argument("--curves", default=None, help="JSON file for the per-epoch curves")
     parser.add_argument("--quiet", action="store_true")
@@ -130,6 +132,14 @@ def _printer(quiet: bool, prefix: str = ""):
     return show
 
 
+def _strategies(text: str) -> tuple[str, ...]:
+    chosen = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [name for name in chosen if name not in ("early", "ses", "ewc")]
+    if unknown:
+        raise SystemExit(f"--strategies: unknown {', '.join(unknown)} (choose from early, ses, ewc)")
+    return chosen
+
+
 # ---------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
@@ -149,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit("--compare needs --test with labelled images")
         result = compare_strategies(
             normal, test, settings, epochs=args.epochs or None, early_epoch=args.early_epoch,
-            ewc_epochs=args.ewc_epochs, fisher_reference=fisher_images,
+            ewc_epochs=args.ewc_epochs, fisher_reference=fisher_images, strategies=_strategies(args.strategies),
             on_epoch=lambda name, record: _printer(args.quiet, f"[{name}] ")(record),
         )
         print(result.table())
