@@ -107,8 +107,14 @@ def test_holdout_sets_the_threshold(normal):
     holdout = ImageSet(_items(10, 0, 0, "h", 9))
     detector = PandaDetector(settings("early", epochs=1, target_fpr=0.1)).fit(normal, holdout=holdout)
     assert detector.holdout_fpr_ is not None and detector.holdout_fpr_ <= 0.1 + 1e-9
-    decisions = detector.decide(detector.score(holdout))
+    held_scores = detector.score(holdout)
+    decisions = detector.decide(held_scores)
     assert decisions.mean() <= 0.1 + 1e-9
+    # Moving the working point keeps using the held-out scores, not the training ones.
+    threshold = detector.set_target_fpr(0.3)
+    assert threshold in detector.holdout_scores_
+    assert detector.holdout_fpr_ == pytest.approx(float((held_scores > threshold).mean()))
+    assert 0.1 < detector.holdout_fpr_ <= 0.3 + 1e-9
 
 
 def test_cancelled_fit_keeps_a_usable_model(normal, test_set):

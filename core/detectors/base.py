@@ -58,6 +58,7 @@ class Detector(ABC):
         self.settings = settings if settings is not None else self.settings_type()
         self.train_scores_: np.ndarray | None = None
         self.threshold_: float | None = None
+        self.holdout_scores_: np.ndarray | None = None
         self.holdout_fpr_: float | None = None
 
     # ------------------------------------------------------------------ contract
@@ -92,17 +93,22 @@ class Detector(ABC):
             raise NotFittedError(f"{type(self).__name__}.score called before fit(normal_images)")
 
     def _set_threshold(self, train_scores: np.ndarray, holdout_scores: np.ndarray | None = None) -> None:
-        """Threshold at ``settings.target_fpr`` from held-out normal scores when given, else leave-one-out ones."""
+        """Keep both score sets and place the threshold at ``settings.target_fpr`` (see :meth:`set_target_fpr`)."""
         self.train_scores_ = np.asarray(train_scores, dtype=np.float64)
-        reference = self.train_scores_ if holdout_scores is None else np.asarray(holdout_scores, dtype=np.float64)
-        self.threshold_ = threshold_at_fpr(reference, self.settings.target_fpr)
-        self.holdout_fpr_ = None if holdout_scores is None else fpr_at_threshold(reference, self.threshold_)
+        self.holdout_scores_ = None if holdout_scores is None else np.asarray(holdout_scores, dtype=np.float64)
+        self._place_threshold(self.settings.target_fpr)
+
+    def _place_threshold(self, target_fpr: float) -> None:
+        """Threshold from held-out normal scores when there are some, else from the leave-one-out ones."""
+        reference = self.holdout_scores_ if self.holdout_scores_ is not None else self.train_scores_
+        self.threshold_ = threshold_at_fpr(reference, target_fpr)
+        self.holdout_fpr_ = None if self.holdout_scores_ is None else fpr_at_threshold(self.holdout_scores_, self.threshold_)
 
     def set_target_fpr(self, target_fpr: float) -> float:
         """Move the working point without refitting; returns the new threshold."""
         self._require_fitted()
         self.settings = dataclasses.replace(self.settings, target_fpr=target_fpr)
-        self.threshold_ = threshold_at_fpr(self.train_scores_, target_fpr)
+        self._place_threshold(target_fpr)
         return self.threshold_
 
     def decide(self, scores: np.ndarray) -> np.ndarray:
@@ -125,6 +131,8 @@ class Detector(ABC):
             **fields,
         }
         arrays = {**arrays, "train_scores": self.train_scores_}
+        if self.holdout_scores_ is not None:
+            arrays["holdout_scores"] = self.holdout_scores_
         if _HEADER_KEY in arrays:
             raise ValueError(f"array name {_HEADER_KEY!r} is reserved")
         path = Path(path)
@@ -186,6 +194,8 @@ def restore_common(detector: Detector, header: dict[str, Any], arrays: dict[str,
     """Set the fields every detector saves (threshold, train scores) and call its ``_restore``."""
     detector.train_scores_ = arrays.pop("train_scores").astype(np.float64)
     detector.threshold_ = header["threshold"]
+    held = arrays.pop("holdout_scores", None)
+    detector.holdout_scores_ = None if held is None else held.astype(np.float64)
     detector.holdout_fpr_ = header.get("holdout_fpr")
     detector._restore(header, arrays)
     return detector

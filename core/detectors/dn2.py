@@ -129,13 +129,14 @@ class DN2Detector(FeatureDetector):
 
     # ------------------------------------------------------------------ persistence
     def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        fields, arrays = self._common_state()
+        fields: dict[str, Any] = self._identity_header()
+        arrays: dict[str, np.ndarray] = {}
         fields["n_train"] = int(self.features_.shape[0])
         arrays.update(features=self.features_, gallery=self.gallery_)
         return fields, arrays
 
     def _restore(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        self._restore_common(header, arrays)
+        self._restore_identity(header)
         try:
             self.features_ = as_float32(arrays["features"], "features")
             gallery = arrays["gallery"]

@@ -24,7 +24,6 @@ adds ``score_batch`` for a single preprocessed upload, and keeps the identity ch
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from abc import abstractmethod
 from dataclasses import dataclass
@@ -38,7 +37,6 @@ from core.config import FeatureSettings
 from core.datasets import ImageSet
 from core.detectors.base import Detector, ModelFileError
 from core.images import ImageSize
-from core.metrics import fpr_at_threshold, threshold_at_fpr
 from core.progress import CancelFn, ProgressFn, check_cancel
 
 POOLED = "pooled"
@@ -218,38 +216,18 @@ def _offset_progress(progress: ProgressFn | None, offset: int, total: int) -> Pr
     return lambda done, _: progress(offset + done, total)
 
 
-class FeatureDetector(Detector):
-    """A detector that works on features of whole images (DN2, Gaussian).
+class BackboneUser:
+    """Mixin for detectors that run a backbone: its geometry, the shared network, the fitted identity.
 
-    Subclasses implement :meth:`feature_request`, :meth:`fit_features`,
-    :meth:`score_features` and their ``_state``/``_restore`` parts; this class
-    turns them into the ImageSet contract, a single-batch path for uploads,
-    and the backbone identity check of saved models.
-
-    Fitting from precomputed features (``fit_features``) lets a benchmark
-    extract a data set once and fit one model per normal class.
+    ``identity_`` (backbone, weights, image size; see :func:`feature_identity`)
+    is set when the detector is fitted and saved with the model; a network used
+    later, loaded or handed in, must match it.
     """
 
-    def __init__(self, settings: Any = None) -> None:
-        super().__init__(settings)
-        self.identity_: dict[str, Any] | None = None
-        self.holdout_scores_: np.ndarray | None = None
-        self._extractor: FeatureExtractor | None = None
+    settings: Any
+    identity_: dict[str, Any] | None = None
+    _extractor: FeatureExtractor | None = None
 
-    # ------------------------------------------------------------------ to implement
-    @abstractmethod
-    def feature_request(self) -> FeatureRequest:
-        """The stages this detector reads (validated against the backbone)."""
-
-    @abstractmethod
-    def fit_features(self, features: Features, holdout: Features | None = None) -> "FeatureDetector":
-        """Fit on features of N normal images (as :func:`extract_features` returns them)."""
-
-    @abstractmethod
-    def score_features(self, features: Features) -> np.ndarray:
-        """Features of M images -> (M,) float64 scores."""
-
-    # ------------------------------------------------------------------ geometry and network
     @property
     def image_size(self) -> ImageSize:
         """The resize/crop geometry images are preprocessed with for this detector."""
@@ -270,6 +248,53 @@ class FeatureDetector(Detector):
             check_compatible(self.identity_, extractor, self.image_size)
         self._extractor = extractor
 
+    def _identity_header(self) -> dict[str, Any]:
+        """The header field that names the network a saved model needs."""
+        if self.identity_ is None:
+            # Fitted from precomputed features: they came from the settings' extractor.
+            self.identity_ = feature_identity(self.extractor(), self.image_size)
+        return {"features_identity": self.identity_}
+
+    def _restore_identity(self, header: dict[str, Any]) -> None:
+        """Read ``features_identity`` from a model header; it must name the settings' backbone."""
+        identity = header.get("features_identity")
+        if not isinstance(identity, dict) or "backbone" not in identity:
+            raise ModelFileError("model header lacks the backbone identity (features_identity)")
+        if identity["backbone"] != self.settings.features.backbone:
+            raise ModelFileError(
+                f"model header names backbone {identity['backbone']!r} but its settings say "
+                f"{self.settings.features.backbone!r}"
+            )
+        self.identity_ = identity
+        self._extractor = None
+
+
+class FeatureDetector(BackboneUser, Detector):
+    """A detector that works on features of whole images (DN2, Gaussian).
+
+    Subclasses implement :meth:`feature_request`, :meth:`fit_features`,
+    :meth:`score_features` and their ``_state``/``_restore`` parts; this class
+    turns them into the ImageSet contract, a single-batch path for uploads,
+    and the backbone identity check of saved models.
+
+    Fitting from precomputed features (``fit_features``) lets a benchmark
+    extract a data set once and fit one model per normal class.
+    """
+
+    # ------------------------------------------------------------------ to implement
+    @abstractmethod
+    def feature_request(self) -> FeatureRequest:
+        """The stages this detector reads (validated against the backbone)."""
+
+    @abstractmethod
+    def fit_features(self, features: Features, holdout: Features | None = None) -> "FeatureDetector":
+        """Fit on features of N normal images (as :func:`extract_features` returns them)."""
+
+    @abstractmethod
+    def score_features(self, features: Features) -> np.ndarray:
+        """Features of M images -> (M,) float64 scores."""
+
+    # ------------------------------------------------------------------ network
     def check_compatible(self, extractor: FeatureExtractor) -> None:
         """Raise :class:`ModelFileError` when ``extractor`` is not the network this model was fitted with."""
         self._require_fitted()
@@ -311,43 +336,3 @@ class FeatureDetector(Detector):
             for name, value in out.maps.items()
         }
         return self.score_features(Features(maps=maps, pooled=out.pooled.float().cpu()))
-
-    # ------------------------------------------------------------------ thresholds
-    def _set_threshold(self, train_scores: np.ndarray, holdout_scores: np.ndarray | None = None) -> None:
-        super()._set_threshold(train_scores, holdout_scores)
-        self.holdout_scores_ = None if holdout_scores is None else np.asarray(holdout_scores, dtype=np.float64)
-
-    def set_target_fpr(self, target_fpr: float) -> float:
-        """Move the working point; uses the held-out normal scores when the model was fitted with some."""
-        self._require_fitted()
-        self.settings = dataclasses.replace(self.settings, target_fpr=target_fpr)
-        reference = self.holdout_scores_ if self.holdout_scores_ is not None else self.train_scores_
-        self.threshold_ = threshold_at_fpr(reference, target_fpr)
-        if self.holdout_scores_ is not None:
-            self.holdout_fpr_ = fpr_at_threshold(self.holdout_scores_, self.threshold_)
-        return self.threshold_
-
-    # ------------------------------------------------------------------ persistence helpers
-    def _common_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        if self.identity_ is None:
-            # Fitted from precomputed features (fit_features): they came from the settings' extractor.
-            self.identity_ = feature_identity(self.extractor(), self.image_size)
-        fields: dict[str, Any] = {"features_identity": self.identity_}
-        arrays: dict[str, np.ndarray] = {}
-        if self.holdout_scores_ is not None:
-            arrays["holdout_scores"] = self.holdout_scores_
-        return fields, arrays
-
-    def _restore_common(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        identity = header.get("features_identity")
-        if not isinstance(identity, dict) or "backbone" not in identity:
-            raise ModelFileError("model header lacks the backbone identity (features_identity)")
-        if identity["backbone"] != self.settings.features.backbone:
-            raise ModelFileError(
-                f"model header names backbone {identity['backbone']!r} but its settings say "
-                f"{self.settings.features.backbone!r}"
-            )
-        self.identity_ = identity
-        held = arrays.pop("holdout_scores", None)
-        self.holdout_scores_ = None if held is None else held.astype(np.float64)
-        self._extractor = None

@@ -99,25 +99,17 @@ class GaussianDetector(FeatureDetector):
         self._set_threshold(total, holdout_scores)
         return self
 
-    def _set_threshold(self, train_scores: np.ndarray, holdout_scores: np.ndarray | None = None) -> None:
-        super()._set_threshold(train_scores, holdout_scores)
+    def _place_threshold(self, target_fpr: float) -> None:
+        """Chi-square rule: Eq. 8 at ``target_fpr``; otherwise the empirical quantile of the normal scores."""
+        super()._place_threshold(target_fpr)
         if self.settings.threshold_rule == "chi2":
-            self.threshold_ = self._chi2_threshold(self.settings.target_fpr)
-            if holdout_scores is not None:
-                self.holdout_fpr_ = fpr_at_threshold(holdout_scores, self.threshold_)
+            self.threshold_ = self._chi2_threshold(target_fpr)
+            if self.holdout_scores_ is not None:
+                self.holdout_fpr_ = fpr_at_threshold(self.holdout_scores_, self.threshold_)
 
     def _chi2_threshold(self, target_fpr: float) -> float:
         (stage,) = tuple(self.models_)
         return chi2_threshold(target_fpr, self.models_[stage].dof)
-
-    def set_target_fpr(self, target_fpr: float) -> float:
-        """Move the working point (chi-square rule: Eq. 8 at the new FPR; otherwise the empirical quantile)."""
-        threshold = super().set_target_fpr(target_fpr)
-        if self.settings.threshold_rule == "chi2":
-            self.threshold_ = threshold = self._chi2_threshold(target_fpr)
-            if self.holdout_scores_ is not None:
-                self.holdout_fpr_ = fpr_at_threshold(self.holdout_scores_, threshold)
-        return threshold
 
     # ------------------------------------------------------------------ score
     def stage_scores_features(self, features: Features) -> dict[str, np.ndarray]:
@@ -175,7 +167,8 @@ class GaussianDetector(FeatureDetector):
 
     # ------------------------------------------------------------------ persistence
     def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        fields, arrays = self._common_state()
+        fields: dict[str, Any] = self._identity_header()
+        arrays: dict[str, np.ndarray] = {}
         fields["stages"] = list(self.models_)
         fields["shrinkage"] = {stage: model.shrinkage for stage, model in self.models_.items()}
         for position, (stage, model) in enumerate(self.models_.items()):
@@ -189,7 +182,7 @@ class GaussianDetector(FeatureDetector):
         return fields, arrays
 
     def _restore(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        self._restore_common(header, arrays)
+        self._restore_identity(header)
         stages = header.get("stages")
         if not isinstance(stages, list) or not stages:
             raise ModelFileError("Gaussian model header lacks its stage list")

@@ -41,8 +41,7 @@ from core.adaptation.training import features_of
 from core.config import PandaSettings
 from core.datasets import ImageSet
 from core.detectors.base import Detector, ModelFileError
-from core.detectors.features import check_compatible, extractor_for, feature_identity, image_size_for
-from core.images import ImageSize
+from core.detectors.features import BackboneUser, feature_identity
 from core.knn import KnnIndex, as_float32
 from core.progress import CancelFn, ProgressFn
 
@@ -58,7 +57,7 @@ class PandaScores:
     choice: np.ndarray | None
 
 
-class PandaDetector(Detector):
+class PandaDetector(BackboneUser, Detector):
     """PANDA-Early / SES / EWC / OE. Fitted: ``states_``, ``centre_``, ``gallery_`` or ``ses_`` or ``head_``, ``curves_``."""
 
     method = "panda"
@@ -66,7 +65,6 @@ class PandaDetector(Detector):
 
     def __init__(self, settings: PandaSettings | None = None) -> None:
         super().__init__(settings)
-        self.identity_: dict[str, Any] | None = None
         self.trainable_: tuple[str, ...] = ()
         self.states_: list[dict[str, torch.Tensor]] = []
         self.state_epochs_: list[int] = []
@@ -83,10 +81,6 @@ class PandaDetector(Detector):
         self.outliers: ImageSet | None = None
         self._index: KnnIndex | None = None
         self._network: TrainableNetwork | None = None
-
-    @property
-    def image_size(self) -> ImageSize:
-        return image_size_for(self.settings.features)
 
     # ------------------------------------------------------------------ fit
     def fit(
@@ -177,10 +171,7 @@ class PandaDetector(Detector):
     def network(self) -> TrainableNetwork:
         """The private network the trained weights are loaded into (built from the pretrained backbone)."""
         if self._network is None:
-            extractor = extractor_for(self.settings.features)
-            if self.identity_ is not None:
-                check_compatible(self.identity_, extractor, self.image_size)
-            self._network = TrainableNetwork(extractor.copy_network(), self.trainable_)
+            self._network = TrainableNetwork(self.extractor().copy_network(), self.trainable_)
         return self._network
 
     def query_features(self, images: ImageSet, progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> list[np.ndarray]:
@@ -214,7 +205,7 @@ class PandaDetector(Detector):
     # ------------------------------------------------------------------ persistence
     def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         fields = {
-            "features_identity": self.identity_,
+            **self._identity_header(),
             "trainable": list(self.trainable_),
             "state_epochs": list(self.state_epochs_),
             "state_names": sorted(self.states_[0]),
@@ -234,11 +225,8 @@ class PandaDetector(Detector):
         return fields, arrays
 
     def _restore(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        identity = header.get("features_identity")
-        if not isinstance(identity, dict) or "backbone" not in identity:
-            raise ModelFileError("PANDA model header lacks the backbone identity (features_identity)")
+        self._restore_identity(header)
         try:
-            self.identity_ = identity
             self.trainable_ = tuple(header["trainable"])
             self.state_epochs_ = [int(e) for e in header["state_epochs"]]
             names = header["state_names"]

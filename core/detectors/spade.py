@@ -27,7 +27,6 @@ What is kept so interaction never touches the backbone or the kNN again:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import os
@@ -43,9 +42,8 @@ from core import maps
 from core.backbones import Features, get_spec
 from core.config import SpadeSettings
 from core.datasets import ImageItem, ImageSet
-from core.backbones import FeatureExtractor
 from core.detectors.base import Detector, ModelFileError, NotFittedError
-from core.detectors.features import FeatureRequest, check_compatible, extractor_for, feature_identity, image_size_for
+from core.detectors.features import BackboneUser, FeatureRequest, feature_identity
 from core.images import ImageError, map_to_original, probe_size
 from core.knn import KnnIndex, kmeans_summary
 from core.metrics import threshold_at_fpr
@@ -241,12 +239,13 @@ def _offset(progress: ProgressFn | None, offset: int, total: int) -> ProgressFn 
     return lambda done, _: progress(offset + done, total)
 
 
-class SpadeDetector(Detector):
+class SpadeDetector(BackboneUser, Detector):
     """SPADE segmentation detector; see the module docstring and :class:`~core.config.SpadeSettings`.
 
     Not a ``FeatureDetector``: its unit of work is a pixel map, not a pooled
     vector, so it streams images through the backbone itself (bounded memory)
-    and benchmarks score it through :meth:`anomaly_maps`.
+    and benchmarks score it through :meth:`anomaly_maps`. It shares the
+    backbone handling (:class:`~core.detectors.features.BackboneUser`).
 
     Fitted attributes: ``stages_`` (keys of the raw maps: stage names, or one
     joined name with ``combine="concat"``), ``stage_shapes_`` ({key: (h, w)}),
@@ -260,9 +259,6 @@ class SpadeDetector(Detector):
 
     def __init__(self, settings: SpadeSettings | None = None) -> None:
         super().__init__(settings)
-        self.identity_: dict[str, Any] | None = None
-        self.holdout_scores_: np.ndarray | None = None
-        self._extractor: FeatureExtractor | None = None
         self.stages_: tuple[str, ...] = ()
         self.stage_shapes_: dict[str, tuple[int, int]] = {}
         self.train_names_: list[str] = []
@@ -279,26 +275,6 @@ class SpadeDetector(Detector):
         self._pixel_thresholds: dict[tuple, tuple[float, float]] = {}
 
     # ------------------------------------------------------------------ geometry and network
-    @property
-    def image_size(self):
-        """The resize/crop geometry images are preprocessed with (``core.images.ImageSize``)."""
-        return image_size_for(self.settings.features)
-
-    def extractor(self) -> FeatureExtractor:
-        """The shared network for these settings (checked against a loaded model's identity)."""
-        if self._extractor is None:
-            candidate = extractor_for(self.settings.features)
-            if self.identity_ is not None:
-                check_compatible(self.identity_, candidate, self.image_size)
-            self._extractor = candidate
-        return self._extractor
-
-    def use_extractor(self, extractor: FeatureExtractor) -> None:
-        """Extract with ``extractor`` from now on (a fitted model checks it is compatible first)."""
-        if self.identity_ is not None:
-            check_compatible(self.identity_, extractor, self.image_size)
-        self._extractor = extractor
-
     @property
     def map_stages_(self) -> tuple[str, ...]:
         """The stages a per-stage ablation can pick (``stages_``)."""
@@ -486,18 +462,6 @@ class SpadeDetector(Detector):
         else:
             maxima = self._calibration_heatmaps(None, None).reshape(len(sources), -1).max(axis=1)
             self._set_threshold(maxima, maxima if held is not None else None)
-
-    def _set_threshold(self, train_scores: np.ndarray, holdout_scores: np.ndarray | None = None) -> None:
-        super()._set_threshold(train_scores, holdout_scores)
-        self.holdout_scores_ = None if holdout_scores is None else np.asarray(holdout_scores, dtype=np.float64)
-
-    def set_target_fpr(self, target_fpr: float) -> float:
-        """Move the image-level working point; uses held-out normal scores when the model has some."""
-        self._require_fitted()
-        self.settings = dataclasses.replace(self.settings, target_fpr=target_fpr)
-        reference = self.holdout_scores_ if self.holdout_scores_ is not None else self.train_scores_
-        self.threshold_ = threshold_at_fpr(reference, target_fpr)
-        return self.threshold_
 
     # ------------------------------------------------------------------ per-image search
     def _search_image(
@@ -802,10 +766,8 @@ class SpadeDetector(Detector):
 
     # ------------------------------------------------------------------ persistence
     def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        fields: dict[str, Any] = {"features_identity": self.identity_}
+        fields: dict[str, Any] = self._identity_header()
         arrays: dict[str, np.ndarray] = {}
-        if self.holdout_scores_ is not None:
-            arrays["holdout_scores"] = self.holdout_scores_
         fields.update(
             stages=list(self.stages_),
             stage_shapes={key: list(shape) for key, shape in self.stage_shapes_.items()},
@@ -825,13 +787,7 @@ class SpadeDetector(Detector):
         return fields, arrays
 
     def _restore(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        identity = header.get("features_identity")
-        if not isinstance(identity, dict) or identity.get("backbone") != self.settings.features.backbone:
-            raise ModelFileError("SPADE model header lacks a backbone identity matching its settings")
-        self.identity_ = identity
-        held = arrays.pop("holdout_scores", None)
-        self.holdout_scores_ = None if held is None else held.astype(np.float64)
-        self._extractor = None
+        self._restore_identity(header)
         try:
             self.stages_ = tuple(header["stages"])
             self.stage_shapes_ = {key: (int(v[0]), int(v[1])) for key, v in header["stage_shapes"].items()}
