@@ -493,14 +493,14 @@ def test_read_zip_empty_or_not_a_zip() -> None:
 
 def test_read_zip_limits(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     data = zip_bytes({f"{index}.png": png_bytes() for index in range(4)})
-    monkeypatch.setattr(datasets, "MAX_ZIP_MEMBERS", 3)
+    monkeypatch.setattr(datasets.archives, "MAX_ZIP_MEMBERS", 3)
     with pytest.raises(ValueError, match="more than the limit of 3"):
         read_zip(data)
-    monkeypatch.setattr(datasets, "MAX_ZIP_MEMBERS", 100)
-    monkeypatch.setattr(datasets, "MAX_ZIP_TOTAL_BYTES", 100)
+    monkeypatch.setattr(datasets.archives, "MAX_ZIP_MEMBERS", 100)
+    monkeypatch.setattr(datasets.archives, "MAX_ZIP_TOTAL_BYTES", 100)
     with pytest.raises(ValueError, match="bytes uncompressed"):
         read_zip(data)
-    monkeypatch.setattr(datasets, "MAX_ZIP_TOTAL_BYTES", 10**9)
+    monkeypatch.setattr(datasets.archives, "MAX_ZIP_TOTAL_BYTES", 10**9)
     path = write(tmp_path / "pack.zip", data)
     from_path = read_zip(path)
     assert len(from_path) == 4 and from_path.name == "pack"
