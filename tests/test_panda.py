@@ -158,6 +158,27 @@ def test_adapt_command_writes_model_and_curves(tmp_path):
     assert (tmp_path / "f.npz").exists()
 
 
+def test_adapt_command_times_the_prefix_cache(tmp_path, capsys):
+    from core.cli import adapt as adapt_cli
+
+    folder = tmp_path / "normal"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    parser = adapt_cli.add_parser(__import__("argparse").ArgumentParser().add_subparsers())
+    report = tmp_path / "timing.json"
+    args = parser.parse_args([
+        "--normal", str(folder), "--time-cache", "--rounds", "1", "--weights", "random", "--crop", "32",
+        "--resize", "32", "--device", "cpu", "--param", "batch_size=4", "--curves", str(report),
+    ])
+    assert adapt_cli.run(args) == 0
+    assert "ratio" in capsys.readouterr().out
+    timing = json.loads(report.read_text())
+    assert timing["naive_epoch_seconds"] > 0 and timing["cached_epoch_seconds"] > 0
+    assert timing["max_weight_difference"] < 1e-5  # both ways train the same weights
+
+
 def test_bench_entries_build_panda_detectors(tmp_path):
     from core.bench import BENCH_METHODS, BenchOptions
 

@@ -7,6 +7,7 @@ Examples::
     python -m core adapt --normal fashion-mnist:Trouser:500 --test fashion-mnist:Trouser:1000 \\
         --strategy ewc --crop 128 --out trouser.npz
     python -m core adapt --normal bottle --test bottle --compare --epochs 60 --curves table.json
+    python -m core adapt --normal data/mvtec_ad/bottle --time-cache
 
 ``--normal`` / ``--test`` / ``--outliers`` take a folder of images, an MVTec
 category folder (its ``train/good`` for normal images, its labelled ``test/``
@@ -52,6 +53,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--ewc-epochs", type=int, default=None, help="with --compare: length of the EWC run")
     parser.add_argument("--strategies", default="early,ses,ewc",
                         help="with --compare: which of early,ses,ewc to run (DN2 and the long run always are)")
+    parser.add_argument("--time-cache", action="store_true",
+                        help="only time one training epoch with and without the frozen-prefix cache, and exit")
+    parser.add_argument("--rounds", type=int, default=3, help="with --time-cache: alternating repetitions (fastest kept)")
     parser.add_argument("--out", default=None, help="model file (.npz)")
     parser.add_argument("--curves", default=None, help="JSON file for the per-epoch curves")
     parser.add_argument("--quiet", action="store_true")
@@ -151,6 +155,19 @@ def run(args: argparse.Namespace) -> int:
     for name, image_set in (("normal", normal), ("test", test), ("outliers", outliers)):
         if image_set is not None and image_set.problems and not args.quiet:
             print(f"{name}: skipped {len(image_set.problems)} files (first: {image_set.problems[0]})", file=sys.stderr)
+
+    if args.time_cache:
+        from core.adaptation.compare import time_prefix_cache
+
+        timing = time_prefix_cache(normal, settings, epochs=1, rounds=max(1, args.rounds))
+        print(f"epoch on {len(normal)} images: naive {timing.naive_epoch_seconds:.2f} s, "
+              f"cached {timing.cached_epoch_seconds:.2f} s, ratio {timing.ratio:.2f} "
+              f"(fastest of {timing.rounds}; cache {timing.cache_bytes / 2**20:.1f} MiB {timing.cache_dtype}, "
+              f"built in {timing.cache_build_seconds:.1f} s; max weight difference {timing.max_weight_difference:.2g}; "
+              f"peak memory {timing.peak_memory_bytes / 2**30:.2f} GiB)")
+        if args.curves:
+            Path(args.curves).write_text(json.dumps({"settings": dataclasses.asdict(settings), **timing.to_dict()}, indent=1))
+        return 0
 
     if args.compare:
         from core.adaptation.compare import compare_strategies
