@@ -149,12 +149,12 @@ def score_missing(workspace: Workspace, model_id: int, detector: Any, job: Job) 
 
 # ---------------------------------------------------------------------- PANDA
 def panda_settings(strategy: str, backbone: str, epochs: int, lr: float, ewc_lambda: float,
-                   weights: str | None = None) -> Any:
+                   weights: str | None = None, ewc_step: str = "gradient") -> Any:
     from core import config
 
     return config.PandaSettings(
         features=config.FeatureSettings(backbone=backbone, weights=weights),
-        strategy=strategy, epochs=epochs, lr=lr, ewc_lambda=ewc_lambda,
+        strategy=strategy, epochs=epochs, lr=lr, ewc_lambda=ewc_lambda, ewc_step=ewc_step,
     )
 
 

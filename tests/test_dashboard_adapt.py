@@ -12,6 +12,10 @@ def test_adapt_page_trains_streams_curves_and_keeps_the_run(tiny_bottle):
     assert {box.label for box in at.selectbox} >= {"Strategy", "Backbone"}
     assert {field.label for field in at.number_input} >= {"Epochs", "Learning rate", "EWC λ"}
     assert "OE" in " ".join(at.selectbox(key="panda-strategy").options)
+    assert at.selectbox(key="panda-ewc-step").disabled  # only EWC has a penalty step to choose
+    at.selectbox(key="panda-strategy").set_value("ewc").run()
+    assert not at.selectbox(key="panda-ewc-step").disabled
+    assert at.selectbox(key="panda-ewc-step").options == ["in the loss (paper)", "proximal (stable)"]
 
     # OE without outlier images is refused with a reason.
     at.selectbox(key="panda-strategy").set_value("oe").run()

@@ -18,6 +18,7 @@ STRATEGIES = {
     "ewc": "EWC — penalise changes to weights ImageNet relied on",
     "oe": "OE — push outlier images away (needs outlier images)",
 }
+EWC_STEPS = {"gradient": "in the loss (paper)", "proximal": "proximal (stable)"}
 # (curve key, legend, dash): Fig. 3 of Reiss et al. plots these per epoch.
 RATIO_CURVES = [("test_normal_ratio", "normal test / train distance", "solid"),
                 ("test_anomalous_ratio", "anomalous test / train distance", "dash")]
@@ -34,7 +35,7 @@ counts = workspace.counts(project.id)
 
 # ---------------------------------------------------------------------- configure and run
 with st.container(border=True):
-    columns = st.columns([3, 2, 1, 1, 1])
+    columns = st.columns([3, 2, 1, 1, 1, 1])
     strategy = columns[0].selectbox("Strategy", list(STRATEGIES), format_func=STRATEGIES.get, key="panda-strategy")
     backbones = list(list_backbones())
     backbone = columns[1].selectbox("Backbone", backbones, index=backbones.index("efficientnet_lite0"),
@@ -44,6 +45,10 @@ with st.container(border=True):
     lr = columns[3].number_input("Learning rate", 1e-5, 1.0, 1e-2, format="%.0e", key="panda-lr")
     ewc_lambda = columns[4].number_input("EWC λ", 0.0, 1e7, 1e4, format="%.0e", key="panda-lambda",
                                          disabled=strategy != "ewc")
+    ewc_step = columns[5].selectbox(
+        "EWC step", list(EWC_STEPS), format_func=EWC_STEPS.get, key="panda-ewc-step", disabled=strategy != "ewc",
+        help="Paper: the penalty is part of the loss. Proximal: the penalty is applied exactly after each step, "
+             "which stays stable at large learning rates (a penalty gradient step would overshoot and add noise).")
     problems = []
     if counts["normal"] < 4:
         problems.append("needs at least 4 normal images")
@@ -51,9 +56,11 @@ with st.container(border=True):
         problems.append("OE needs outlier images (import some as 'outlier' on the Data page)")
     busy = state.job_running(state.TRAIN)
     if st.button("Start training", type="primary", disabled=bool(problems) or busy):
-        settings = tasks.panda_settings(strategy, backbone, int(epochs), float(lr), float(ewc_lambda))
+        settings = tasks.panda_settings(strategy, backbone, int(epochs), float(lr), float(ewc_lambda),
+                                        ewc_step=ewc_step)
         run_id = workspace.create_run(project.id, strategy, {"backbone": backbone, "epochs": int(epochs),
-                                                             "lr": float(lr), "ewc_lambda": float(ewc_lambda)})
+                                                             "lr": float(lr), "ewc_lambda": float(ewc_lambda),
+                                                             "ewc_step": ewc_step})
         state.start_job(state.TRAIN, f"PANDA-{strategy} run #{run_id}",
                         lambda job: tasks.train_panda(workspace, project.id, settings, run_id, job), project.id)
         state.set_live_run(run_id)
@@ -131,6 +138,7 @@ table = pd.DataFrame([{
     "run": run.id, "strategy": run.strategy, "status": run.status,
     "epochs": max((r["epoch"] for r in run.curves), default=0), "stop epoch": run.stop_epoch,
     "lr": run.settings.get("lr"), "λ": run.settings.get("ewc_lambda") if run.strategy == "ewc" else None,
+    "EWC step": run.settings.get("ewc_step", "gradient") if run.strategy == "ewc" else None,
     "backbone": run.settings.get("backbone"), "best ROC AUC": best(run, "auroc"),
     "final ROC AUC": final(run, "auroc"), "model": run.model_id,
     "started": time.strftime("%H:%M:%S", time.localtime(run.created)),
