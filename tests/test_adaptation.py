@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.adaptation.compare import time_prefix_cache
+from core.adaptation.compare import compare_strategies, time_prefix_cache
 from core.adaptation.fisher import FisherFileError, _per_sample_squared_grads, _TopLogits, estimate_fisher, load_fisher, save_fisher
 from core.adaptation.network import TrainableNetwork
 from core.adaptation.objectives import EwcPenalty, compactness_loss, outlier_exposure_loss
@@ -355,3 +355,36 @@ def test_outlier_exposure_head_separates_a_toy_set(normal, test_set):
 def test_compactness_loss_is_mean_squared_distance():
     features, centre = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([1.0, 1.0])
     assert float(compactness_loss(features, centre)) == pytest.approx((0 + 1 + 4 + 9) / 4)
+
+
+# ---------------------------------------------------------------------- comparison (Table 6)
+def test_compare_strategies_reads_each_method_where_it_belongs(normal, test_set):
+    seen: list[tuple[str, int]] = []
+    result = compare_strategies(
+        normal, test_set, settings(epochs=0, grad_clip=1.0, lr=0.05, snapshot_every=2, ewc_step="proximal"),
+        epochs=4, early_epoch=1, ewc_epochs=2, on_epoch=lambda run, record: seen.append((run, record.epoch)),
+    )
+    methods = [row.method for row in result.rows]
+    assert methods == ["DN2", "PANDA-Early", "PANDA-SES", "Unregularised (last epoch)",
+                       "Unregularised (best epoch)", "PANDA-EWC"]
+    long_run = result.curves["unregularised"]
+    assert [r.epoch for r in long_run] == [0, 1, 2, 3, 4] and [r.epoch for r in result.curves["ewc"]] == [0, 1, 2]
+    assert seen == [("unregularised", e) for e in range(5)] + [("ewc", e) for e in range(3)]
+    # Each row is the long run's record at its epoch (DN2 = epoch 0, Early = its stopping epoch).
+    assert result.auroc("DN2") == long_run[0].auroc and result.auroc("PANDA-Early") == long_run[1].auroc
+    assert result.auroc("Unregularised (last epoch)") == long_run[4].auroc
+    assert result.auroc("Unregularised (best epoch)") == max(r.auroc for r in long_run)
+    assert result.auroc("PANDA-EWC") == result.curves["ewc"][-1].auroc
+    # SES: snapshots at epochs 2 and 4, every test image won by one of them.
+    assert result.ses_snapshot_epochs == [2, 4] and sum(result.ses_choice_counts) == len(test_set)
+    assert "PANDA-SES" in result.table() and result.to_dict()["rows"][0]["method"] == "DN2"
+    with pytest.raises(ValueError, match="normal and anomalous"):
+        compare_strategies(normal, normal, settings())
+
+
+def test_compare_can_leave_strategies_out(normal, test_set):
+    result = compare_strategies(normal, test_set, settings(grad_clip=1.0, lr=0.05), epochs=2, early_epoch=1,
+                                strategies=("early",))
+    assert [row.method for row in result.rows] == ["DN2", "PANDA-Early", "Unregularised (last epoch)",
+                                                   "Unregularised (best epoch)"]
+    assert set(result.curves) == {"unregularised"}
