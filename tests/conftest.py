@@ -26,6 +26,30 @@ def huge_png() -> bytes:
     return buffer.getvalue()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny 32x32 batches gain nothing from more threads, and two OpenMP threads on a busy
+    two-core machine spin against each other; modules opt in with ``pytestmark``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def synthetic_images(n: int, brightness: int, prefix: str, seed: int):
+    """An ImageSet of ``n`` 24x24 noise images; ``brightness`` > 0 shifts them and labels them anomalous."""
+    from core.datasets import ImageItem, ImageSet
+
+    rng = np.random.default_rng(seed)
+    label = 1 if brightness else 0
+    return ImageSet(
+        [ImageItem(name=f"{prefix}{i}", array=(rng.integers(0, 80, (24, 24, 3)) + brightness).astype(np.uint8), label=label)
+         for i in range(n)]
+    )
+
+
 @pytest.fixture
 def workspace_dir(tmp_path, monkeypatch) -> Path:
     """An empty workspace folder, also exported as ANOMALY_WORKSPACE for code that reads the default."""

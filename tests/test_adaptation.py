@@ -26,7 +26,6 @@ from core.adaptation.training import OptimiserSettings, train
 from core.config import FeatureSettings, PandaSettings
 from core.datasets import ImageItem, ImageSet
 from core.images import ImageSize
-from core.metrics import image_auroc
 
 FEATURES = FeatureSettings(weights="random", resize=32, crop=32, device="cpu", batch_size=16)
 SIZE = ImageSize(32, 32)
@@ -40,14 +39,7 @@ def _images(n: int, label: int, offset: int, prefix: str, seed: int) -> list[Ima
     ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tensors this small gain nothing from threads, and two OpenMP threads on a
-    # busy two-core machine spin against each other (10x slower here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from core import bench
@@ -22,13 +21,7 @@ TINY = {"features.resize": "32", "features.crop": "32", "features.batch_size": "
 OPTIONS = BenchOptions(weights="random", device="cpu", params=TINY)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny 32x32 batches gain nothing from more threads, and lose a lot on a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------- params

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEMO_BOTTLE, finish_jobs, huge_png, new_app
+from conftest import DEMO_BOTTLE, huge_png, new_app
 from core.store import Workspace
 
 

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import synthetic_images as images
+
 from core.config import DN2Settings, FeatureSettings
-from core.datasets import ImageItem, ImageSet, read_mvtec
+from core.datasets import ImageSet, read_mvtec
 from core.detectors import ModelFileError, NotFittedError, load_detector, make_detector
 from core.detectors.base import read_model_file
 from core.detectors.dn2 import DN2Detector
@@ -22,22 +24,9 @@ FEATURES = FeatureSettings(weights="random", resize=32, crop=32, device="cpu", b
 BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny 32x32 batches gain nothing from more threads, and lose a lot on a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def images(n: int, brightness: int, prefix: str, seed: int) -> ImageSet:
-    rng = np.random.default_rng(seed)
-    label = 1 if brightness else 0
-    return ImageSet(
-        [ImageItem(name=f"{prefix}{i}", array=(rng.integers(0, 80, (24, 24, 3)) + brightness).astype(np.uint8), label=label)
-         for i in range(n)]
-    )
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 from scipy.stats import chi2
 from sklearn.covariance import LedoitWolf
 
+from conftest import synthetic_images as images
+
 from core.config import FeatureSettings, GaussianSettings
-from core.datasets import ImageItem, ImageSet
+from core.datasets import ImageSet
 from core.detectors import ModelFileError, NotFittedError, load_detector
 from core.detectors.features import POOLED, FeatureDetector, extractor_for
 from core.detectors.gaussian import GaussianDetector
@@ -149,22 +150,9 @@ def test_statistics_reject_bad_input():
 FEATURES = FeatureSettings(weights="random", resize=32, crop=32, device="cpu", batch_size=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny 32x32 batches gain nothing from more threads, and lose a lot on a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def images(n: int, brightness: int, prefix: str, seed: int) -> ImageSet:
-    rng = np.random.default_rng(seed)
-    label = 1 if brightness else 0
-    return ImageSet(
-        [ImageItem(name=f"{prefix}{i}", array=(rng.integers(0, 80, (24, 24, 3)) + brightness).astype(np.uint8), label=label)
-         for i in range(n)]
-    )
 
 
 @pytest.fixture(scope="module")

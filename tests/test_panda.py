@@ -10,7 +10,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from core.config import FeatureSettings, PandaSettings
@@ -23,13 +22,7 @@ from core.metrics import image_auroc
 FEATURES = FeatureSettings(weights="random", resize=32, crop=32, device="cpu", batch_size=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: threads only add contention on a busy two-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _items(n: int, label: int, offset: int, prefix: str, seed: int) -> list[ImageItem]:
@@ -135,15 +128,28 @@ def test_settings_are_validated():
         PandaSettings(epochs=-1)
 
 
+def _noise_folder(folder, n: int, seed: int):
+    """A folder of ``n`` 32x32 noise PNGs."""
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 90, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def _adapt_parser():
+    import argparse
+
+    from core.cli import adapt as adapt_cli
+
+    return adapt_cli.add_parser(argparse.ArgumentParser().add_subparsers())
+
+
 def test_adapt_command_writes_model_and_curves(tmp_path):
     from core.cli import adapt as adapt_cli
 
-    folder = tmp_path / "normal"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 90, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    parser = adapt_cli.add_parser(__import__("argparse").ArgumentParser().add_subparsers())
+    folder = _noise_folder(tmp_path / "normal", 12, seed=0)
+    parser = _adapt_parser()
     out, curves = tmp_path / "m.npz", tmp_path / "c.json"
     args = parser.parse_args([
         "--normal", str(folder), "--strategy", "ewc", "--epochs", "1", "--weights", "random", "--crop", "32",
@@ -161,12 +167,8 @@ def test_adapt_command_writes_model_and_curves(tmp_path):
 def test_adapt_command_times_the_prefix_cache(tmp_path, capsys):
     from core.cli import adapt as adapt_cli
 
-    folder = tmp_path / "normal"
-    folder.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    parser = adapt_cli.add_parser(__import__("argparse").ArgumentParser().add_subparsers())
+    folder = _noise_folder(tmp_path / "normal", 8, seed=1)
+    parser = _adapt_parser()
     report = tmp_path / "timing.json"
     args = parser.parse_args([
         "--normal", str(folder), "--time-cache", "--rounds", "1", "--weights", "random", "--crop", "32",

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from core.config import FeatureSettings, SpadeSettings
 from core.backbones import WeightsUnavailableError
@@ -22,13 +21,7 @@ FEATURES = FeatureSettings(weights="random", resize=64, crop=64, device="cpu", b
 BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def few_threads():
-    """Tiny batches gain nothing from many threads, and lose a lot on a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def texture(seed: int, size: int = 96) -> np.ndarray:
