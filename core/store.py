@@ -155,6 +155,11 @@ class StoredModel:
     created: float
 
     @property
+    def maps_path(self) -> Path:
+        """Where a segmentation model's raw test maps are kept (a cache beside the model file)."""
+        return self.path.with_name(self.path.stem + ".maps.npz")
+
+    @property
     def title(self) -> str:
         backbone = self.settings.get("features", {}).get("backbone", "")
         return f"#{self.id} {self.method} {backbone}".strip()
@@ -614,6 +619,7 @@ class Workspace:
         with self._transaction() as connection:
             connection.execute("DELETE FROM models WHERE id = ?", (model_id,))
         model.path.unlink(missing_ok=True)
+        model.maps_path.unlink(missing_ok=True)
 
     def save_scores(self, model_id: int, image_ids: Sequence[int], scores: Sequence[float]) -> None:
         if len(image_ids) != len(scores):

@@ -310,15 +310,12 @@ def start_segmentation_fit(workspace_: Workspace, project: int, backbone: str) -
 
 
 def start_heatmaps(workspace_: Workspace, project: int, model_id: int) -> Job | None:
-    """Recompute a saved SPADE model's test maps (after a restart): one backbone pass over the test images."""
+    """Bring a saved SPADE model's test maps back (after a restart): from its maps file, else one backbone pass."""
     from dashboard import tasks
 
     def work(job: Job) -> None:
-        from core.detectors import load_detector
+        found, image_ids = tasks.restore_maps(workspace_, project, model_id, job)
+        segmentation_ready(str(workspace_.root), project, model_id, found, image_ids)
 
-        found = load_detector(workspace_.model(model_id).path)
-        test = workspace_.image_set(project, "test")
-        tasks.compute_maps(found, test.images, job)
-        segmentation_ready(str(workspace_.root), project, model_id, found, test.ids)
-
-    return start_job(FIT, "Computing heatmaps", work, project)
+    saved = workspace_.model(model_id).maps_path.exists()
+    return start_job(FIT, "Loading saved heatmaps" if saved else "Computing heatmaps", work, project)

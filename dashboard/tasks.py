@@ -239,6 +239,7 @@ def fit_segmentation(workspace: Workspace, project_id: int, settings: Any, job: 
         test.images.labels if test.images.has_labels else None, scores, detector.threshold_)}
     model = workspace.add_model(project_id, "spade", dataclasses.asdict(settings), detector, summary)
     workspace.save_scores(model.id, test.ids, scores)
+    keep_maps(detector, test.images, model.maps_path)
     if on_ready is not None:
         on_ready(model.id, detector, test.ids)
     return model.id
@@ -248,3 +249,35 @@ def compute_maps(detector: Any, images: Any, job: Job) -> None:
     """One backbone pass over ``images``; the detector keeps their raw per-stage maps."""
     detector.anomaly_maps(images, progress=job.progress_for(f"heatmaps of {len(images)} test images"),
                           cancel=job.cancelled)
+
+
+def keep_maps(detector: Any, images: Any, path: Any) -> bool:
+    """Save the cached raw maps of ``images`` beside the model, so a restart redraws them without the backbone.
+
+    Only a cache: failing to write it (disk full, read-only workspace) costs a
+    recomputation after the next restart, never the fitted model.
+    """
+    try:
+        detector.save_raw_maps(path, images)
+        return True
+    except OSError:
+        return False
+
+
+def restore_maps(workspace: Workspace, project_id: int, model_id: int, job: Job) -> tuple[Any, list[int]]:
+    """A saved SPADE model with its test maps: from the maps file where it holds them, the backbone for the rest."""
+    from core.detectors import ModelFileError, load_detector
+
+    model = workspace.model(model_id)
+    detector = load_detector(model.path)
+    test = workspace.image_set(project_id, "test")
+    loaded = 0
+    if model.maps_path.exists():
+        try:
+            loaded = detector.load_raw_maps(model.maps_path)
+        except ModelFileError:
+            loaded = 0  # stale or damaged cache: recompute below and overwrite it
+    compute_maps(detector, test.images, job)
+    if loaded != len(test.images):
+        keep_maps(detector, test.images, model.maps_path)
+    return detector, test.ids

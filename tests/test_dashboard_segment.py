@@ -50,9 +50,19 @@ def test_segment_page_heatmap_controls_never_rerun_the_backbone(tiny_bottle, bac
     assert 0.0 <= values["Pixel AUROC"] <= 1.0 and 0.0 <= values["PRO (FPR ≤ 0.3)"] <= 1.0
     assert len(backbone_calls) == passes
 
-    # A new session after a "restart" offers to recompute the maps instead of failing.
+    # A new session after a "restart" loads the saved maps by itself: heatmaps again, no backbone pass.
     from dashboard import state
 
+    assert model.maps_path.exists()
     state.segmentation.clear()
     other = new_app(project.id, page="views/segment.py")
-    assert any(button.label == "Compute heatmaps" for button in other.button)
+    finish_jobs(other, timeout=60)
+    assert not other.exception, other.exception
+    assert any("heatmap" in str(image.proto) for image in other.get("image")), "no heatmap after the restart"
+    assert len(backbone_calls) == passes
+
+    # Without the maps file (deleted, or an older workspace) it offers to recompute instead of failing.
+    model.maps_path.unlink()
+    state.segmentation.clear()
+    third = new_app(project.id, page="views/segment.py")
+    assert any(button.label == "Compute heatmaps" for button in third.button)

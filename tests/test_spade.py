@@ -11,7 +11,7 @@ import pytest
 from core.config import FeatureSettings, SpadeSettings
 from core.backbones import WeightsUnavailableError
 from core.datasets import ImageItem, ImageSet, read_mvtec
-from core.detectors import NotFittedError, load_detector, make_detector
+from core.detectors import ModelFileError, NotFittedError, load_detector, make_detector
 from core.detectors.spade import GalleryTooLargeError, SpadeDetector, _CacheEntry, _RawCache
 from core.images import preprocess_mask
 from core.metrics import pixel_auroc
@@ -225,6 +225,33 @@ def test_save_load_round_trip(fitted, tmp_path):
     assert loaded.pixel_threshold() == fitted.pixel_threshold()
     assert loaded.threshold_ == fitted.threshold_
     assert loaded.explain(1) == fitted.explain(1)
+
+
+def test_saved_raw_maps_redraw_heatmaps_without_the_backbone(fitted, tmp_path, monkeypatch):
+    images = probe_set()
+    heat = fitted.anomaly_maps(images)
+    model = fitted.save(tmp_path / "spade.npz")
+    maps = fitted.save_raw_maps(tmp_path / "spade.maps.npz", images)
+
+    restarted = load_detector(model)  # a new process: empty cache
+    assert restarted.load_raw_maps(maps) == len(images)
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone ran although the maps were loaded")
+
+    monkeypatch.setattr(restarted, "extractor", no_backbone)
+    np.testing.assert_array_equal(restarted.anomaly_maps(images), heat)
+    np.testing.assert_array_equal(restarted.combined_maps(sigma=0.0), fitted.combined_maps(sigma=0.0))
+    assert restarted.explain(1) == fitted.explain(1)
+
+    # A file for another model's stages is refused by name; a broken file too.
+    other = SpadeDetector(settings(strides=(8,))).fit(normal_set(4))
+    with pytest.raises(ModelFileError, match="spade.maps.npz"):
+        other.load_raw_maps(maps)
+    broken = tmp_path / "broken.maps.npz"
+    broken.write_bytes(b"not a zip")
+    with pytest.raises(ModelFileError, match="broken.maps.npz"):
+        restarted.load_raw_maps(broken)
 
 
 def test_gallery_memory_cap_fails_early_with_advice():

@@ -268,6 +268,11 @@ def test_runs_models_scores_and_preferences(workspace_dir, noise_pngs):
     assert workspace.scores(model.id) == {ids[0]: 0.5, ids[1]: 2.0}
     workspace.update_model_summary(model.id, auroc=0.9)
     assert workspace.model(model.id).summary == {"auroc": 0.9}
+    # Deleting a model takes its maps cache with it.
+    spare = workspace.add_model(project.id, "spade", {}, FakeDetector())
+    spare.maps_path.write_bytes(b"maps")
+    workspace.delete_model(spare.id)
+    assert not spare.path.exists() and not spare.maps_path.exists()
 
     workspace.set_preference(project.id, "review_position", 7)
     assert Workspace(workspace_dir).preference(project.id, "review_position") == 7

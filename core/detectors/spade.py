@@ -28,9 +28,11 @@ What is kept so interaction never touches the backbone or the kNN again:
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from collections import OrderedDict
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -207,6 +209,11 @@ def _merge(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], k: int) -> tuple[
 
 
 # --------------------------------------------------------------------------- the detector
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back into the tuples a cache key is made of."""
+    return tuple(_tuples(part) for part in value) if isinstance(value, list) else value
 
 
 def _item_key(item: ImageItem) -> tuple:
@@ -763,6 +770,63 @@ class SpadeDetector(BackboneUser, Detector):
             query_x=int(x),
             approximate=self.settings.gallery == "kmeans",
         )
+
+    # ------------------------------------------------------------------ raw-map files
+    def save_raw_maps(self, path: str | os.PathLike, images: ImageSet) -> Path:
+        """Write the raw results of ``images`` (computed now if not cached) to ``path`` (.npz, no pickle).
+
+        Arrays: ``raw_<i>`` / ``nearest_<i>`` (N, h, w) per stage ``i`` of
+        ``stages_``, ``dn2`` (N,), and a JSON header with the stages, their
+        shapes and each image's cache key. :meth:`load_raw_maps` puts them back
+        into the cache, so a restarted app redraws heatmaps without the backbone.
+        """
+        raw = self.raw_maps(images)
+        last = self._last
+        keys = [[list(self._signature()), _item_key(item)] for item in images]
+        header = {"stages": list(self.stages_), "shapes": [list(self.stage_shapes_[k]) for k in self.stages_],
+                  "keys": keys}
+        arrays = {"header": np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8), "dn2": last.dn2}
+        for index, key in enumerate(self.stages_):
+            arrays[f"raw_{index}"] = raw[key]
+            arrays[f"nearest_{index}"] = last.nearest[key]
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + ".tmp.npz")
+        np.savez(temporary, **arrays)
+        os.replace(temporary, path)  # never half a file where a good one was
+        return path
+
+    def load_raw_maps(self, path: str | os.PathLike) -> int:
+        """Put the raw results saved by :meth:`save_raw_maps` into the cache; returns how many images.
+
+        Raises :class:`ModelFileError` naming the file when it is unreadable or
+        was made for other stages or map sizes than this fitted model's.
+        """
+        self._require_ready()
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {name: archive[name] for name in archive.files}
+            header = json.loads(arrays["header"].tobytes().decode("utf-8"))
+            stages, shapes, keys = header["stages"], header["shapes"], header["keys"]
+        except (OSError, ValueError, KeyError, EOFError, UnicodeDecodeError) as error:
+            raise ModelFileError(f"{path}: not a raw-map file of this tool ({error})") from error
+        expected = [list(self.stage_shapes_[k]) for k in self.stages_]
+        if stages != list(self.stages_) or shapes != expected:
+            raise ModelFileError(f"{path}: maps of stages {stages} {shapes}, but the model has "
+                                 f"{list(self.stages_)} {expected}")
+        n = len(keys)
+        for index in range(len(stages)):
+            for kind in ("raw", "nearest"):
+                if arrays.get(f"{kind}_{index}", np.empty(0)).shape != (n, *shapes[index]):
+                    raise ModelFileError(f"{path}: array {kind}_{index} does not hold {n} maps of {shapes[index]}")
+        if arrays.get("dn2", np.empty(0)).shape != (n,):
+            raise ModelFileError(f"{path}: array dn2 does not hold {n} scores")
+        for position, key in enumerate(keys):
+            found = {stage: arrays[f"raw_{i}"][position].astype(np.float32) for i, stage in enumerate(stages)}
+            rows = {stage: arrays[f"nearest_{i}"][position].astype(np.int64) for i, stage in enumerate(stages)}
+            nbytes = sum(found[s].nbytes + rows[s].nbytes for s in stages)
+            self._cache.put(_tuples(key), _CacheEntry(found, rows, float(arrays["dn2"][position]), nbytes))
+        return n
 
     # ------------------------------------------------------------------ persistence
     def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
