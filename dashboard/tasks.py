@@ -192,7 +192,8 @@ def train_panda(workspace: Workspace, project_id: int, settings: Any, run_id: in
             test=test.images if labelled else None, outliers=outliers, on_epoch=on_epoch,
         )
         summary: dict[str, Any] = {"n_normal": len(normal), "run_id": run_id, **{
-            key: detector.summary_.get(key) for key in ("strategy", "epochs", "planned_epochs", "cancelled")}}
+            key: detector.summary_.get(key)
+            for key in ("strategy", "epochs", "planned_epochs", "cancelled", "fisher_source", "fisher_statistics")}}
         scores = None
         if len(test):
             # Scoring must finish even after a Stop: the kept weights are the run's result.

@@ -160,6 +160,8 @@ def test_adapt_command_writes_model_and_curves(tmp_path):
     written = json.loads(curves.read_text())
     assert [e["epoch"] for e in written["epochs"]] == [0, 1]
     assert written["settings"]["strategy"] == "ewc" and written["settings"]["batch_size"] == 8
+    stats = written["summary"]["fisher_statistics"]  # what lambda is weighed against
+    assert stats["entries"] > 0 and 0 <= stats["median"] <= stats["max"] and stats["mean"] >= 0
     assert isinstance(load_detector(out), PandaDetector)
     assert (tmp_path / "f.npz").exists()
 

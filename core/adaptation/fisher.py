@@ -53,6 +53,13 @@ class FisherDiagonal:
     def total(self) -> float:
         return float(sum(v.double().sum() for v in self.values.values()))
 
+    def statistics(self) -> dict[str, float]:
+        """Size of the diagonal: entries, mean, median and max. lambda*F sets how far each weight may move
+        (a weight moves freely only where lr*steps*lambda*F << 1), so these say what lambda means here."""
+        flat = torch.cat([v.reshape(-1).float() for v in self.values.values()])
+        return {"entries": int(flat.numel()), "mean": float(flat.double().mean()),
+                "median": float(flat.median()), "max": float(flat.max())}
+
     def for_network(self, network: TrainableNetwork) -> dict[str, torch.Tensor]:
         """The entries of ``network``'s trainable parameters; every one must be present with its shape."""
         params = network.trainable_parameters()

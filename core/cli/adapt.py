@@ -190,6 +190,10 @@ def run(args: argparse.Namespace) -> int:
     detector = PandaDetector(settings)
     detector.fit(normal, test=test, outliers=outliers, fisher_reference=fisher_images, on_epoch=_printer(args.quiet))
     summary = dict(detector.summary_)
+    if summary.get("fisher_statistics") and not args.quiet:
+        stats = summary["fisher_statistics"]
+        print(f"Fisher diagonal ({summary['fisher_source']}): {stats['entries']} entries, mean {stats['mean']:.3g}, "
+              f"median {stats['median']:.3g}, max {stats['max']:.3g}; lambda = {settings.ewc_lambda:g}", file=sys.stderr)
     if test is not None and test.has_labels:
         from core.metrics import image_auroc
 

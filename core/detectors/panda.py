@@ -153,6 +153,7 @@ class PandaDetector(BackboneUser, Detector):
             "cancelled": result.cancelled,
             "state_epochs": list(self.state_epochs_),
             "fisher_source": None if run.fisher is None else run.fisher.source,
+            "fisher_statistics": None if run.fisher is None else run.fisher.statistics(),
             "cache": result.cache,
             "mean_epoch_seconds": result.mean_epoch_seconds,
             "peak_memory_bytes": result.peak_memory_bytes,

@@ -53,6 +53,11 @@ with st.container(border=True):
         "EWC step", list(EWC_STEPS), format_func=EWC_STEPS.get, key="panda-ewc-step", disabled=strategy != "ewc",
         help="Paper: the penalty is part of the loss. Proximal: the penalty is applied exactly after each step, "
              "which stays stable at large learning rates (a penalty gradient step would overshoot and add noise).")
+    if strategy == "ewc":
+        st.caption("EWC weighs each weight's change by its Fisher information. The paper measures it on ImageNet, "
+                   "which this app does not have: it is estimated here on the project's normal images, with labels "
+                   "drawn from the network's own predictions. That estimate is larger than an ImageNet one, so λ = 1e4 "
+                   "can hold the weights almost still; the trained model's summary lists the Fisher's size.")
     problems = []
     if counts["normal"] < 4:
         problems.append("needs at least 4 normal images")
@@ -138,17 +143,27 @@ def final(run: Run, key: str):
     return values[-1] if values else None
 
 
+def fisher_median(run: Run):
+    """Median Fisher entry of an EWC run's model (what λ is weighed against), if it was saved."""
+    if run.strategy != "ewc" or run.model_id is None:
+        return None
+    stats = workspace.model(run.model_id).summary.get("fisher_statistics") or {}
+    return stats.get("median")
+
+
 table = pd.DataFrame([{
     "run": run.id, "strategy": run.strategy, "status": run.status,
     "epochs": max((r["epoch"] for r in run.curves), default=0), "stop epoch": run.stop_epoch,
     "lr": run.settings.get("lr"), "λ": run.settings.get("ewc_lambda") if run.strategy == "ewc" else None,
     "EWC step": run.settings.get("ewc_step", "gradient") if run.strategy == "ewc" else None,
+    "Fisher median": fisher_median(run),
     "backbone": run.settings.get("backbone"), "best ROC AUC": best(run, "auroc"),
     "final ROC AUC": final(run, "auroc"), "model": run.model_id,
     "started": time.strftime("%H:%M:%S", time.localtime(run.created)),
 } for run in runs])
 st.dataframe(table, hide_index=True, width="stretch",
-             column_config={"best ROC AUC": st.column_config.NumberColumn(format="%.3f"),
+             column_config={"Fisher median": st.column_config.NumberColumn(format="%.2e"),
+                            "best ROC AUC": st.column_config.NumberColumn(format="%.3f"),
                             "final ROC AUC": st.column_config.NumberColumn(format="%.3f")})
 chosen = st.multiselect("Overlay runs", [run.id for run in runs], default=[run.id for run in runs[:3]],
                         format_func=lambda i: f"#{i} {next(r.strategy for r in runs if r.id == i)}", key="compare-runs")
