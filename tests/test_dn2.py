@@ -27,8 +27,6 @@ BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-
-
 @pytest.fixture(scope="module")
 def normal() -> ImageSet:
     return images(20, 0, "n", 0)

@@ -153,8 +153,6 @@ FEATURES = FeatureSettings(weights="random", resize=32, crop=32, device="cpu", b
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-
-
 @pytest.fixture(scope="module")
 def normal() -> ImageSet:
     return images(24, 0, "n", 0)
