@@ -6,7 +6,9 @@ lives in ``st.session_state`` under the keys below, and what is shared by all
 sessions of the process (the workspace handle, loaded models, thumbnails) is
 in ``st.cache_*`` and keyed by everything that identifies it (workspace
 folder, project, model id). Seeing both lists in one place makes that easy to
-check.
+check. Jobs are the one bridge: each belongs to the session that started it,
+and a process-wide index by (workspace, project, kind) lets another session
+on the same project see it running and stop it.
 """
 
 from __future__ import annotations
@@ -101,17 +103,38 @@ def jobs() -> dict[str, Job]:
     return _session_default(JOBS, dict)
 
 
+@st.cache_resource(show_spinner=False)
+def _shared_jobs() -> dict[tuple[str, int, str], Job]:
+    """The latest job of every session of this process, by (workspace folder, project, kind).
+
+    Jobs belong to the session that started them, but their work lands in the
+    shared workspace: another browser on the same project sees their progress
+    and can stop them (an inspector need not find the tab that started a fit).
+    """
+    return {}
+
+
+def _others_running(kind: str, project: int) -> Job | None:
+    found = _shared_jobs().get((workspace_path(), project, kind))
+    return found if found is not None and found.running and found is not jobs().get(kind) else None
+
+
 def job(kind: str, project: int | None = None) -> Job | None:
-    """This session's latest job of a kind (for a project, when given)."""
+    """This session's latest job of a kind (for a project, when given), else another session's running one."""
     found = jobs().get(kind)
     if found is not None and project is not None and found.project_id != project:
-        return None
+        found = None
+    if project is not None and (found is None or not found.running):
+        found = _others_running(kind, project) or found
     return found
 
 
-def job_running(kind: str) -> bool:
+def job_running(kind: str, project: int | None = None) -> bool:
+    """Whether this session runs a job of a kind, or (given a project) another session runs one on it."""
     found = jobs().get(kind)
-    return found is not None and found.running
+    if found is not None and found.running:
+        return True
+    return project is not None and _others_running(kind, project) is not None
 
 
 def start_job(kind: str, title: str, work, project: int) -> Job | None:
@@ -119,7 +142,12 @@ def start_job(kind: str, title: str, work, project: int) -> Job | None:
     if job_running(kind):
         flash("warning", f"“{jobs()[kind].title}” is still running: wait for it or stop it first.")
         return None
-    jobs()[kind] = Job(title, work, project_id=project)
+    other = _others_running(kind, project)
+    if other is not None:
+        flash("warning", f"“{other.title}” was started on this project in another browser session and is still "
+                         "running: wait for it or stop it first.")
+        return None
+    jobs()[kind] = _shared_jobs()[(workspace_path(), project, kind)] = Job(title, work, project_id=project)
     return jobs()[kind]
 
 

@@ -46,3 +46,22 @@ def test_adapt_page_trains_streams_curves_and_keeps_the_run(tiny_bottle):
     # The PANDA model is offered on the Detect page.
     at.switch_page("views/detect.py").run()
     assert "PANDA" in at.selectbox(key="detect-model").format_func(at.selectbox(key="detect-model").value)
+
+
+def test_another_session_sees_a_running_job_and_can_stop_it(tiny_bottle):
+    workspace, project = tiny_bottle
+    first = new_app(project.id, page="views/adapt.py")
+    first.number_input(key="panda-epochs").set_value(200).run()  # long enough to still run below
+    next(b for b in first.button if b.label == "Start training").click().run()
+    (job,) = first.session_state["jobs"].values()
+    assert job.running
+
+    # An inspector in another browser on the same project: the job is shown, starting a second one is not offered.
+    second = new_app(project.id, page="views/adapt.py")
+    assert not second.exception, second.exception
+    assert next(b for b in second.button if b.label == "Start training").disabled
+    stop = next(b for b in second.button if b.label == "Stop")
+    stop.click().run()
+    assert job.wait(60) and job.status == "stopped"
+    (run,) = workspace.runs(project.id)
+    assert workspace.run(run.id).status == "stopped"

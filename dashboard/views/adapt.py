@@ -63,7 +63,7 @@ with st.container(border=True):
         problems.append("needs at least 4 normal images")
     if strategy == "oe" and counts["outlier"] == 0:
         problems.append("OE needs outlier images (import some as 'outlier' on the Data page)")
-    busy = state.job_running(state.TRAIN)
+    busy = state.job_running(state.TRAIN, project.id)
     if st.button("Start training", type="primary", disabled=bool(problems) or busy):
         settings = tasks.panda_settings(strategy, backbone, int(epochs), float(lr), float(ewc_lambda),
                                         ewc_step=ewc_step)

@@ -35,7 +35,7 @@ with st.container(border=True):
                                 help="DN2 sums the squared distances to the k nearest normal images.")
     target_fpr = columns[3].number_input("Target FPR", 0.001, 0.5, 0.05, step=0.01, format="%.3f", key="fit-fpr",
                                          help="The first threshold lets this share of normal images through as false alarms.")
-    if st.button("Fit and score", type="primary", disabled=counts["normal"] < 3 or state.job_running(state.FIT)):
+    if st.button("Fit and score", type="primary", disabled=counts["normal"] < 3 or state.job_running(state.FIT, project.id)):
         settings = tasks.settings_for(method, backbone, k=int(k), target_fpr=float(target_fpr))
         title = f"Fitting {method.upper() if method == 'dn2' else method} ({backbone})"
         state.start_job(state.FIT, title, lambda job: tasks.fit_and_score(workspace, project.id, method, settings, job),
@@ -60,7 +60,7 @@ except Exception as error:  # noqa: BLE001 - a damaged model file must not take 
 test = scored_test(workspace, model)
 if test.unscored:
     st.warning(f"{test.unscored} test images were added after this model was fitted.")
-    if st.button(f"Score the {test.unscored} new test images", disabled=state.job_running(state.FIT)):
+    if st.button(f"Score the {test.unscored} new test images", disabled=state.job_running(state.FIT, project.id)):
         state.start_job(state.FIT, f"Scoring with model #{model.id}",
                         lambda job: tasks.score_missing(workspace, model.id, detector, job), project.id)
         st.rerun()

@@ -130,7 +130,7 @@ columns = st.columns([2, 1, 1])
 with columns[0]:
     refit_possible = model.method in ("dn2", "gaussian", "spade")
     if st.button(f"Add {len(confirmed)} confirmed normals to the normal set and refit", type="primary",
-                 disabled=not confirmed or not refit_possible or state.job_running(state.FIT),
+                 disabled=not confirmed or not refit_possible or state.job_running(state.FIT, project.id),
                  help=None if refit_possible else "PANDA models are retrained on the Adapt page."):
         added = workspace.add_to_normal_set(confirmed)
         settings = tasks.stored_settings(model.method, model.settings)  # same method and settings, more normals

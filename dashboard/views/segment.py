@@ -22,7 +22,7 @@ counts = workspace.counts(project.id)
 folder = str(workspace.root)
 
 
-busy = state.job_running(state.FIT)
+busy = state.job_running(state.FIT, project.id)
 with st.expander("Fit a segmentation model", expanded=not workspace.models(project.id, "spade")):
     columns = st.columns([2, 1])
     backbones = list(list_backbones())
