@@ -37,6 +37,7 @@ THRESHOLDS = "thresholds"  # dict[model_id, float]: the threshold the user chose
 LAST_IMPORT = "last_import"  # (what, ImportReport): the Data page's last import, shown once after the rerun
 LIVE_RUN = "live_run"  # int: the PANDA run the Adapt page follows
 SEGMENT_METRICS = "segment_metrics"  # dict[(model, stages, sigma), (pixel AUROC, PRO)]: already evaluated
+MAPS_AUTO_LOADED = "maps_auto_loaded"  # set[model_id]: saved heatmaps this session already tried to load by itself
 WATCHED_JOBS = "watched_jobs"  # set[str]: job panels that saw their job running (to rerun once it ends)
 VERDICT_WIDGET = "verdict-{image_id}"  # the Review page's verdict radio for one image
 NOTE_WIDGET = "note-{image_id}"  # the Review page's note box for one image
@@ -335,6 +336,16 @@ def start_segmentation_fit(workspace_: Workspace, project: int, backbone: str) -
         ),
         project,
     )
+
+
+def first_auto_load(model_id: int) -> bool:
+    """True the first time this session asks for a model: the Segment page loads saved maps unasked only once
+    (if that fails, its button stays the way to retry)."""
+    tried = _session_default(MAPS_AUTO_LOADED, set)
+    if model_id in tried:
+        return False
+    tried.add(model_id)
+    return True
 
 
 def start_heatmaps(workspace_: Workspace, project: int, model_id: int) -> Job | None:

@@ -39,11 +39,8 @@ if model is None:
     st.stop()
 holder = state.segmentation(folder, project.id, model.id)
 if not holder.ready:
-    tried = f"seg-auto-load-{model.id}"
-    if model.maps_path.exists() and not busy and not st.session_state.get(tried):
-        # Saved maps load in a moment and need no backbone: no reason to make the user ask (once: if
-        # loading fails, the button below stays as the way to retry).
-        st.session_state[tried] = True
+    if model.maps_path.exists() and not busy and state.first_auto_load(model.id):
+        # Saved maps load in a moment and need no backbone: no reason to make the user ask.
         state.start_heatmaps(workspace, project.id, model.id)
         st.rerun()
     st.info("This model's heatmaps are not in memory (the app restarted, or another model was used).")
