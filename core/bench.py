@@ -30,7 +30,7 @@ backbone, scoring); ``backbone_images_per_s`` is the bare forward pass on a
 random batch of the same size, timed just before and just after the run
 (mean; both in ``backbone_images_per_s_before_after``). With shared
 extraction, ``backbone_images_per_s_in_run`` also times the forward passes of
-the extraction itself (:class:`~core.detectors.features.ExtractionTiming`):
+the extraction itself (:class:`~core.features.ExtractionTiming`):
 its ratio to ``images_per_s`` shows how much decoding was hidden behind the
 network, and it is immune to a shared machine's load drifting during the run.
 """
@@ -63,9 +63,9 @@ from core.datasets import (
     stratified_positions,
 )
 from core.detectors.base import Detector
-from core.detectors.features import (
+from core.detectors.features import FeatureDetector
+from core.features import (
     ExtractionTiming,
-    FeatureDetector,
     FeatureRequest,
     extract_features,
     extractor_for,

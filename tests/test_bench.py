@@ -15,7 +15,7 @@ from core.bench import BENCH_METHODS, BenchOptions, ParamError, apply_params, lo
 from core.config import DN2Settings, GaussianSettings
 from core.datasets import FASHION_MNIST_DIR
 from core.detectors.base import Detector
-from core.detectors.features import image_size_for
+from core.features import image_size_for
 
 TINY = {"features.resize": "32", "features.crop": "32", "features.batch_size": "16"}
 OPTIONS = BenchOptions(weights="random", device="cpu", params=TINY)

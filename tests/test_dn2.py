@@ -16,7 +16,7 @@ from core.datasets import ImageSet, read_mvtec
 from core.detectors import ModelFileError, NotFittedError, load_detector, make_detector
 from core.detectors.base import read_model_file
 from core.detectors.dn2 import DN2Detector
-from core.detectors.features import extractor_for, image_size_for
+from core.features import extractor_for, image_size_for
 from core.images import ImageSize, preprocess
 from core.metrics import fpr_at_threshold, image_auroc
 

@@ -13,7 +13,8 @@ from conftest import synthetic_images as images
 from core.config import FeatureSettings, GaussianSettings
 from core.datasets import ImageSet
 from core.detectors import ModelFileError, NotFittedError, load_detector
-from core.detectors.features import POOLED, FeatureDetector, extractor_for
+from core.detectors.features import FeatureDetector
+from core.features import POOLED, extractor_for
 from core.detectors.gaussian import GaussianDetector
 from core.gaussian import (
     chi2_expected_fpr,

@@ -34,7 +34,7 @@ from core.adaptation.strategies import CompactnessObjective
 from core.adaptation.training import train
 from core.config import PandaSettings
 from core.datasets import ImageSet
-from core.detectors.features import extractor_for, image_size_for
+from core.features import extractor_for, image_size_for
 from core.metrics import image_auroc
 from core.progress import CancelFn, ProgressFn
 

@@ -28,7 +28,7 @@ from core.adaptation.training import OptimiserSettings, TrainingResult, train
 from core.backbones import FeatureExtractor
 from core.config import PandaSettings
 from core.datasets import ImageSet
-from core.detectors.features import extractor_for, image_size_for
+from core.features import extractor_for, image_size_for
 from core.images import ImageSize
 from core.progress import CancelFn, ProgressFn
 

@@ -51,7 +51,7 @@ def model_image_size(detector):
     """The geometry a loaded model preprocesses images with."""
     size = getattr(detector, "image_size", None)
     if size is None:
-        from core.detectors.features import image_size_for
+        from core.features import image_size_for
 
         size = image_size_for(detector.settings.features)
     return size

@@ -29,7 +29,8 @@ import numpy as np
 from core.backbones import Features
 from core.config import DN2Settings
 from core.detectors.base import ModelFileError
-from core.detectors.features import POOLED, FeatureDetector, FeatureRequest, pooled_stage
+from core.detectors.features import FeatureDetector
+from core.features import POOLED, FeatureRequest, pooled_stage
 from core.knn import KnnIndex, Neighbours, as_float32, centre_distance, kmeans_summary
 
 

@@ -32,7 +32,8 @@ from core.backbones import Features, get_spec
 from core.config import GaussianSettings
 from core.datasets import ImageSet
 from core.detectors.base import ModelFileError
-from core.detectors.features import POOLED, FeatureDetector, FeatureRequest, pooled_stage
+from core.detectors.features import FeatureDetector
+from core.features import POOLED, FeatureRequest, pooled_stage
 from core.gaussian import (
     GaussianModel,
     chi2_threshold,

@@ -45,7 +45,8 @@ from core.backbones import Features, get_spec
 from core.config import SpadeSettings
 from core.datasets import ImageItem, ImageSet
 from core.detectors.base import Detector, ModelFileError, NotFittedError
-from core.detectors.features import BackboneUser, FeatureRequest, feature_identity
+from core.detectors.features import BackboneUser
+from core.features import FeatureRequest, feature_identity
 from core.images import ImageError, map_to_original, probe_size
 from core.knn import KnnIndex, kmeans_summary
 from core.metrics import threshold_at_fpr
