@@ -152,6 +152,30 @@ class Detector(ABC):
         return path
 
 
+class SegmentationDetector(Detector):
+    """A detector that also says *where*: per-pixel anomaly maps beside the image scores.
+
+    ``anomaly_maps(images)`` runs the backbone once per image and keeps the raw
+    per-stage maps of that set; ``combined_maps(stages, sigma)`` recombines them
+    (stage choice, smoothing) without touching the backbone again, so a slider
+    in the app redraws from cached numbers. ``map_stages`` names the stages a
+    caller may choose from.
+    """
+
+    @property
+    @abstractmethod
+    def map_stages(self) -> tuple[str, ...]:
+        """Stage names whose raw maps can be combined (the fitted model's stages)."""
+
+    @abstractmethod
+    def anomaly_maps(self, images, progress=None, cancel=None) -> np.ndarray:
+        """ImageSet of N images -> float32 (N, H, W) combined maps at the model's map size."""
+
+    @abstractmethod
+    def combined_maps(self, stages=None, sigma: float | None = None) -> np.ndarray:
+        """float32 (N, H, W) maps of the last ``anomaly_maps`` set for another stage choice / smoothing."""
+
+
 def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Read (header, arrays) from a saved model without unpickling anything."""
     path = Path(path)
