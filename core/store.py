@@ -34,13 +34,14 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from core.datasets import IMAGE_EXTENSIONS, ImageItem, ImageSet, Problem, read_zip
+from core.datasets import ImageItem, ImageSet, Problem
+from core.datasets.uploads import plan_upload
 from core.images import ImageError, decode_image, decode_mask
 from core.progress import CancelFn, ProgressFn, check_cancel, report_progress
 
@@ -195,6 +196,8 @@ class ImportReport:
     added: list[int] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    duplicate_of: dict[str, str] = field(default_factory=dict)  # skipped name -> the stored image with its bytes
+    renamed: dict[str, str] = field(default_factory=dict)  # name asked for -> name given (a different picture had it)
 
 
 @dataclass(frozen=True)
@@ -426,19 +429,22 @@ class Workspace:
                 report_progress(progress, done, total)
 
         with self._transaction() as connection:
-            known: dict[str, tuple[set[str], set[str]]] = {}
+            known: dict[str, tuple[dict[str, str], set[str]]] = {}
             for role in sets:
                 existing = connection.execute(
                     "SELECT name, sha FROM images WHERE project_id = ? AND role = ?", (project_id, role)
                 ).fetchall()
-                known[role] = ({row["sha"] for row in existing}, {row["name"] for row in existing})
+                known[role] = ({row["sha"]: row["name"] for row in existing}, {row["name"] for row in existing})
             now = time.time()
             for role, entry in prepared:
                 known_shas, taken_names = known[role]
                 if entry.sha in known_shas:
                     report.duplicates.append(entry.item.name)
+                    report.duplicate_of[entry.item.name] = known_shas[entry.sha]
                     continue
                 name = _free_name(entry.item.name, taken_names)
+                if name != entry.item.name:
+                    report.renamed[entry.item.name] = name
                 cursor = connection.execute(
                     "INSERT INTO images (project_id, role, name, sha, label, mask_sha, grp, height, width, added)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -447,7 +453,7 @@ class Workspace:
                         entry.item.group, entry.height, entry.width, now,
                     ),
                 )
-                known_shas.add(entry.sha)
+                known_shas[entry.sha] = name
                 taken_names.add(name)
                 report.added.append(cursor.lastrowid)
         return report
@@ -794,37 +800,18 @@ class Workspace:
 
 def image_set_from_uploads(files: Sequence[tuple[str, bytes]], label: int | None = None,
                            name: str = "upload") -> ImageSet:
-    """Uploaded files (name, bytes) as one ImageSet: images as they are, zips opened.
+    """Uploaded files (name, bytes) as one ImageSet, every image with ``label``: zips opened, paths kept.
 
-    Nothing is decoded here (``Workspace.import_images`` does that); files of
-    other types, and zips that cannot be used, become problems naming the file.
-    Zip members are named ``<zip name>/<member path>`` so two zips cannot collide.
+    See :func:`core.datasets.uploads.plan_upload` (the Data page uses it
+    directly, to label per folder): nothing is decoded here; a file with the
+    same bytes as an earlier one is reported as a duplicate; a different
+    picture under a name already used gets a numbered name, never dropped.
     """
-    items: list[ImageItem] = []
-    problems: list[Problem] = []
-    seen: set[str] = set()
-    for file_name, data in files:
-        extension = Path(file_name).suffix.lower()
-        if extension == ".zip":
-            try:
-                archive = read_zip(data, name=file_name, label=label)
-            except ValueError as error:
-                problems.append(Problem(file_name, str(error).removeprefix(f"{file_name}: ")))
-                continue
-            # Problems name the archive itself, so the user knows which upload to fix.
-            problems.extend(Problem(f"{file_name}/{problem.source}", problem.reason) for problem in archive.problems)
-            archive = archive.with_prefix(Path(file_name).stem)
-            fresh = [item for item in archive.items if item.name not in seen]
-            seen.update(item.name for item in fresh)
-            items.extend(fresh)
-        elif extension in IMAGE_EXTENSIONS:
-            if file_name in seen:
-                problems.append(Problem(file_name, "uploaded twice; the second copy skipped"))
-                continue
-            seen.add(file_name)
-            items.append(ImageItem(name=file_name, data=data, label=label))
-        else:
-            problems.append(Problem(file_name, f"not an image or zip file ({extension or 'no extension'}); skipped"))
+    plan = plan_upload(files)
+    problems = list(plan.problems)
+    problems.extend(Problem(duplicate.name, f"same bytes as {duplicate.same_as}; skipped as a duplicate")
+                    for duplicate in plan.duplicates)
+    items = [replace(item, label=label) for item in plan.items]
     return ImageSet(items, problems, name=name)
 
 

@@ -8,6 +8,7 @@ One job per module:
 * ``mvtec``: one MVTec AD category;
 * ``fashion_mnist``: Fashion-MNIST IDX files, and stratified subsampling;
 * ``archives``: zip archives, read into memory;
+* ``uploads``: browser uploads (files, folders, zips) sorted by folder, masks paired, nothing lost;
 * ``_scan`` (file-name rules, folder walk) and ``_parallel`` (ordered
   background decoding) are shared helpers.
 
@@ -28,6 +29,7 @@ from core.datasets.fashion_mnist import (
 from core.datasets.folders import list_classes, read_class_folders, read_folder
 from core.datasets.image_set import ImageItem, ImageSet, Problem
 from core.datasets.mvtec import read_mvtec
+from core.datasets.uploads import KINDS, Duplicate, UploadPlan, default_kind, plan_upload
 
 # Cancelled is re-exported so callers of this module can catch it without a second import.
 from core.progress import Cancelled
@@ -36,14 +38,19 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DIR",
     "IMAGE_EXTENSIONS",
+    "KINDS",
     "MAX_ZIP_MEMBERS",
     "MAX_ZIP_MEMBER_BYTES",
     "MAX_ZIP_TOTAL_BYTES",
     "Cancelled",
+    "Duplicate",
     "ImageItem",
     "ImageSet",
     "Problem",
+    "UploadPlan",
+    "default_kind",
     "list_classes",
+    "plan_upload",
     "read_class_folders",
     "read_fashion_mnist",
     "read_folder",
