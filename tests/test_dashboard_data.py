@@ -120,3 +120,55 @@ def test_fashion_mnist_tab_imports_the_one_class_protocol(workspace_dir):
     assert workspace.counts(project.id) == {"normal": 20, "test": 30, "outlier": 0}
     test = workspace.image_set(project.id, "test").images
     assert {item.group for item in test if item.label == 0} == {"Sneaker"}
+
+
+def _demo_file(relative: str, as_name: str | None = None):
+    return (as_name or f"bottle/{relative}", (DEMO_BOTTLE / relative).read_bytes(), "image/png")
+
+
+def test_folder_upload_keeps_colliding_names_labels_per_folder_and_pairs_masks(workspace_dir):
+    """Issue 15.1: three different '000.jpg' from three defect folders all arrive, in their folders, with masks."""
+    workspace = Workspace(workspace_dir)
+    project = workspace.create_project("uploaded folders")
+    at = new_app(project.id, page="views/data.py")
+    at.toggle(key="upload-folder-mode").set_value(True).run()
+    defects = ("broken_large", "broken_small", "contamination")
+    files = [_demo_file(f"test/{defect}/000.jpg") for defect in defects]
+    files += [_demo_file(f"ground_truth/{defect}/000_mask.png") for defect in defects]
+    good = sorted((DEMO_BOTTLE / "test" / "good").iterdir())[:2]
+    files += [_demo_file(f"test/good/{path.name}") for path in good]
+    files.append(_demo_file(f"test/good/{good[0].name}", "bottle/test/good/copy of the first.png"))  # same bytes
+    at.file_uploader[0].set_value(files).run()
+    assert not at.exception, at.exception
+    boxes = {box.label: box for box in at.selectbox if box.key and box.key.startswith("upload-kind-")}
+    assert boxes["bottle/test/good/ (2 images)"].value == "test: normal"
+    assert boxes["bottle/test/broken_large/ (1 images)"].value == "test: anomalous"
+    boxes["bottle/test/contamination/ (1 images)"].set_value("test: unlabelled").run()  # editable before import
+    next(button for button in at.button if button.label == "Import uploads").click().run()
+    assert not at.exception, at.exception
+
+    rows = {row.name: row for row in workspace.images(project.id, "test")}
+    assert set(rows) == {f"bottle/test/{d}/000.jpg" for d in defects} | {f"bottle/test/good/{p.name}" for p in good}
+    assert rows["bottle/test/broken_large/000.jpg"].label == 1 and rows["bottle/test/broken_large/000.jpg"].mask_path
+    assert rows["bottle/test/contamination/000.jpg"].label is None
+    assert all(rows[f"bottle/test/good/{p.name}"].label == 0 for p in good)
+    assert all(rows[f"bottle/test/{d}/000.jpg"].mask_path is not None for d in defects)
+    assert workspace.counts(project.id)["normal"] == 0
+    # The true duplicate is reported as such, naming the file it repeats; nothing else is refused.
+    assert not at.error
+    duplicates = next(frame.value for frame in at.dataframe if "same bytes as" in frame.value.columns)
+    assert list(duplicates["file"]) == ["bottle/test/good/copy of the first.png"]
+    assert f"bottle/test/good/{good[0].name}" in duplicates["same bytes as"].iloc[0]
+
+
+def test_loose_files_with_the_same_name_are_both_kept(workspace_dir, noise_pngs):
+    """Issue 15.1: two different pictures both called 000.png (browsers send base names) are never dropped."""
+    workspace = Workspace(workspace_dir)
+    project = workspace.create_project("loose files")
+    at = new_app(project.id, page="views/data.py")
+    at.file_uploader[0].set_value([("000.png", noise_pngs[0][1], "image/png"),
+                                   ("000.png", noise_pngs[1][1], "image/png")]).run()
+    next(button for button in at.button if button.label == "Import uploads").click().run()
+    assert not at.exception and not at.error
+    assert sorted(row.name for row in workspace.images(project.id, "normal")) == ["000 (2).png", "000.png"]
+    assert any("numbered name" in info.value for info in at.info)

@@ -7,14 +7,17 @@ import streamlit as st
 
 from core.datasets import (
     FASHION_MNIST_CLASSES,
+    KINDS,
     FASHION_MNIST_DIR,
+    default_kind,
     list_classes,
+    plan_upload,
     read_class_folders,
     read_fashion_mnist,
     read_folder,
     read_mvtec,
 )
-from core.store import ImportReport, StoreError, image_set_from_uploads
+from core.store import ImportReport, StoreError
 from dashboard import state
 from dashboard.components.gallery import gallery, paged
 from dashboard.components.sidebar import workspace_and_project
@@ -48,11 +51,19 @@ def show_report(report: ImportReport, what: str) -> None:
     if report.added:
         st.success(f"{what}: imported {len(report.added)} images.")
     if report.duplicates:
-        st.info(f"{what}: {len(report.duplicates)} images were already in the project and were skipped.")
+        st.info(f"{what}: {len(report.duplicates)} duplicates (same bytes as an image already there) were skipped.")
+        st.dataframe(pd.DataFrame([{"file": name, "same bytes as": report.duplicate_of.get(name, "")}
+                                   for name in report.duplicates]), hide_index=True, width="stretch",
+                     key="import-duplicates")
+    if report.renamed:
+        st.info(f"{what}: {len(report.renamed)} images had a name already used by a different picture and were "
+                "kept under a numbered name.")
+        st.dataframe(pd.DataFrame([{"file": old, "stored as": new} for old, new in report.renamed.items()]),
+                     hide_index=True, width="stretch", key="import-renamed")
     if report.problems:
         st.error(f"{what}: {len(report.problems)} files could not be used:")
         st.dataframe(pd.DataFrame([{"file": p.source, "reason": p.reason} for p in report.problems]),
-                     hide_index=True, width="stretch")
+                     hide_index=True, width="stretch", key="import-problems")
     if not (report.added or report.duplicates or report.problems):
         st.warning(f"{what}: nothing to import.")
 
@@ -60,20 +71,47 @@ def show_report(report: ImportReport, what: str) -> None:
 st.subheader(f"Import into “{project.name}”")
 upload_tab, folder_tab, fashion_tab = st.tabs(["Upload files or zips", "Folder on this machine", "Fashion-MNIST"])
 with upload_tab:
+    whole_folder = st.toggle("Upload a whole folder (keeps its sub-folders: MVTec's test/<defect>/ and ground_truth/)",
+                             key="upload-folder-mode")
     files = st.file_uploader(
-        "Images (PNG, JPEG, BMP, TIFF, WebP) or zip archives of them",
-        accept_multiple_files=True,
-        key=f"uploader-{state.upload_generation()}",
+        "A folder of images" if whole_folder else "Images (PNG, JPEG, BMP, TIFF, WebP) or zip archives of them",
+        accept_multiple_files="directory" if whole_folder else True,
+        key=f"uploader-{'folder' if whole_folder else 'files'}-{state.upload_generation()}",
+        help="Folders and zips keep their paths, so files named alike in different folders stay apart.",
     )
     columns = st.columns(2)
     role = columns[0].radio("Add them as", list(ROLE_HELP), format_func=ROLE_HELP.get, key="upload-role")
     label = columns[1].radio("Label", list(LABELS), key="upload-label", disabled=role != "test",
                              help="Known labels let Detect draw an ROC curve; normal images are labelled normal.")
+    plan = plan_upload([(file.name, file.getvalue()) for file in files]) if files else None
+    kinds: dict = {}
+    if plan is not None:
+        folders = plan.folders
+        st.caption(f"{len(plan.items)} images in {sum(f is not None for f in folders)} folders"
+                   + (f" · {plan.masks} defect masks paired (ground_truth/)" if plan.masks else "")
+                   + (f" · {len(plan.duplicates)} duplicates (same bytes)" if plan.duplicates else "")
+                   + (f" · {len(plan.renamed)} renamed (name taken by another picture)" if plan.renamed else ""))
+        for folder, count in folders.items():
+            default = default_kind(folder, role, LABELS[label])
+            if folder is None:
+                kinds[None] = default  # loose files follow the two choices above
+                continue
+            choices = list(KINDS)
+            kinds[folder] = st.selectbox(
+                f"{folder}/ ({count} images)", choices, index=choices.index(default),
+                # The key holds the defaults' inputs: changing "Add them as" resets the folders' defaults.
+                key=f"upload-kind-{state.upload_generation()}-{role}-{label}-{folder}",
+                help="good → normal, any other folder → anomalous; train/ → the normal set. Change it here.",
+            )
     if st.button("Import uploads", type="primary", disabled=not files):
-        label_value = 0 if role == "normal" else LABELS[label] if role == "test" else None
-        uploads = image_set_from_uploads([(file.name, file.getvalue()) for file in files], label=label_value)
-        with st.spinner(f"Checking and storing {len(uploads)} images…"):
-            report = workspace.import_images(project.id, uploads, role)
+        sets = plan.sets(kinds)
+        with st.spinner(f"Checking and storing {len(plan.items)} images…"):
+            report = workspace.import_sets(project.id, sets) if sets else ImportReport()
+        report.problems[:0] = plan.problems
+        for duplicate in plan.duplicates:
+            report.duplicates.append(duplicate.name)
+            report.duplicate_of[duplicate.name] = f"{duplicate.same_as} (same upload)"
+        report.renamed.update(dict(plan.renamed))
         state.clear_uploads()
         state.set_last_import("Upload", report)
         st.rerun()
