@@ -144,17 +144,54 @@ class KnnIndex:
         return np.where(keep, found.sq_distances, 0.0).sum(axis=1)
 
 
-def _torch_search(gallery: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Exact kNN with ||q||² - 2 q·g + ||g||², in query chunks to bound memory."""
-    gallery_sq = (gallery * gallery).sum(1)
-    all_d, all_i = [], []
-    for start in range(0, queries.shape[0], chunk):
-        q = queries[start : start + chunk]
-        d = (q * q).sum(1, keepdim=True) - 2.0 * q @ gallery.T + gallery_sq[None]
-        values, indices = torch.topk(d, k, dim=1, largest=False)
-        all_d.append(values.cpu())
-        all_i.append(indices.cpu())
-    return torch.cat(all_d).numpy(), torch.cat(all_i).numpy()
+SEARCH_BLOCK = 1 << 23
+"""Query x gallery distances computed at once by :func:`blockwise_search` (32 MiB of float32)."""
+
+
+def blockwise_search(
+    queries: torch.Tensor, gallery: torch.Tensor, gallery_sq: torch.Tensor | None, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact kNN: (P, C) queries, (M, C) gallery, (M,) its squared norms -> (P, k) sq distances, (P, k) rows.
+
+    The project's one exact search kernel (``KnnIndex``'s torch backend, SPADE's
+    pixel galleries). Distances ascend along k. Computed as ||q||² - 2 q·g + ||g||²
+    in query blocks that keep the (block, M) matrix near 32 MiB; for k = 1 a plain
+    min replaces the top-k, which is several times faster on a CPU. ``gallery_sq``
+    None: computed here.
+    """
+    if gallery_sq is None:
+        gallery_sq = (gallery * gallery).sum(1)
+    k = min(k, gallery.shape[0])
+    block = max(1, SEARCH_BLOCK // max(1, gallery.shape[0]))
+    distances, rows = [], []
+    for start in range(0, queries.shape[0], block):
+        q = queries[start : start + block]
+        d = torch.addmm(gallery_sq[None], q, gallery.T, alpha=-2.0)
+        if k == 1:
+            value, index = d.min(dim=1, keepdim=True)
+        else:
+            value, index = torch.topk(d, k, dim=1, largest=False)
+        distances.append(value + (q * q).sum(1, keepdim=True))
+        rows.append(index)
+    # Rounding can leave tiny negatives for (near-)identical vectors.
+    return torch.cat(distances).clamp_min_(0.0), torch.cat(rows)
+
+
+def merge_neighbours(parts: list[tuple[torch.Tensor, torch.Tensor]], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k best of several (P, k_i) searches over disjoint gallery parts (rows already global)."""
+    if len(parts) == 1:
+        return parts[0]
+    distances = torch.cat([p[0] for p in parts], dim=1)
+    rows = torch.cat([p[1] for p in parts], dim=1)
+    k = min(k, distances.shape[1])
+    best, order = torch.topk(distances, k, dim=1, largest=False)
+    return best, torch.gather(rows, 1, order)
+
+
+def _torch_search(gallery: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact kNN through :func:`blockwise_search`, results on the CPU."""
+    distances, indices = blockwise_search(queries, gallery, None, k)
+    return distances.cpu().numpy(), indices.cpu().numpy()
 
 
 def kmeans_summary(features: np.ndarray | torch.Tensor, n_means: int = 50, seed: int = 0, iterations: int = 20) -> np.ndarray:

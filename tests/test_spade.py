@@ -12,7 +12,8 @@ from core.config import FeatureSettings, SpadeSettings
 from core.backbones import WeightsUnavailableError
 from core.datasets import ImageItem, ImageSet, read_mvtec
 from core.detectors import ModelFileError, NotFittedError, load_detector, make_detector
-from core.detectors.spade import GalleryTooLargeError, SpadeDetector, _CacheEntry, _RawCache
+from core.detectors.spade import GalleryTooLargeError, SpadeDetector
+from core.detectors.spade.raw_cache import CacheEntry, RawCache
 from core.images import preprocess_mask
 from core.metrics import pixel_auroc
 from core.progress import Cancelled
@@ -165,12 +166,12 @@ def test_recombination_from_cache_equals_a_full_recompute(fitted, monkeypatch):
 
 
 def test_raw_cache_is_bounded_and_least_recently_used():
-    cache = _RawCache(max_bytes=100)
+    cache = RawCache(max_bytes=100)
     for key in "abc":
-        cache.put(key, _CacheEntry({}, {}, 0.0, 40))
+        cache.put(key, CacheEntry({}, {}, 0.0, 40))
     assert len(cache) == 2 and cache.get("a") is None and cache.used == 80
     cache.get("b")
-    cache.put("d", _CacheEntry({}, {}, 0.0, 40))
+    cache.put("d", CacheEntry({}, {}, 0.0, 40))
     assert cache.get("b") is not None and cache.get("c") is None
 
 
@@ -194,7 +195,7 @@ def test_explanation_points_at_the_matching_training_image():
     peak = detector.explain(0)
     assert heat[0, peak.query_y, peak.query_x] == heat[0].max()
     assert peak.stage in detector.stages_ and 0 <= peak.train_index < 8
-    assert peak.normal_index == peak.train_index and not peak.approximate
+    assert not peak.approximate
     with pytest.raises(IndexError):
         detector.explain(3)
 

@@ -1,0 +1,602 @@
+"""SPADE: anomaly segmentation by per-pixel kNN against normal pixels.
+
+For every pixel of a test image, each chosen backbone stage gives a feature
+vector; its score is the sum of squared L2 distances to the ``k`` nearest
+normal pixels of the same stage (the project's kNN convention, ``core.knn``).
+Per-stage score maps are upsampled to the crop, added (the paper's ensemble)
+and smoothed. The image-level score is DN2's pooled-feature kNN or the map's
+maximum (Reiss et al., CVPR 2021, Sec. 2.3 and supplement 2.3).
+
+Where to search (per stage, ``SpadeSettings``; built and searched in
+:mod:`~core.detectors.spade.gallery`):
+
+* ``gallery="exact"``, ``top_images=K``: the pixels of the K normal images
+  nearest by pooled feature (SPADE's "K nearest images"); 0 = all images;
+* ``gallery="kmeans"``: ``n_means`` K-means centres of the normal pixels (the
+  paper's speed-up); each centre remembers one real pixel it stands for, so
+  explanations still point into a training image.
+
+What is kept so interaction never touches the backbone or the kNN again
+(:mod:`~core.detectors.spade.raw_cache`):
+
+* the raw per-stage distance maps and the gallery index of each pixel's
+  nearest normal pixel, for every scored image (memory-bounded LRU keyed by
+  the image's content), and pinned for the last scored set;
+* calibration maps of ``calibration_images`` normal images, each scored
+  without itself (or a held-out normal set), from which the per-stage
+  normalisation and the pixel threshold for any σ / stage choice follow.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core import maps
+from core.backbones import get_spec
+from core.config import SpadeSettings
+from core.datasets import ImageItem, ImageSet
+from core.detectors.base import ModelFileError, NotFittedError, SegmentationDetector
+from core.detectors.features import BackboneUser
+from core.detectors.spade.explain import Explanation, explain
+from core.detectors.spade.gallery import GalleryBuilder, GalleryTooLargeError, StageGallery
+from core.detectors.spade.raw_cache import (
+    CacheEntry, RawCache, ScoredSet, as_tuples, item_key, read_raw_map_file, write_raw_map_file,
+)
+from core.features import FeatureRequest, feature_identity
+from core.images import ImageError, map_to_original, probe_size
+from core.knn import KnnIndex
+from core.metrics import threshold_at_fpr
+from core.progress import CancelFn, ProgressFn, check_cancel
+
+REFERENCE_CROP = 224
+"""``SpadeSettings.sigma`` is in pixels of a crop this size; other crops scale it."""
+
+
+def _original_hw(item: ImageItem, fallback: int) -> tuple[int, int]:
+    """(H, W) of an item before preprocessing (reads the header only); ``fallback`` squared if unreadable."""
+    if item.array is not None:
+        return int(item.array.shape[0]), int(item.array.shape[1])
+    try:
+        return probe_size(item.path if item.path is not None else item.data, name=item.name)
+    except ImageError:
+        return fallback, fallback
+
+
+def _offset(progress: ProgressFn | None, offset: int, total: int) -> ProgressFn | None:
+    if progress is None:
+        return None
+    return lambda done, _: progress(offset + done, total)
+
+
+class SpadeDetector(BackboneUser, SegmentationDetector):
+    """SPADE segmentation detector; see the module docstring and :class:`~core.config.SpadeSettings`.
+
+    Not a ``FeatureDetector``: its unit of work is a pixel map, not a pooled
+    vector, so it streams images through the backbone itself (bounded memory)
+    and benchmarks score it through :meth:`anomaly_maps`. It shares the
+    backbone handling (:class:`~core.detectors.features.BackboneUser`).
+
+    Fitted attributes: ``stages_`` (keys of the raw maps: stage names, or one
+    joined name with ``combine="concat"``; also :attr:`map_stages`),
+    ``stage_shapes_`` ({key: (h, w)}), ``train_names_``, ``normalisation_``
+    ({key: StageNormalisation} from the calibration maps), ``calibration_``
+    ({key: (n_cal, h, w)} raw maps of normal images scored without
+    themselves), ``train_scores_``, ``threshold_``.
+    """
+
+    method = "spade"
+    settings_type = SpadeSettings
+
+    def __init__(self, settings: SpadeSettings | None = None) -> None:
+        super().__init__(settings)
+        self.stages_: tuple[str, ...] = ()
+        self.stage_shapes_: dict[str, tuple[int, int]] = {}
+        self.train_names_: list[str] = []
+        self.train_sizes_: np.ndarray | None = None
+        self.normalisation_: dict[str, maps.StageNormalisation] = {}
+        self.calibration_: dict[str, np.ndarray] = {}
+        self.calibration_names_: list[str] = []
+        self._galleries: dict[str, StageGallery] = {}
+        self._pooled: torch.Tensor | None = None
+        self._image_index: KnnIndex | None = None
+        self._fitted_layout: tuple | None = None
+        self._cache = RawCache(self.settings.cache_mb * 1024 * 1024)
+        self._last: ScoredSet | None = None
+        self._pixel_thresholds: dict[tuple, tuple[float, float]] = {}
+
+    # ------------------------------------------------------------------ geometry and network
+    @property
+    def map_stages(self) -> tuple[str, ...]:
+        """The stages a per-stage ablation can pick (``stages_``)."""
+        return self.stages_
+
+    def backbone_stages(self) -> tuple[str, ...]:
+        """Backbone stage names read for ``settings.strides``."""
+        return get_spec(self.settings.features.backbone).stages_with_strides(self.settings.strides)
+
+    def _layout(self) -> tuple:
+        """The settings that shape the gallery; changing them needs a new fit."""
+        s = self.settings
+        return (self.backbone_stages(), s.patch_pixels, s.combine, s.gallery, s.n_means if s.gallery == "kmeans" else None)
+
+    def feature_request(self) -> FeatureRequest:
+        return FeatureRequest(stages=self.backbone_stages())
+
+    def _keys(self) -> tuple[str, ...]:
+        stages = self.backbone_stages()
+        return ("+".join(stages),) if self.settings.combine == "concat" else stages
+
+    def expected_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """{key: (h, w, C)} of the pixel features at this detector's crop (TF 'same' padding: ceil)."""
+        spec = get_spec(self.settings.features.backbone)
+        crop = self.image_size.crop
+        infos = [spec.stage(name) for name in self.backbone_stages()]
+        if self.settings.combine == "concat":
+            finest = min(info.stride for info in infos)
+            side = math.ceil(crop / finest)
+            return {self._keys()[0]: (side, side, sum(info.channels for info in infos))}
+        return {info.name: (math.ceil(crop / info.stride), math.ceil(crop / info.stride), info.channels) for info in infos}
+
+    def gallery_bytes(self, n_images: int) -> int:
+        """Memory an exact gallery of ``n_images`` normal images needs (float32 features + norms)."""
+        return sum(n_images * h * w * (c + 1) * 4 for h, w, c in self.expected_shapes().values())
+
+    def _check_gallery_memory(self, n_images: int) -> None:
+        if self.settings.gallery != "exact":
+            return
+        needed = self.gallery_bytes(n_images)
+        cap = self.settings.max_gallery_bytes
+        if needed > cap:
+            shapes = ", ".join(f"{key} {h}x{w}x{c}" for key, (h, w, c) in self.expected_shapes().items())
+            raise GalleryTooLargeError(
+                f"the exact SPADE pixel gallery of {n_images} normal images would need {needed / 2**20:,.0f} MiB "
+                f"({shapes} per image), more than max_gallery_bytes = {cap / 2**20:,.0f} MiB. Use gallery='kmeans' "
+                f"(n_means centres per stage; top_images speeds the search but does not shrink the gallery), "
+                f"fewer normal images, coarser strides than {self.settings.strides}, a smaller crop, "
+                f"or raise max_gallery_bytes if the machine has the memory."
+            )
+
+    def _sigma_pixels(self, sigma: float | None) -> float:
+        value = self.settings.sigma if sigma is None else float(sigma)
+        if value < 0:
+            raise ValueError(f"sigma must be >= 0, got {value}")
+        return value * self.image_size.crop / REFERENCE_CROP
+
+    # ------------------------------------------------------------------ pixel features
+    def patch_cells(self, stage: str) -> int:
+        """Side, in cells, of the neighbourhood averaged on ``stage``: the odd count closest below
+        ``patch_pixels / stride`` (at least 1)."""
+        stride = get_spec(self.settings.features.backbone).stage(stage).stride
+        return max(1, 2 * math.floor((self.settings.patch_pixels / stride - 1) / 2) + 1)
+
+    def _pixel_features(self, stage_maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{stage: (B, C, h, w)} -> {key: (B, h, w, C)} float32: neighbourhood-averaged, maybe concatenated."""
+        prepared = {}
+        for name in self.backbone_stages():
+            x = stage_maps[name].float()
+            patch = self.patch_cells(name)
+            if patch > 1:
+                # Averaging a patch x patch neighbourhood gives each pixel some context
+                # (PatchCore's "locally aware" features); borders average what exists.
+                x = F.avg_pool2d(x, patch, stride=1, padding=patch // 2, count_include_pad=False)
+            prepared[name] = x
+        if self.settings.combine == "concat":
+            finest = max(prepared.values(), key=lambda t: t.shape[-1])
+            size = tuple(finest.shape[-2:])
+            joined = torch.cat(
+                [t if tuple(t.shape[-2:]) == size else F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+                 for t in prepared.values()],
+                dim=1,
+            )
+            prepared = {self._keys()[0]: joined}
+        return {key: value.permute(0, 2, 3, 1).contiguous() for key, value in prepared.items()}
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, normal: ImageSet, progress=None, cancel=None, holdout: ImageSet | None = None) -> "SpadeDetector":
+        """Build the pixel galleries from ``normal`` (streamed batch by batch), then calibrate.
+
+        Calibration uses ``holdout`` when given (every image of it), else up to
+        ``calibration_images`` normal images, each scored without itself.
+        Raises :class:`GalleryTooLargeError` before decoding anything when the
+        exact gallery would exceed ``max_gallery_bytes``.
+        """
+        if len(normal) < 2:
+            raise ValueError(f"SPADE needs at least 2 normal images, got {len(normal)}")
+        self._check_gallery_memory(len(normal))
+        extractor = self.extractor()
+        size = self.image_size
+        total = len(normal) + (len(holdout) if holdout is not None else 0)
+        builder = GalleryBuilder(self, len(normal))
+        stages = self.backbone_stages()
+        for _, images in normal.iter_batches(size, self.settings.features.batch_size, _offset(progress, 0, total), cancel):
+            check_cancel(cancel)
+            out = extractor(images, stages)
+            builder.add(self._pixel_features(out.maps), out.pooled)
+        held = None
+        if holdout is not None and len(holdout):
+            held = self._extract_pixels(holdout, _offset(progress, len(normal), total), cancel)
+        self.identity_ = feature_identity(extractor, size)
+        self._finish_fit(builder, held, cancel)
+        self.train_names_ = list(normal.names)
+        self.train_sizes_ = np.array([_original_hw(item, size.resize) for item in normal], dtype=np.int64)
+        return self
+
+    def _extract_pixels(self, images: ImageSet, progress, cancel) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Pixel features {key: (N, h, w, C)} and pooled (N, D) of a (small) set, e.g. a held-out split."""
+        extractor = self.extractor()
+        parts: list[dict[str, torch.Tensor]] = []
+        pooled = []
+        for _, batch in images.iter_batches(self.image_size, self.settings.features.batch_size, progress, cancel):
+            check_cancel(cancel)
+            out = extractor(batch, self.backbone_stages())
+            parts.append({key: value.cpu() for key, value in self._pixel_features(out.maps).items()})
+            pooled.append(out.pooled.float().cpu())
+        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}, torch.cat(pooled)
+
+    def _finish_fit(self, builder: "GalleryBuilder", held, cancel) -> None:
+        galleries, pooled = builder.finish(self._search_device())
+        self._galleries = galleries
+        self.stages_ = tuple(galleries)
+        self.stage_shapes_ = {key: gallery.shape for key, gallery in galleries.items()}
+        self._pooled = pooled
+        self._fitted_layout = self._layout()
+        self._image_index = KnnIndex(min(self.settings.image_k, len(pooled) - 1), backend="torch", device="cpu").fit(pooled)
+        self._cache.clear()
+        self._last = None
+        self._pixel_thresholds = {}
+        # Calibration: raw maps of normal images the gallery does not hold (held-out set),
+        # or holds only as themselves (excluded from their own search).
+        raw: dict[str, list[np.ndarray]] = {key: [] for key in self.stages_}
+        if held is not None:
+            held_pixels, held_pooled = held
+            sources = [(i, None, {k: v[i] for k, v in held_pixels.items()}, held_pooled[i]) for i in range(len(held_pooled))]
+            self.calibration_names_ = [f"holdout #{i}" for i in range(len(held_pooled))]
+        else:
+            sources = [(i, builder.exclusion(i), builder.calibration_pixels(i), pooled[i]) for i in builder.calibration_ids]
+            self.calibration_names_ = [f"normal #{i}" for i in builder.calibration_ids]
+        for _, exclude, pixels, vector in sources:
+            check_cancel(cancel)
+            found, _ = self._search_image(pixels, vector, exclude)
+            for key in self.stages_:
+                raw[key].append(found[key])
+        self.calibration_ = {key: np.stack(values) for key, values in raw.items()}
+        self.normalisation_ = {
+            key: maps.StageNormalisation(float(values.mean()), max(float(values.std()), 1e-12))
+            for key, values in self.calibration_.items()
+        }
+        dn2_train = self._image_index.train_scores()
+        if self.settings.image_score == "dn2":
+            held_scores = None if held is None else self._image_index.score(held[1].numpy())
+            self._set_threshold(dn2_train, held_scores)
+        else:
+            maxima = self._calibration_heatmaps(None, None).reshape(len(sources), -1).max(axis=1)
+            self._set_threshold(maxima, maxima if held is not None else None)
+
+    # ------------------------------------------------------------------ per-image search
+    def _search_image(
+        self, pixels: dict[str, torch.Tensor], pooled: torch.Tensor, exclude: int | None
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """One image's {key: (h, w, C)} features -> ({key: (h, w) raw score}, {key: (h, w) nearest gallery row}).
+
+        ``exclude``: a training image whose own pixels must not be matched
+        (leave-one-out calibration).
+        """
+        settings = self.settings
+        chosen = None
+        n_train = self._pooled.shape[0]
+        if settings.gallery == "exact" and settings.top_images > 0 and settings.top_images < n_train - (exclude is not None):
+            distances = ((self._pooled - pooled.float().cpu()[None]) ** 2).sum(1)
+            if exclude is not None:
+                distances[exclude] = float("inf")
+            chosen = torch.topk(distances, settings.top_images, largest=False).indices.sort().values
+        raw, nearest = {}, {}
+        for key, gallery in self._galleries.items():
+            h, w = gallery.shape
+            query = pixels[key].reshape(h * w, -1)
+            distances, rows = gallery.search(query, settings.k, images=chosen, exclude=None if chosen is not None else exclude)
+            raw[key] = distances.sum(1).reshape(h, w).cpu().numpy().astype(np.float32)
+            nearest[key] = rows[:, 0].reshape(h, w).cpu().numpy().astype(np.int64)
+        return raw, nearest
+
+    # ------------------------------------------------------------------ scoring
+    def _require_ready(self) -> None:
+        self._require_fitted()
+        if self._fitted_layout is not None and self._fitted_layout != self._layout():
+            raise NotFittedError(
+                "the settings that shape the SPADE gallery (strides, patch_pixels, combine, gallery, n_means) changed "
+                "since fit; fit again"
+            )
+
+    def _signature(self) -> tuple:
+        # Search settings that change raw maps without a refit.
+        return (self.settings.k, self.settings.top_images)
+
+    def raw_maps(
+        self, images: ImageSet, progress: ProgressFn | None = None, cancel: CancelFn | None = None
+    ) -> dict[str, np.ndarray]:
+        """{key: (N, h, w) float32} unsmoothed per-stage distance maps of ``images`` (cached).
+
+        Images already scored with the same search settings come from the
+        cache; the others go through the backbone and the kNN once. The set
+        becomes the "last scored set" that :meth:`combined_maps` and
+        :meth:`explain` work on.
+        """
+        self._require_ready()
+        n = len(images)
+        if n == 0:
+            raise ValueError("no images to score")
+        raw = {key: np.empty((n, *self.stage_shapes_[key]), dtype=np.float32) for key in self.stages_}
+        nearest = {key: np.empty((n, *self.stage_shapes_[key]), dtype=np.int64) for key in self.stages_}
+        dn2 = np.empty(n, dtype=np.float64)
+        signature = self._signature()
+        keys = [(signature, item_key(item)) for item in images]
+        missing = []
+        for position, key in enumerate(keys):
+            entry = self._cache.get(key)
+            if entry is None:
+                missing.append(position)
+                continue
+            for stage in self.stages_:
+                raw[stage][position] = entry.raw[stage]
+                nearest[stage][position] = entry.nearest[stage]
+            dn2[position] = entry.dn2
+        if missing:
+            subset = images.subset(missing)
+            extractor = self.extractor()
+            done_before = n - len(missing)
+            batches = subset.iter_batches(
+                self.image_size, self.settings.features.batch_size,
+                None if progress is None else (lambda done, _: progress(done_before + done, n)), cancel,
+            )
+            for indices, batch in batches:
+                check_cancel(cancel)
+                out = extractor(batch, self.backbone_stages())
+                pixels = self._pixel_features(out.maps)
+                scores = self._image_index.score(out.pooled.float().cpu().numpy())
+                for j, local in enumerate(indices):
+                    check_cancel(cancel)
+                    position = missing[int(local)]
+                    found, rows = self._search_image({k: v[j] for k, v in pixels.items()}, out.pooled[j], None)
+                    for stage in self.stages_:
+                        raw[stage][position] = found[stage]
+                        nearest[stage][position] = rows[stage]
+                    dn2[position] = scores[j]
+                    self._cache.put(keys[position], CacheEntry.of(found, rows, float(scores[j])))
+        elif progress is not None:
+            progress(n, n)
+        self._last = ScoredSet(raw, nearest, dn2, images)
+        return raw
+
+    def score(self, images: ImageSet, progress=None, cancel=None) -> np.ndarray:
+        """(N,) image scores (``settings.image_score``); computes and caches the maps as well."""
+        self.raw_maps(images, progress, cancel)
+        return self.image_scores()
+
+    def image_scores(self, kind: str | None = None) -> np.ndarray:
+        """(N,) image scores of the last scored set: "dn2" (pooled kNN) or "max" (heatmap peak).
+
+        ``kind`` None = ``settings.image_score``, the score the image threshold was set for.
+        """
+        last = self._require_last()
+        kind = self.settings.image_score if kind is None else kind
+        if kind == "dn2":
+            return last.dn2.astype(np.float64)
+        if kind == "max":
+            heat = self.combined_maps()
+            return heat.reshape(len(heat), -1).max(axis=1).astype(np.float64)
+        raise ValueError(f"image score kind must be 'dn2' or 'max', got {kind!r}")
+
+    def score_and_maps(
+        self, images: ImageSet, progress: ProgressFn | None = None, cancel: CancelFn | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) image scores and (N, crop, crop) heatmaps in one pass over the images."""
+        self.raw_maps(images, progress, cancel)
+        return self.image_scores(), self.combined_maps()
+
+    def anomaly_maps(self, images: ImageSet, progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> np.ndarray:
+        """(N, crop, crop) float32 heatmaps at the current ``settings`` σ and stages."""
+        self.raw_maps(images, progress, cancel)
+        return self.combined_maps()
+
+    def _require_last(self) -> ScoredSet:
+        self._require_ready()
+        if self._last is None:
+            raise NotFittedError("no scored images yet: call anomaly_maps(images) or raw_maps(images) first")
+        return self._last
+
+    # ------------------------------------------------------------------ recombination (no backbone, no kNN)
+    def check_stages(self, stages: Sequence[str] | None) -> tuple[str, ...]:
+        """The stages to combine (None = all of ``stages_``); KeyError naming the valid ones otherwise."""
+        chosen = self.stages_ if stages is None else tuple(stages)
+        unknown = [s for s in chosen if s not in self.stages_]
+        if unknown or not chosen:
+            raise KeyError(f"stages {list(chosen)} not available; this model has {list(self.stages_)}")
+        return chosen
+
+    def combine(
+        self, raw: dict[str, np.ndarray], stages: Sequence[str] | None = None, sigma: float | None = None
+    ) -> np.ndarray:
+        """{key: (N, h, w)} raw maps -> (N, crop, crop) heatmaps with this model's normalisation and crop."""
+        chosen = self.check_stages(stages)
+        normalisation = self.normalisation_ if self.settings.normalise else None
+        return maps.combine(raw, chosen, self._sigma_pixels(sigma), self.image_size.crop, normalisation)
+
+    def combined_maps(
+        self, stages: Sequence[str] | None = None, sigma: float | None = None, indices: Sequence[int] | None = None
+    ) -> np.ndarray:
+        """(N, crop, crop) heatmaps of the last scored set from its cached raw maps.
+
+        ``stages``: subset of ``stages_`` (None = all); ``sigma``: smoothing in
+        pixels of a 224 crop (None = ``settings.sigma``); ``indices``: images
+        of the last set (None = all).
+        """
+        last = self._require_last()
+        raw = last.raw if indices is None else {k: v[np.asarray(indices, dtype=np.int64)] for k, v in last.raw.items()}
+        return self.combine(raw, stages, sigma)
+
+    def to_original(self, heatmap: np.ndarray, index: int) -> np.ndarray:
+        """One (crop, crop) heatmap of the last scored set -> (H, W) at that image's original size (NaN outside the crop)."""
+        last = self._require_last()
+        hw = _original_hw(last.images[index], self.image_size.resize)
+        return map_to_original(heatmap, hw, self.image_size)
+
+    # ------------------------------------------------------------------ pixel threshold
+    def _calibration_heatmaps(self, stages: Sequence[str] | None, sigma: float | None) -> np.ndarray:
+        return self.combine(self.calibration_, stages, sigma)
+
+    def _calibration_stats(self, stages: Sequence[str] | None, sigma: float | None) -> tuple[float, float]:
+        """(pixel threshold, median) of the calibration heatmaps for these stages and σ, cached."""
+        self._require_ready()
+        key = (self.check_stages(stages), self._sigma_pixels(sigma), self.settings.pixel_fpr, self.settings.normalise)
+        if key not in self._pixel_thresholds:
+            heat = self._calibration_heatmaps(stages, sigma).reshape(-1)
+            self._pixel_thresholds[key] = (threshold_at_fpr(heat, self.settings.pixel_fpr), float(np.median(heat)))
+        return self._pixel_thresholds[key]
+
+    def pixel_threshold(self, stages: Sequence[str] | None = None, sigma: float | None = None) -> float:
+        """Score above which a pixel is anomalous, for these stages and σ.
+
+        The (1 - ``pixel_fpr``) quantile of the calibration heatmaps: normal
+        images scored without themselves, so about ``pixel_fpr`` of normal
+        pixels lie above it.
+        """
+        return self._calibration_stats(stages, sigma)[0]
+
+    def typical_pixel_score(self, stages: Sequence[str] | None = None, sigma: float | None = None) -> float:
+        """Median normal-pixel score (calibration maps): the low anchor of :func:`core.maps.model_scale`."""
+        return self._calibration_stats(stages, sigma)[1]
+
+    def colour_scale(self, stages: Sequence[str] | None = None, sigma: float | None = None) -> maps.ColourScale:
+        """One colour scale for every image of this model, with the pixel threshold mid-scale."""
+        return maps.model_scale(self.pixel_threshold(stages, sigma), self.typical_pixel_score(stages, sigma))
+
+    def threshold_mask(
+        self, heatmap: np.ndarray, stages: Sequence[str] | None = None, sigma: float | None = None
+    ) -> np.ndarray:
+        """Heatmap(s) made with these stages/σ -> bool mask of pixels above :meth:`pixel_threshold`."""
+        return maps.threshold_mask(heatmap, self.pixel_threshold(stages, sigma))
+
+    # ------------------------------------------------------------------ explanation
+    def explain(self, image_index: int, y: int | None = None, x: int | None = None, stage: str | None = None) -> Explanation:
+        """The normal training patch nearest to pixel (y, x) (crop pixels) of image ``image_index`` of the last set.
+
+        Without (y, x), the peak of the image's heatmap. Without ``stage``, the
+        stage that scores the pixel highest relative to its normal spread.
+        """
+        return explain(self, image_index, y, x, stage)
+
+    # ------------------------------------------------------------------ raw-map files
+    def save_raw_maps(self, path: str | os.PathLike, images: ImageSet) -> Path:
+        """Write the raw results of ``images`` (computed now if not cached) to ``path`` (.npz, no pickle).
+
+        Arrays: ``raw_<i>`` / ``nearest_<i>`` (N, h, w) per stage ``i`` of
+        ``stages_``, ``dn2`` (N,), and a JSON header with the stages, their
+        shapes and each image's cache key. :meth:`load_raw_maps` puts them back
+        into the cache, so a restarted app redraws heatmaps without the backbone.
+        """
+        raw = self.raw_maps(images)
+        last = self._last
+        keys = [[list(self._signature()), item_key(item)] for item in images]
+        header = {"stages": list(self.stages_), "shapes": [list(self.stage_shapes_[k]) for k in self.stages_],
+                  "keys": keys}
+        arrays = {"dn2": last.dn2}
+        for index, key in enumerate(self.stages_):
+            arrays[f"raw_{index}"] = raw[key]
+            arrays[f"nearest_{index}"] = last.nearest[key]
+        return write_raw_map_file(path, header, arrays)
+
+    def load_raw_maps(self, path: str | os.PathLike) -> int:
+        """Put the raw results saved by :meth:`save_raw_maps` into the cache; returns how many images.
+
+        Raises :class:`ModelFileError` naming the file when it is unreadable or
+        was made for other stages or map sizes than this fitted model's.
+        """
+        self._require_ready()
+        header, arrays = read_raw_map_file(path)
+        try:
+            stages, shapes, keys = header["stages"], header["shapes"], header["keys"]
+        except KeyError as error:
+            raise ModelFileError(f"{path}: not a raw-map file of this tool (no {error})") from error
+        expected = [list(self.stage_shapes_[k]) for k in self.stages_]
+        if stages != list(self.stages_) or shapes != expected or not isinstance(keys, list):
+            raise ModelFileError(f"{path}: maps of stages {stages} {shapes}, but the model has "
+                                 f"{list(self.stages_)} {expected}")
+        n = len(keys)
+        for index in range(len(stages)):
+            for kind in ("raw", "nearest"):
+                if arrays.get(f"{kind}_{index}", np.empty(0)).shape != (n, *shapes[index]):
+                    raise ModelFileError(f"{path}: array {kind}_{index} does not hold {n} maps of {shapes[index]}")
+        if arrays.get("dn2", np.empty(0)).shape != (n,):
+            raise ModelFileError(f"{path}: array dn2 does not hold {n} scores")
+        for position, key in enumerate(keys):
+            found = {stage: arrays[f"raw_{i}"][position].astype(np.float32) for i, stage in enumerate(stages)}
+            rows = {stage: arrays[f"nearest_{i}"][position].astype(np.int64) for i, stage in enumerate(stages)}
+            self._cache.put(as_tuples(key), CacheEntry.of(found, rows, float(arrays["dn2"][position])))
+        return n
+
+    # ------------------------------------------------------------------ persistence
+    def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        fields: dict[str, Any] = self._identity_header()
+        arrays: dict[str, np.ndarray] = {}
+        fields.update(
+            stages=list(self.stages_),
+            stage_shapes={key: list(shape) for key, shape in self.stage_shapes_.items()},
+            train_names=self.train_names_,
+            calibration_names=self.calibration_names_,
+            normalisation={key: [n.mean, n.std] for key, n in self.normalisation_.items()},
+        )
+        arrays["pooled"] = self._pooled.cpu().numpy()
+        arrays["train_sizes"] = self.train_sizes_
+        for index, key in enumerate(self.stages_):
+            gallery = self._galleries[key]
+            # Galleries are stored rounded to float16 at fit, so this conversion is lossless.
+            arrays[f"gallery_{index}"] = gallery.features.cpu().numpy().astype(np.float16)
+            if gallery.origin is not None:
+                arrays[f"origin_{index}"] = gallery.origin
+            arrays[f"calibration_{index}"] = self.calibration_[key]
+        return fields, arrays
+
+    def _restore(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self._restore_identity(header)
+        try:
+            self.stages_ = tuple(header["stages"])
+            self.stage_shapes_ = {key: (int(v[0]), int(v[1])) for key, v in header["stage_shapes"].items()}
+            self.train_names_ = list(header["train_names"])
+            self.calibration_names_ = list(header["calibration_names"])
+            self.normalisation_ = {
+                key: maps.StageNormalisation(float(v[0]), float(v[1])) for key, v in header["normalisation"].items()
+            }
+            pooled = torch.from_numpy(arrays["pooled"].astype(np.float32))
+            self.train_sizes_ = arrays["train_sizes"].astype(np.int64)
+            device = self._search_device()
+            self._galleries, self.calibration_ = {}, {}
+            for index, key in enumerate(self.stages_):
+                features = torch.from_numpy(arrays[f"gallery_{index}"].astype(np.float32)).to(device)
+                origin = arrays.get(f"origin_{index}")
+                self._galleries[key] = StageGallery.of(
+                    features, self.stage_shapes_[key], None if origin is None else origin.astype(np.int64)
+                )
+                self.calibration_[key] = arrays[f"calibration_{index}"].astype(np.float32)
+        except KeyError as error:
+            raise ModelFileError(f"SPADE model file lacks {error}") from error
+        if self._keys() != self.stages_:
+            raise ModelFileError(f"SPADE model stages {self.stages_} do not match its settings ({self._keys()})")
+        self._pooled = pooled
+        self._image_index = KnnIndex(min(self.settings.image_k, len(pooled) - 1), backend="torch", device="cpu").fit(pooled)
+        self._fitted_layout = self._layout()
+        self._cache = RawCache(self.settings.cache_mb * 1024 * 1024)
+        self._last = None
+        self._pixel_thresholds = {}
+
+    def _search_device(self) -> torch.device:
+        device = self.settings.features.device
+        if device is not None:
+            return torch.device(device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")

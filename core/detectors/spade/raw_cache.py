@@ -1,0 +1,132 @@
+"""What SPADE keeps of scored images: the LRU raw-map cache and the raw-map file.
+
+Raw results of one image are its per-stage (h, w) distance maps, the gallery
+row of each pixel's nearest normal pixel, and its DN2 image score. They are
+cached under the image's content identity (:func:`item_key`), so redrawing a
+heatmap never runs the backbone or the kNN again, and can be written to a
+plain ``.npz`` (:func:`write_raw_map_file` / :func:`read_raw_map_file`) so a
+restarted app redraws them too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.datasets import ImageItem, ImageSet
+from core.detectors.base import ModelFileError
+
+_HEADER = "header"
+
+
+@dataclass
+class ScoredSet:
+    """Raw results of the last scored set: per key (N, h, w) maps and nearest-pixel rows, (N,) DN2 scores."""
+
+    raw: dict[str, np.ndarray]
+    nearest: dict[str, np.ndarray]
+    dn2: np.ndarray
+    images: ImageSet
+
+
+@dataclass
+class CacheEntry:
+    """One image's raw results: {key: (h, w) float32} maps, {key: (h, w) int64} rows, DN2 score, bytes held."""
+
+    raw: dict[str, np.ndarray]
+    nearest: dict[str, np.ndarray]
+    dn2: float
+    nbytes: int
+
+    @classmethod
+    def of(cls, raw: dict[str, np.ndarray], nearest: dict[str, np.ndarray], dn2: float) -> "CacheEntry":
+        nbytes = sum(value.nbytes for value in raw.values()) + sum(value.nbytes for value in nearest.values())
+        return cls(raw, nearest, float(dn2), nbytes)
+
+
+class RawCache:
+    """Least-recently-used store of per-image raw results, bounded in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.used = 0
+        self._entries: OrderedDict[Any, CacheEntry] = OrderedDict()
+
+    def get(self, key: Any) -> CacheEntry | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: Any, entry: CacheEntry) -> None:
+        if key in self._entries:
+            self.used -= self._entries.pop(key).nbytes
+        if entry.nbytes > self.max_bytes:
+            return
+        self._entries[key] = entry
+        self.used += entry.nbytes
+        while self.used > self.max_bytes:
+            _, dropped = self._entries.popitem(last=False)
+            self.used -= dropped.nbytes
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.used = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def item_key(item: ImageItem) -> tuple:
+    """Content identity of an image item: raw maps are cached under it."""
+    if item.path is not None:
+        try:
+            status = os.stat(item.path)
+        except OSError:
+            return ("path", item.path)
+        return ("path", item.path, status.st_mtime_ns, status.st_size)
+    if item.data is not None:
+        return ("data", hashlib.blake2b(item.data, digest_size=16).hexdigest())
+    assert item.array is not None
+    digest = hashlib.blake2b(np.ascontiguousarray(item.array).tobytes(), digest_size=16).hexdigest()
+    return ("array", item.array.shape, digest)
+
+
+def as_tuples(value: Any) -> Any:
+    """JSON lists back into the tuples a cache key is made of."""
+    return tuple(as_tuples(part) for part in value) if isinstance(value, list) else value
+
+
+# --------------------------------------------------------------------------- the raw-map file
+
+
+def write_raw_map_file(path: str | os.PathLike, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Path:
+    """Write a JSON ``header`` and numpy ``arrays`` to ``path`` (.npz, no pickle), atomically."""
+    arrays = {_HEADER: np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8), **arrays}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp.npz")
+    np.savez(temporary, **arrays)
+    os.replace(temporary, path)  # never half a file where a good one was
+    return path
+
+
+def read_raw_map_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(header, arrays) of a file written by :func:`write_raw_map_file`; :class:`ModelFileError` naming it otherwise."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+        header = json.loads(arrays.pop(_HEADER).tobytes().decode("utf-8"))
+    except (OSError, ValueError, KeyError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as error:
+        raise ModelFileError(f"{path}: not a raw-map file of this tool ({error})") from error
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{path}: not a raw-map file of this tool (header is not an object)")
+    return header, arrays
