@@ -359,16 +359,20 @@ def rgb_from_array(array: np.ndarray, name: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ImageSize:
-    """The paper's preprocessing geometry: resize to a square, then centre-crop.
+    """The preprocessing geometry: resize to a square, then centre-crop.
 
     Attributes:
         resize: side, in pixels, of the square every image is resized to.
         crop: side of the centred square cut from the resized image; equal to
             ``resize`` for no crop.
+        pad: keep the aspect ratio: the image is scaled so its longer side is
+            ``resize`` and centred on a square canvas of constant grey
+            (letterbox) instead of being squashed. Needs ``crop == resize``.
     """
 
     resize: int = 256
     crop: int = 224
+    pad: bool = False
 
     def __post_init__(self) -> None:
         for field_name in ("resize", "crop"):
@@ -380,6 +384,10 @@ class ImageSize:
         if self.crop > self.resize:
             raise ValueError(
                 f"ImageSize.crop ({self.crop}) cannot be larger than ImageSize.resize ({self.resize})"
+            )
+        if self.pad and self.crop != self.resize:
+            raise ValueError(
+                f"ImageSize.pad keeps the whole image: crop ({self.crop}) must equal resize ({self.resize})"
             )
 
     @property
@@ -410,11 +418,44 @@ def _centre_crop(array: np.ndarray, size: ImageSize) -> np.ndarray:
     return array[start : start + size.crop, start : start + size.crop]
 
 
+PAD_GREY = 124
+"""Canvas value around a letterboxed image: mid-grey, close to the ImageNet mean, so the
+canvas edge reads as a plain border to the backbone in normal and test images alike."""
+
+
+def content_box(original_hw: tuple[int, int], size: ImageSize) -> tuple[int, int, int, int]:
+    """Where the image lies on the preprocessed canvas: ``(top, left, bottom, right)``, exclusive.
+
+    The whole crop for a squashed image; with ``size.pad`` the letterboxed
+    rectangle whose longer side is ``size.resize`` and whose aspect ratio is
+    the original's.
+    """
+    if not size.pad:
+        return 0, 0, size.crop, size.crop
+    height, width = int(original_hw[0]), int(original_hw[1])
+    if height <= 0 or width <= 0:
+        raise ValueError(f"original_hw must be positive, got {original_hw}")
+    scale = size.resize / max(height, width)
+    inner_h = max(1, min(size.resize, _round_half_up(height * scale)))
+    inner_w = max(1, min(size.resize, _round_half_up(width * scale)))
+    top, left = (size.resize - inner_h) // 2, (size.resize - inner_w) // 2
+    return top, left, top + inner_h, left + inner_w
+
+
+def _letterbox(array: np.ndarray, size: ImageSize, fill: int, interpolation: int | None = None) -> np.ndarray:
+    """(H, W[, C]) -> (resize, resize[, C]) with the aspect ratio kept and ``fill`` around it."""
+    top, left, bottom, right = content_box(array.shape[:2], size)
+    canvas = np.full((size.resize, size.resize, *array.shape[2:]), fill, dtype=array.dtype)
+    canvas[top:bottom, left:right] = _resize(array, (bottom - top, right - left), interpolation)
+    return canvas
+
+
 def preprocess(image: np.ndarray, size: ImageSize) -> np.ndarray:
     """Resize an image to ``size.resize`` squared, centre-crop it, scale to ``[0, 1]``.
 
-    Non-square images are squashed to a square rather than cropped along their
-    long side, as the reference code does (MVTec images are square anyway).
+    Non-square images are squashed to a square as the reference code does
+    (MVTec images are square anyway), unless ``size.pad`` keeps their aspect
+    ratio on a grey canvas (:func:`content_box`).
     ``INTER_AREA`` is used when shrinking, ``INTER_LINEAR`` when enlarging.
 
     Args:
@@ -426,8 +467,10 @@ def preprocess(image: np.ndarray, size: ImageSize) -> np.ndarray:
     """
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"preprocess expects an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
-    resized = _resize(image, (size.resize, size.resize))
-    cropped = _centre_crop(resized, size)
+    if size.pad:
+        cropped = _letterbox(image, size, PAD_GREY)
+    else:
+        cropped = _centre_crop(_resize(image, (size.resize, size.resize)), size)
     channels_first = np.ascontiguousarray(cropped.transpose(2, 0, 1))
     return channels_first.astype(np.float32) / np.float32(255.0)
 
@@ -447,6 +490,8 @@ def preprocess_mask(mask: np.ndarray, size: ImageSize) -> np.ndarray:
     as_bytes = np.asarray(mask, dtype=bool).astype(np.uint8)
     # NEAREST_EXACT samples at pixel centres like Pillow; plain INTER_NEAREST
     # is shifted by half a pixel.
+    if size.pad:
+        return _letterbox(as_bytes, size, 0, cv2.INTER_NEAREST_EXACT).astype(bool)
     resized = _resize(as_bytes, (size.resize, size.resize), cv2.INTER_NEAREST_EXACT)
     return _centre_crop(resized, size).astype(bool)
 
@@ -471,6 +516,8 @@ def crop_box(original_hw: tuple[int, int], size: ImageSize) -> tuple[int, int, i
     height, width = int(original_hw[0]), int(original_hw[1])
     if height <= 0 or width <= 0:
         raise ValueError(f"original_hw must be positive, got {original_hw}")
+    if size.pad:  # a letterboxed canvas shows the whole image
+        return 0, 0, height, width
     start, end = size.crop_offset, size.crop_offset + size.crop
 
     def edges(length: int) -> tuple[int, int]:
@@ -502,9 +549,18 @@ def map_to_original(
     """
     if heatmap.ndim != 2 or heatmap.shape[0] == 0 or heatmap.shape[1] == 0:
         raise ValueError(f"map_to_original expects a non-empty 2-D map, got shape {heatmap.shape}")
+    heatmap = np.asarray(heatmap, dtype=np.float32)
+    if size.pad:
+        # The map covers the canvas: cut out the image's rectangle (scaled to the map's
+        # resolution), then resample that onto the original pixels.
+        top, left, bottom, right = content_box(original_hw, size)
+        scale_y, scale_x = heatmap.shape[0] / size.crop, heatmap.shape[1] / size.crop
+        rows = slice(int(math.floor(top * scale_y)), max(int(math.ceil(bottom * scale_y)), int(math.floor(top * scale_y)) + 1))
+        cols = slice(int(math.floor(left * scale_x)), max(int(math.ceil(right * scale_x)), int(math.floor(left * scale_x)) + 1))
+        return _resize(np.ascontiguousarray(heatmap[rows, cols]), (int(original_hw[0]), int(original_hw[1])))
     top, left, bottom, right = crop_box(original_hw, size)
     result = np.full((int(original_hw[0]), int(original_hw[1])), np.nan, dtype=np.float32)
-    inside = _resize(np.asarray(heatmap, dtype=np.float32), (bottom - top, right - left))
+    inside = _resize(heatmap, (bottom - top, right - left))
     result[top:bottom, left:right] = inside
     return result
 

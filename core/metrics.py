@@ -541,17 +541,25 @@ def segmentation_metrics(masks: object, maps: object, max_fpr: float = 0.3) -> S
     """Pixel AUROC and PRO score in one pass, sorting the normal pixels once.
 
     Args:
-        masks: (N, H, W) bool (or 0/1), True = defect pixel.
-        maps: (N, H, W) float, same shape.
+        masks: (N, H, W) bool (or 0/1), True = defect pixel; or a list of
+            (H_i, W_i) masks of images of different sizes.
+        maps: (N, H, W) float, same shape; or a list matching ``masks``.
         max_fpr: in (0, 1], PRO integration limit.
 
     Raises:
         ValueError: as ``pixel_auroc`` and ``pro_curve``.
     """
     max_fpr = _check_max_fpr(max_fpr)
-    m, a = _check_masks_maps(masks, maps)
-    region_scores, tail, _ = _region_tail_weights(m, a)  # raises if no regions
-    neg = a[~m]
+    if isinstance(masks, (list, tuple)):
+        # Images of different sizes (each map at its own mask's resolution).
+        pairs = [_check_masks_maps(mask, amap) for mask, amap in zip(masks, maps, strict=True)]
+        m, a = [p[0][0] for p in pairs], [p[1][0] for p in pairs]
+        region_scores, tail, _ = _region_tail_weights(m, a)
+        neg = np.concatenate([amap[~mask] for mask, amap in zip(m, a)])
+    else:
+        m, a = _check_masks_maps(masks, maps)
+        region_scores, tail, _ = _region_tail_weights(m, a)  # raises if no regions
+        neg = a[~m]
     if neg.size == 0:
         raise ValueError("masks contain only one class of pixels; pixel AUROC needs both")
     neg.sort()
