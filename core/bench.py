@@ -12,10 +12,10 @@ Data set specs:
   all other classes are the anomalies (``core.datasets.read_class_folders``);
 * ``fmnist:<dir>`` — Fashion-MNIST IDX files, classes 0-9.
 
-Methods are pluggable: :data:`BENCH_METHODS` maps a name to a function
-``BenchOptions -> Detector``. Register a method with one line, e.g.
-``BENCH_METHODS["spade"] = lambda options: SpadeDetector(settings_for(SpadeSettings, options))``.
-``--param key=value`` pairs become settings fields (:func:`apply_params`).
+Methods come from the registry (``core.detectors.METHODS``): :data:`BENCH_METHODS`
+maps each preset of each method (``dn2``, ``dn2-kmeans``, ``panda-ses``, ...) to
+a function ``BenchOptions -> Detector``. ``--param key=value`` pairs become
+settings fields (:func:`core.config.apply_params`).
 
 Feature reuse: in a one-class protocol the test set is the same for every
 normal class. Detectors that can be fitted from extracted features
@@ -42,8 +42,6 @@ import hashlib
 import json
 import os
 import time
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -51,8 +49,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from core import config
 from core.backbones import Features, get_spec
-from core.config import DN2Settings, FeatureSettings, GaussianSettings
+from core.config import FeatureSettings
 from core.datasets import (
     FASHION_MNIST_CLASSES,
     ImageSet,
@@ -62,7 +61,8 @@ from core.datasets import (
     read_mvtec,
     stratified_positions,
 )
-from core.detectors.base import Detector
+from core.detectors import METHODS, MethodInfo, Preset, preset_settings
+from core.detectors.base import Detector, SegmentationDetector
 from core.detectors.features import FeatureDetector
 from core.features import (
     ExtractionTiming,
@@ -73,6 +73,7 @@ from core.features import (
     select_features,
 )
 from core.metrics import image_auroc, segmentation_metrics
+from core.npz_io import NpzFileError, open_npz, write_npz
 from core.progress import CancelFn, ProgressFn, check_cancel
 
 PhaseProgress = Callable[[str], "ProgressFn | None"]
@@ -101,151 +102,34 @@ class BenchOptions:
     params: Mapping[str, str] = field(default_factory=dict)
     epochs: int | None = None
     outliers: str | None = None
-
-
-class ParamError(ValueError):
-    """A ``--param key=value`` names no settings field or has a value of the wrong type."""
-
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def _convert(text: str, annotation: Any, key: str) -> Any:
-    """Parse ``text`` as a value of the type ``annotation`` (a resolved type hint)."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if type(None) in typing.get_args(annotation) and text.strip().lower() in ("none", "null", ""):
-            return None
-        errors = []
-        for option in options:
-            try:
-                return _convert(text, option, key)
-            except ParamError as error:
-                errors.append(str(error))
-        raise ParamError(f"--param {key}={text!r}: " + "; ".join(errors))
-    if origin is tuple:
-        args = typing.get_args(annotation)
-        item_type = args[0] if args else str
-        parts = [part.strip() for part in text.split(",") if part.strip()]
-        return tuple(_convert(part, item_type, key) for part in parts)
-    if annotation is bool:
-        lowered = text.strip().lower()
-        if lowered in _TRUE:
-            return True
-        if lowered in _FALSE:
-            return False
-        raise ParamError(f"--param {key}={text!r}: expected true or false")
-    if annotation in (int, float):
-        try:
-            return annotation(text)
-        except ValueError:
-            raise ParamError(f"--param {key}={text!r}: expected {annotation.__name__}") from None
-    if annotation is str:
-        return text
-    raise ParamError(f"--param {key}: fields of type {annotation} cannot be set from the command line")
-
-
-def apply_params(settings: Any, params: Mapping[str, str]) -> Any:
-    """A copy of the frozen ``settings`` with ``key=value`` strings applied.
-
-    Keys are field names; nested settings use dots (``features.backbone``).
-    Values are converted to the field's type: ints, floats, booleans
-    (true/false), ``none`` for optional fields, comma-separated tuples
-    (``stages=block4,block6``). Unknown keys raise :class:`ParamError` listing
-    the valid ones.
-    """
-    for key, text in params.items():
-        settings = _apply_one(settings, key.split("."), str(text), key)
-    return settings
-
-
-def _apply_one(settings: Any, path: list[str], text: str, key: str) -> Any:
-    hints = typing.get_type_hints(type(settings))
-    names = [f.name for f in dataclasses.fields(settings)]
-    name = path[0]
-    if name not in names:
-        valid = ", ".join(_param_names(settings))
-        raise ParamError(f"unknown setting {key!r} for {type(settings).__name__}; valid: {valid}")
-    current = getattr(settings, name)
-    if len(path) > 1:
-        if not dataclasses.is_dataclass(current):
-            raise ParamError(f"unknown setting {key!r}: {name} has no sub-settings")
-        return dataclasses.replace(settings, **{name: _apply_one(current, path[1:], text, key)})
-    if dataclasses.is_dataclass(current):
-        example = dataclasses.fields(current)[0].name
-        raise ParamError(f"setting {key!r} is a group; set its fields, e.g. {key}.{example}=...")
-    try:
-        return dataclasses.replace(settings, **{name: _convert(text, hints[name], key)})
-    except ParamError:
-        raise
-    except (TypeError, ValueError) as error:  # the settings' own validation
-        raise ParamError(f"--param {key}={text!r}: {error}") from error
-
-
-def _param_names(settings: Any, prefix: str = "") -> list[str]:
-    names = []
-    for f in dataclasses.fields(settings):
-        value = getattr(settings, f.name)
-        if dataclasses.is_dataclass(value):
-            names.extend(_param_names(value, f"{prefix}{f.name}."))
-        else:
-            names.append(prefix + f.name)
-    return names
+    # Choose the method's settings for each task from its normal images first
+    # (``core.tuning``: synthetic defects, no test image read); SPADE only.
+    tune: bool = False
 
 
 def settings_for(settings_type: type, options: BenchOptions, base: Any = None) -> Any:
-    """Settings of ``settings_type`` (or ``base``) with the options' backbone/weights/device and params."""
-    settings = base if base is not None else settings_type()
-    features = getattr(settings, "features", None)
-    if isinstance(features, FeatureSettings):
-        changes = {
-            name: value
-            for name, value in (
-                ("backbone", options.backbone),
-                ("weights", options.weights),
-                ("device", options.device),
-                ("batch_size", options.batch_size),
-            )
-            if value is not None
-        }
-        settings = dataclasses.replace(settings, features=dataclasses.replace(features, **changes))
-    if "seed" in {f.name for f in dataclasses.fields(settings)}:
-        settings = dataclasses.replace(settings, seed=options.seed)
-    return apply_params(settings, options.params)
+    """Settings of ``settings_type`` (or ``base``) with the options' backbone/weights/device/seed and params."""
+    return config.settings_for(
+        settings_type, base, backbone=options.backbone, weights=options.weights, device=options.device,
+        batch_size=options.batch_size, seed=options.seed, params=options.params,
+    )
 
 
-def _dn2(options: BenchOptions) -> Detector:
-    from core.detectors.dn2 import DN2Detector
+def _factory(info: MethodInfo, preset: Preset) -> Callable[[BenchOptions], Detector]:
+    """A bench factory for one preset of a registered method.
 
-    return DN2Detector(settings_for(DN2Settings, options))
-
-
-def _dn2_kmeans(options: BenchOptions) -> Detector:
-    from core.detectors.dn2 import DN2Detector
-
-    return DN2Detector(settings_for(DN2Settings, options, DN2Settings(gallery="kmeans")))
-
-
-def _gaussian(options: BenchOptions) -> Detector:
-    from core.detectors.gaussian import GaussianDetector
-
-    return GaussianDetector(settings_for(GaussianSettings, options))
-
-
-def _panda(strategy: str) -> Callable[[BenchOptions], Detector]:
-    """PANDA with one strategy; ``--epochs`` sets its length, ``--outliers`` (a folder or zip) feeds "oe"."""
+    Adapting methods (PANDA) take their length from ``--epochs``; strategy
+    "oe" needs ``--outliers`` (a folder or zip of outlier images).
+    """
 
     def make(options: BenchOptions) -> Detector:
-        from core.config import PandaSettings
-        from core.detectors.panda import PandaDetector
-
-        base = PandaSettings(strategy=strategy, epochs=options.epochs or 0)
-        detector = PandaDetector(settings_for(PandaSettings, options, base))
-        if strategy == "oe":
+        base = preset_settings(preset, info)
+        if info.adaptation:
+            base = dataclasses.replace(base, epochs=options.epochs or 0)
+        detector = info.make(settings_for(info.settings_type, options, base))
+        if info.adaptation and detector.settings.strategy == "oe":
             if not options.outliers:
-                raise ValueError("panda-oe needs --outliers (a folder or zip of outlier images)")
+                raise ValueError(f"{preset.name} needs --outliers (a folder or zip of outlier images)")
             from core.datasets import read_folder, read_zip
 
             source = Path(options.outliers)
@@ -255,30 +139,10 @@ def _panda(strategy: str) -> Callable[[BenchOptions], Detector]:
     return make
 
 
-def _spade(gallery: str) -> Callable[[BenchOptions], Detector]:
-    """SPADE with a K-means or exact pixel gallery (segmentation: pixel AUROC, PRO, per-stage ablation)."""
-
-    def make(options: BenchOptions) -> Detector:
-        from core.config import SpadeSettings
-        from core.detectors.spade import SpadeDetector
-
-        return SpadeDetector(settings_for(SpadeSettings, options, SpadeSettings(gallery=gallery)))
-
-    return make
-
-
 BENCH_METHODS: dict[str, Callable[[BenchOptions], Detector]] = {
-    "dn2": _dn2,
-    "dn2-kmeans": _dn2_kmeans,
-    "gaussian": _gaussian,
-    "panda-early": _panda("early"),
-    "panda-ses": _panda("ses"),
-    "panda-ewc": _panda("ewc"),
-    "panda-oe": _panda("oe"),
-    "spade": _spade("kmeans"),
-    "spade-exact": _spade("exact"),
+    preset.name: _factory(info, preset) for info in METHODS.values() for preset in info.bench_presets
 }
-"""Benchmark method name -> detector factory. Other methods add one entry each."""
+"""Benchmark name -> detector factory, one per preset of each registered method (``core.detectors.METHODS``)."""
 
 
 # --------------------------------------------------------------------------- data set specs
@@ -423,24 +287,24 @@ def _cache_file(
 
 
 def _load_cached(path: Path, keys: list[str], request: FeatureRequest) -> Features | None:
+    """The cached features of ``keys`` when ``path`` holds them; None (recompute) for a missing,
+    stale or damaged file, whose stage arrays are then never read."""
     if not path.is_file():
         return None
-    with np.load(path, allow_pickle=False) as archive:
-        if archive["keys"].tolist() != keys:
-            return None
-        stored = [name[len("stage_"):] for name in archive.files if name.startswith("stage_")]
-        if not set(request.stages) <= set(stored):
-            return None
-        maps = {stage: torch.from_numpy(archive[f"stage_{stage}"]) for stage in request.stages}
-        return Features(maps=maps, pooled=torch.from_numpy(archive["pooled"]))
+    try:
+        with open_npz(path, "feature cache") as npz:
+            stored = [name[len("stage_"):] for name in npz.names if name.startswith("stage_")]
+            if npz.array("keys").tolist() != keys or not set(request.stages) <= set(stored):
+                return None
+            maps = {stage: torch.from_numpy(npz.array(f"stage_{stage}")) for stage in request.stages}
+            return Features(maps=maps, pooled=torch.from_numpy(npz.array("pooled")))
+    except NpzFileError:
+        return None
 
 
 def _save_cached(path: Path, keys: list[str], features: Features) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp.npz")
-    np.savez(temporary, keys=np.array(keys), pooled=features.pooled.numpy(),
-             **{f"stage_{stage}": value.numpy() for stage, value in features.maps.items()})
-    os.replace(temporary, path)
+    write_npz(path, {"keys": np.array(keys), "pooled": features.pooled.numpy(),
+                     **{f"stage_{stage}": value.numpy() for stage, value in features.maps.items()}})
 
 
 def _shared_features(
@@ -491,24 +355,20 @@ def _renamed(item, index: int):
 
 
 def _segmentation(
-    detector: Detector, task: BenchTask, phase: PhaseProgress, cancel: CancelFn | None
+    detector: SegmentationDetector, task: BenchTask, phase: PhaseProgress, cancel: CancelFn | None
 ) -> tuple[np.ndarray, dict[str, Any], float]:
     """Image scores, pixel metrics (with per-stage ablation) and seconds for a segmentation detector."""
     start = time.perf_counter()
-    if hasattr(detector, "score_and_maps"):
-        scores, maps = detector.score_and_maps(task.test, phase(f"score {task.name}"), cancel)
-    else:
-        maps = detector.anomaly_maps(task.test, phase(f"maps {task.name}"), cancel)
-        scores = detector.score(task.test, phase(f"score {task.name}"), cancel)
+    scores, maps = detector.score_and_maps(task.test, phase(f"score {task.name}"), cancel)
     seconds = time.perf_counter() - start
-    size = getattr(detector, "image_size", None) or image_size_for(detector.settings.features)
+    size = detector.image_size
     masks = task.test.masks(size)
     result: dict[str, Any] = {}
     if masks.any():
         overall = segmentation_metrics(masks, maps)
         result.update(pixel_auroc=overall.pixel_auroc, pro=overall.pro)
         ablation = {}
-        for stage in _map_stages(detector):
+        for stage in detector.map_stages:
             metrics = segmentation_metrics(masks, detector.combined_maps(stages=(stage,)))
             ablation[stage] = {"pixel_auroc": metrics.pixel_auroc, "pro": metrics.pro}
         all_maps = segmentation_metrics(masks, detector.combined_maps(stages=None))
@@ -516,14 +376,6 @@ def _segmentation(
         result["ablation"] = ablation
     result["seconds_per_image"] = seconds / len(task.test)
     return np.asarray(scores, dtype=np.float64), result, seconds
-
-
-def _map_stages(detector: Detector) -> tuple[str, ...]:
-    for source in (getattr(detector, "map_stages_", None), getattr(detector, "stages", None),
-                   getattr(detector.settings, "stages", None)):
-        if source:
-            return tuple(source)
-    return ()
 
 
 def run_bench(
@@ -576,13 +428,13 @@ def run_bench(
             score_s += time.perf_counter() - start
         else:
             start = time.perf_counter()
-            if hasattr(detector, "curves_"):  # PANDA: the labelled test set only feeds its per-epoch curves
+            if adapting:  # PANDA: the labelled test set only feeds its per-epoch curves
                 detector.fit(task.train, phase(f"fit {task.name}"), cancel, test=task.test)
                 entry["curves"] = [record.to_dict() for record in detector.curves_]
             else:
                 detector.fit(task.train, phase(f"fit {task.name}"), cancel)
             fit_s += time.perf_counter() - start
-            if hasattr(detector, "anomaly_maps"):
+            if isinstance(detector, SegmentationDetector):
                 scores, pixel, seconds = _segmentation(detector, task, phase, cancel)
                 entry.update(pixel)
             else:
@@ -595,6 +447,8 @@ def run_bench(
         results.append(entry)
 
     timing: dict[str, Any] = {"fit_s": fit_s, "score_s": score_s}
+    info = METHODS.get(template.method)
+    adapting = info is not None and info.adaptation
     if shared:
         # Every distinct image went through decode + backbone once; scoring is kNN/Mahalanobis only.
         timing.update(protocol="shared extraction", extract_s=extract_s, n_images=n_images, feature_cache_hit=cache_hit)

@@ -3,11 +3,22 @@
 Defaults follow the papers (PANDA: Reiss et al., CVPR 2021; Gaussian: Rippel
 et al., ICPR 2020) unless a comment says why not. The CLI and the dashboard
 build these; nothing below the CLI sees an argparse Namespace.
+
+``--param key=value`` strings become settings fields through
+:func:`apply_params` (type-checked against the dataclass), and
+:func:`settings_for` applies the options every method shares (backbone,
+weights, device, batch size, seed) — the CLI, the benchmarks and the
+dashboard all build settings through them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from core.backbones import DEFAULT_BACKBONE
 
@@ -253,3 +264,134 @@ class SpadeSettings:
             raise ValueError(f"sigma must be >= 0, got {self.sigma}")
         _check_fraction("target_fpr", self.target_fpr)
         _check_fraction("pixel_fpr", self.pixel_fpr)
+
+
+# --------------------------------------------------------------------------- building settings
+
+
+class ParamError(ValueError):
+    """A ``--param key=value`` names no settings field or has a value of the wrong type."""
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _convert(text: str, annotation: Any, key: str) -> Any:
+    """Parse ``text`` as a value of the type ``annotation`` (a resolved type hint)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if type(None) in typing.get_args(annotation) and text.strip().lower() in ("none", "null", ""):
+            return None
+        errors = []
+        for option in options:
+            try:
+                return _convert(text, option, key)
+            except ParamError as error:
+                errors.append(str(error))
+        raise ParamError(f"--param {key}={text!r}: " + "; ".join(errors))
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        item_type = args[0] if args else str
+        parts = [part.strip() for part in text.split(",") if part.strip()]
+        return tuple(_convert(part, item_type, key) for part in parts)
+    if annotation is bool:
+        lowered = text.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ParamError(f"--param {key}={text!r}: expected true or false")
+    if annotation in (int, float):
+        try:
+            return annotation(text)
+        except ValueError:
+            raise ParamError(f"--param {key}={text!r}: expected {annotation.__name__}") from None
+    if annotation is str:
+        return text
+    raise ParamError(f"--param {key}: fields of type {annotation} cannot be set from the command line")
+
+
+def apply_params(settings: Any, params: Mapping[str, str]) -> Any:
+    """A copy of the frozen ``settings`` with ``key=value`` strings applied.
+
+    Keys are field names; nested settings use dots (``features.backbone``).
+    Values are converted to the field's type: ints, floats, booleans
+    (true/false), ``none`` for optional fields, comma-separated tuples
+    (``stages=block4,block6``). Unknown keys raise :class:`ParamError` listing
+    the valid ones.
+    """
+    for key, text in params.items():
+        settings = _apply_one(settings, key.split("."), str(text), key)
+    return settings
+
+
+def _apply_one(settings: Any, path: list[str], text: str, key: str) -> Any:
+    hints = typing.get_type_hints(type(settings))
+    names = [f.name for f in dataclasses.fields(settings)]
+    name = path[0]
+    if name not in names:
+        valid = ", ".join(param_names(settings))
+        raise ParamError(f"unknown setting {key!r} for {type(settings).__name__}; valid: {valid}")
+    current = getattr(settings, name)
+    if len(path) > 1:
+        if not dataclasses.is_dataclass(current):
+            raise ParamError(f"unknown setting {key!r}: {name} has no sub-settings")
+        return dataclasses.replace(settings, **{name: _apply_one(current, path[1:], text, key)})
+    if dataclasses.is_dataclass(current):
+        example = dataclasses.fields(current)[0].name
+        raise ParamError(f"setting {key!r} is a group; set its fields, e.g. {key}.{example}=...")
+    try:
+        return dataclasses.replace(settings, **{name: _convert(text, hints[name], key)})
+    except ParamError:
+        raise
+    except (TypeError, ValueError) as error:  # the settings' own validation
+        raise ParamError(f"--param {key}={text!r}: {error}") from error
+
+
+def param_names(settings: Any, prefix: str = "") -> list[str]:
+    """Every settable key of ``settings``, nested ones dotted (``features.backbone``)."""
+    names = []
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if dataclasses.is_dataclass(value):
+            names.extend(param_names(value, f"{prefix}{f.name}."))
+        else:
+            names.append(prefix + f.name)
+    return names
+
+
+def settings_for(
+    settings_type: type,
+    base: Any = None,
+    *,
+    backbone: str | None = None,
+    weights: str | None = None,
+    device: str | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    values: Mapping[str, Any] | None = None,
+    params: Mapping[str, str] | None = None,
+) -> Any:
+    """Settings of ``settings_type`` (or a copy of ``base``) with the shared options applied.
+
+    ``backbone``/``weights``/``device``/``batch_size``/``seed``: None keep the
+    method's default. ``values``: typed field values (``{"k": 3}``), for
+    callers that hold them already (the dashboard's widgets); ``params``:
+    ``key=value`` strings from a command line (:func:`apply_params`), applied last.
+    """
+    settings = base if base is not None else settings_type()
+    features = getattr(settings, "features", None)
+    if isinstance(features, FeatureSettings):
+        changes = {name: value for name, value in (("backbone", backbone), ("weights", weights), ("device", device),
+                                                   ("batch_size", batch_size)) if value is not None}
+        settings = dataclasses.replace(settings, features=dataclasses.replace(features, **changes))
+    if seed is not None and "seed" in {f.name for f in dataclasses.fields(settings)}:
+        settings = dataclasses.replace(settings, seed=seed)
+    if values:
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(settings)})
+        if unknown:
+            raise ParamError(f"unknown settings {unknown} for {type(settings).__name__}")
+        settings = dataclasses.replace(settings, **values)
+    return apply_params(settings, params or {})

@@ -40,9 +40,13 @@ class Job:
     Status: ``running`` -> ``finished`` | ``stopped`` | ``failed``.
     """
 
-    def __init__(self, title: str, work: Callable[["Job"], Any], project_id: int | None = None) -> None:
+    def __init__(self, title: str, work: Callable[["Job"], Any], project_id: int | None = None,
+                 topic: str = "") -> None:
         self.title = title
         self.project_id = project_id
+        # What the job is about (e.g. "detect", "segment"): a page shows the jobs of its own topics only,
+        # so the Segment page never reports a Gaussian fit started on Detect.
+        self.topic = topic
         self.started = time.time()
         self.finished_at: float | None = None
         self.result: Any = None
@@ -89,6 +93,15 @@ class Job:
     def progress(self) -> Progress:
         with self._lock:
             return self._progress
+
+    @property
+    def label(self) -> str:
+        """The one-line progress text every place that shows this job uses (page panel and sidebar alike)."""
+        progress = self.progress
+        text = f"{self.title} — {progress.stage}"
+        if progress.total:
+            text += f" ({progress.done}/{progress.total}, {progress.fraction:.0%})"
+        return text
 
     @property
     def running(self) -> bool:

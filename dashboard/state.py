@@ -33,12 +33,12 @@ JOBS = "jobs"  # dict[str, Job]: background work of this session, by kind (FIT o
 FLASH = "flash"  # list[(kind, text)]: messages to show once on the next page run
 UPLOAD_GENERATION = "upload_generation"  # int: bumped to empty the file uploader after an import
 REVIEW_POSITION = "review_position"  # dict[model_id, image_id]: where the reviewer is, per model
-THRESHOLDS = "thresholds"  # dict[model_id, float]: the threshold the user chose, per model
 LAST_IMPORT = "last_import"  # (what, ImportReport): the Data page's last import, shown once after the rerun
 LIVE_RUN = "live_run"  # int: the PANDA run the Adapt page follows
 SEGMENT_METRICS = "segment_metrics"  # dict[(model, stages, sigma), (pixel AUROC, PRO)]: already evaluated
 MAPS_AUTO_LOADED = "maps_auto_loaded"  # set[model_id]: saved heatmaps this session already tried to load by itself
 WATCHED_JOBS = "watched_jobs"  # set[str]: job panels that saw their job running (to rerun once it ends)
+MODELS_SEEN = "models_seen"  # dict[picker key, model id]: the project's current model when that picker last looked
 VERDICT_WIDGET = "verdict-{image_id}"  # the Review page's verdict radio for one image
 NOTE_WIDGET = "note-{image_id}"  # the Review page's note box for one image
 
@@ -98,6 +98,10 @@ def current_project() -> Project | None:
 # Job kinds. One model fit at a time per session (a laptop CPU has no spare cores), and one PANDA run.
 FIT = "fit"
 TRAIN = "train"
+# Job topics: which pages report a job (Detect reports every fit: the demo's SPADE fit lands there).
+DETECT = "detect"
+SEGMENT = "segment"
+REVIEW = "review"
 
 
 def jobs() -> dict[str, Job]:
@@ -138,8 +142,11 @@ def job_running(kind: str, project: int | None = None) -> bool:
     return project is not None and _others_running(kind, project) is not None
 
 
-def start_job(kind: str, title: str, work, project: int) -> Job | None:
-    """Start ``work(job)`` in the background unless this session already runs a job of that kind."""
+def start_job(kind: str, title: str, work, project: int, topic: str = "") -> Job | None:
+    """Start ``work(job)`` in the background unless this session already runs a job of that kind.
+
+    ``topic`` says which pages report it (see ``components.jobs.job_panel``).
+    """
     if job_running(kind):
         flash("warning", f"“{jobs()[kind].title}” is still running: wait for it or stop it first.")
         return None
@@ -148,7 +155,8 @@ def start_job(kind: str, title: str, work, project: int) -> Job | None:
         flash("warning", f"“{other.title}” was started on this project in another browser session and is still "
                          "running: wait for it or stop it first.")
         return None
-    jobs()[kind] = _shared_jobs()[(workspace_path(), project, kind)] = Job(title, work, project_id=project)
+    jobs()[kind] = _shared_jobs()[(workspace_path(), project, kind)] = Job(title, work, project_id=project,
+                                                                         topic=topic)
     return jobs()[kind]
 
 
@@ -177,12 +185,12 @@ def clear_uploads() -> None:
     st.session_state[UPLOAD_GENERATION] = upload_generation() + 1
 
 
-def threshold(model_id: int, default: float) -> float:
-    return _session_default(THRESHOLDS, dict).get(model_id, default)
+def model_seen(picker: str) -> int | None:
+    return _session_default(MODELS_SEEN, dict).get(picker)
 
 
-def set_threshold(model_id: int, value: float) -> None:
-    _session_default(THRESHOLDS, dict)[model_id] = float(value)
+def set_model_seen(picker: str, model_id: int | None) -> None:
+    _session_default(MODELS_SEEN, dict)[picker] = model_id
 
 
 def review_position(model_id: int) -> int | None:
@@ -334,7 +342,7 @@ def start_segmentation_fit(workspace_: Workspace, project: int, backbone: str) -
             workspace_, project, settings, job,
             on_ready=lambda model_id, found, ids: segmentation_ready(folder, project, model_id, found, ids),
         ),
-        project,
+        project, topic=SEGMENT,
     )
 
 
@@ -357,4 +365,4 @@ def start_heatmaps(workspace_: Workspace, project: int, model_id: int) -> Job | 
         segmentation_ready(str(workspace_.root), project, model_id, found, image_ids)
 
     saved = workspace_.model(model_id).maps_path.exists()
-    return start_job(FIT, "Loading saved heatmaps" if saved else "Computing heatmaps", work, project)
+    return start_job(FIT, "Loading saved heatmaps" if saved else "Computing heatmaps", work, project, topic=SEGMENT)

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from core import bench
-from core.bench import BENCH_METHODS, BenchOptions, ParamError, apply_params, load_tasks, run_bench, settings_for
-from core.config import DN2Settings, GaussianSettings
+from core.bench import BENCH_METHODS, BenchOptions, load_tasks, run_bench, settings_for
+from core.config import DN2Settings, GaussianSettings, ParamError, apply_params
 from core.datasets import FASHION_MNIST_DIR
-from core.detectors.base import Detector
+from core.detectors.base import SegmentationDetector
 from core.features import image_size_for
 
 TINY = {"features.resize": "32", "features.crop": "32", "features.batch_size": "16"}
@@ -156,7 +156,7 @@ def mvtec_root(tmp_path_factory) -> Path:
     return root
 
 
-class BrightnessMaps(Detector):
+class BrightnessMaps(SegmentationDetector):
     """A stand-in segmentation detector: the map is the image's brightness, per 'stage' channel."""
 
     method = "brightness"
@@ -177,7 +177,11 @@ class BrightnessMaps(Detector):
     def score(self, images, progress=None, cancel=None):
         return self.anomaly_maps(images).reshape(len(images), -1).max(axis=1).astype(np.float64)
 
-    stages = ("r", "g")
+    map_stages = ("r", "g")
+
+    @property
+    def image_size(self):
+        return image_size_for(self.settings.features)
 
     def _state(self):
         return {}, {}

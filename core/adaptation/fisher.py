@@ -19,7 +19,6 @@ and a JSON header; they are read with ``allow_pickle=False``.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +30,14 @@ from torch.func import functional_call, grad, vmap
 
 from core.adaptation.network import TrainableNetwork
 from core.adaptation.prefix_cache import TrainingInputs
+from core.npz_io import NpzFileError, open_npz, write_npz
 from core.progress import CancelFn, ProgressFn, check_cancel, report_progress
 
 _HEADER = "__fisher_header__"
 FISHER_FORMAT = 1
 
 
-class FisherFileError(ValueError):
+class FisherFileError(NpzFileError):
     """A Fisher file cannot be read or does not fit the network."""
 
 
@@ -143,42 +143,29 @@ def estimate_fisher(
 
 
 def save_fisher(path: str | os.PathLike, fisher: FisherDiagonal) -> Path:
-    """Write ``fisher`` as an ``.npz`` of float32 arrays plus a JSON header (no pickled objects)."""
-    path = Path(path)
-    if path.suffix != ".npz":
-        path = path.with_suffix(path.suffix + ".npz")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``fisher`` as an ``.npz`` of float32 arrays plus a JSON header (no pickled objects), atomically."""
     header = {"format": FISHER_FORMAT, "samples": fisher.samples, "source": fisher.source, "backbone": fisher.backbone}
     arrays = {name: value.numpy().astype(np.float32) for name, value in fisher.values.items()}
-    if _HEADER in arrays:
-        raise ValueError(f"parameter name {_HEADER!r} is reserved")
-    encoded = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
-    np.savez(path, **{_HEADER: encoded}, **arrays)
-    return path
+    return write_npz(path, arrays, header, _HEADER)
 
 
 def load_fisher(path: str | os.PathLike) -> FisherDiagonal:
     """Read a Fisher file written by :func:`save_fisher` (or any npz of name -> float array).
 
     Without a header the file is accepted as long as every array is a finite,
-    non-negative float array; ``source`` then names the file.
+    non-negative float array; ``source`` then names the file. Every problem
+    raises :class:`FisherFileError` naming the file.
     """
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except FileNotFoundError:
-        raise FisherFileError(f"{path}: no such Fisher file") from None
-    except (ValueError, OSError, EOFError) as error:
-        raise FisherFileError(f"{path}: not an npz Fisher file ({error})") from error
-    header = {"samples": 0, "source": f"file {path.name}", "backbone": ""}
-    if _HEADER in arrays:
-        try:
-            header.update(json.loads(arrays.pop(_HEADER).tobytes().decode("utf-8")))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise FisherFileError(f"{path}: corrupt Fisher header ({error})") from error
-        if header.get("format", FISHER_FORMAT) != FISHER_FORMAT:
-            raise FisherFileError(f"{path}: Fisher format {header.get('format')} is not supported")
+    header: dict = {"samples": 0, "source": f"file {path.name}", "backbone": ""}
+    with open_npz(path, "Fisher file", FisherFileError) as npz:
+        if _HEADER in npz:
+            header.update(npz.header(_HEADER))
+            if header.get("format", FISHER_FORMAT) != FISHER_FORMAT:
+                raise npz.fail(f"Fisher format {header.get('format')!r} is not supported")
+            if not isinstance(header["samples"], int) or isinstance(header["samples"], bool):
+                raise npz.fail(f"damaged Fisher header (samples {header['samples']!r})")
+        arrays = npz.arrays(exclude=(_HEADER,))
     values = {}
     for name, array in arrays.items():
         if not np.issubdtype(array.dtype, np.floating):
@@ -188,5 +175,5 @@ def load_fisher(path: str | os.PathLike) -> FisherDiagonal:
         values[name] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     if not values:
         raise FisherFileError(f"{path}: the Fisher file holds no arrays")
-    return FisherDiagonal(values=values, samples=int(header["samples"]), source=str(header["source"]),
+    return FisherDiagonal(values=values, samples=header["samples"], source=str(header["source"]),
                           backbone=str(header["backbone"]))

@@ -25,8 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from core.cli import add_threads_option, apply_threads
-from core.config import PANDA_STRATEGIES, FeatureSettings, PandaSettings
+from core.cli import add_param_option, add_threads_option, apply_threads, parse_params
+from core.config import PANDA_STRATEGIES, FeatureSettings, PandaSettings, apply_params
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -46,8 +46,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--fisher", default=None, help="Fisher diagonal .npz for EWC (default: estimated)")
     parser.add_argument("--save-fisher", default=None, help="write the Fisher diagonal EWC used to this .npz")
     parser.add_argument("--fisher-images", default=None, help="reference images for the Fisher (default: --normal)")
-    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                        help="any other PandaSettings field, e.g. lr=0.05 ewc_lambda=1e3 snapshot_every=5")
     parser.add_argument("--compare", action="store_true", help="run DN2/Early/SES/EWC and write the table (needs --test)")
     parser.add_argument("--early-epoch", type=int, default=None, help="with --compare: where Early stops")
     parser.add_argument("--ewc-epochs", type=int, default=None, help="with --compare: length of the EWC run")
@@ -60,6 +58,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--curves", default=None, help="JSON file for the per-epoch curves")
     parser.add_argument("--quiet", action="store_true")
     add_threads_option(parser)
+    add_param_option(parser)
     return parser
 
 
@@ -83,36 +82,15 @@ def read_images(spec: str, role: str):
     return read_folder(path, label=1 if role == "outliers" else (0 if role == "normal" else None))
 
 
-def _coerce(field: dataclasses.Field, text: str) -> Any:
-    current = field.default
-    if isinstance(current, bool):
-        return text.lower() in ("1", "true", "yes", "on")
-    if isinstance(current, int):
-        return int(text)
-    if isinstance(current, float):
-        return float(text)
-    if isinstance(current, tuple):
-        return tuple(part for part in text.split(",") if part)
-    return None if text.lower() == "none" else text
-
-
 def settings_from_args(args: argparse.Namespace) -> PandaSettings:
-    """PandaSettings from the command line; ``--param`` overrides any field by name."""
+    """PandaSettings from the command line; ``--param`` overrides any field by name (type-checked)."""
     features = FeatureSettings(
         **{key: value for key, value in (("backbone", args.backbone), ("weights", args.weights), ("crop", args.crop),
                                          ("resize", args.resize), ("device", args.device)) if value is not None}
     )
-    values: dict[str, Any] = {"features": features, "strategy": args.strategy, "epochs": args.epochs,
-                              "minibatches": args.minibatches}
-    if args.fisher:
-        values["fisher_file"] = args.fisher
-    fields = {field.name: field for field in dataclasses.fields(PandaSettings)}
-    for item in args.param:
-        key, _, text = item.partition("=")
-        if key not in fields or key == "features" or not _:
-            raise SystemExit(f"--param {item!r}: expected KEY=VALUE with KEY one of {', '.join(n for n in fields if n != 'features')}")
-        values[key] = _coerce(fields[key], text)
-    return PandaSettings(**values)
+    base = PandaSettings(features=features, strategy=args.strategy, epochs=args.epochs, minibatches=args.minibatches,
+                         **({"fisher_file": args.fisher} if args.fisher else {}))
+    return apply_params(base, parse_params(args.param))
 
 
 def _printer(quiet: bool, prefix: str = ""):

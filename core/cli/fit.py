@@ -10,7 +10,12 @@ from core.cli import (
     add_param_option, add_threads_option, apply_threads, parse_params, progress_factory, read_images, report_problems,
 )
 
-FIT_METHODS = ("dn2", "gaussian")
+
+def fit_methods() -> tuple[str, ...]:
+    """Methods ``fit`` trains: every registered one except those that adapt the backbone (``adapt`` does)."""
+    from core.detectors import methods_with
+
+    return methods_with(adaptation=False)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -19,7 +24,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Fit a detector on normal images only and save the model; the threshold is set at the "
         "target false-positive rate from leave-one-out scores, or from --holdout normal images.",
     )
-    parser.add_argument("--method", choices=FIT_METHODS, default="dn2", help="detector (default: dn2)")
+    parser.add_argument("--method", choices=fit_methods(), default="dn2",
+                        help="detector (default: dn2; PANDA trains with `python -m core adapt`)")
     parser.add_argument("--normal", required=True, metavar="DIR_OR_ZIP", help="folder or zip of normal images")
     parser.add_argument("--holdout", metavar="DIR_OR_ZIP", help="held-out normal images that set the threshold")
     parser.add_argument("--backbone", help="backbone name (see `python -m core info`)")
@@ -37,14 +43,14 @@ def build_detector(
     method: str, backbone: str | None, weights: str | None, target_fpr: float | None, params: dict[str, str]
 ):
     """A fresh detector with the command line's settings."""
-    from core.bench import BenchOptions, settings_for
-    from core.detectors import detector_class
+    from core.config import settings_for
+    from core.detectors import method_info
 
-    cls = detector_class(method)
-    settings = settings_for(cls.settings_type, BenchOptions(backbone=backbone, weights=weights, params=params))
+    info = method_info(method)
+    settings = settings_for(info.settings_type, backbone=backbone, weights=weights, params=params)
     if target_fpr is not None:
         settings = dataclasses.replace(settings, target_fpr=target_fpr)
-    return cls(settings)
+    return info.make(settings)
 
 
 def run(args: argparse.Namespace) -> int:

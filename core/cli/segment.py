@@ -65,15 +65,12 @@ def _file_stem(position: int, name: str) -> str:
 def _load_or_fit(args: argparse.Namespace, phase):
     """The SPADE detector to use: loaded, or fitted on ``--fit-normal``."""
     from core.detectors import load_detector
-    from core.detectors.spade import SpadeDetector
 
     if args.model:
         if args.param or args.backbone or args.weights or args.save_model:
             raise ValueError("--param, --backbone, --weights and --save-model only apply with --fit-normal")
-        detector = load_detector(args.model)
-        if not isinstance(detector, SpadeDetector):
-            raise ValueError(f"{args.model}: a {detector.method!r} model has no heatmaps; segment needs a SPADE model")
-        return detector
+        # A model without maps is refused from its header, before its arrays are read.
+        return load_detector(args.model, segmentation=True)
     from core.cli.fit import build_detector
 
     detector = build_detector("spade", args.backbone, args.weights, None, parse_params(args.param))

@@ -19,9 +19,8 @@ can never run code.
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,6 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from core.metrics import fpr_at_threshold, threshold_at_fpr
+from core.npz_io import NpzFileError, NpzReader, open_npz, write_npz
 
 FORMAT_VERSION = 1
 _HEADER_KEY = "__header__"
@@ -38,8 +38,8 @@ class NotFittedError(RuntimeError):
     """A detector was used before ``fit``."""
 
 
-class ModelFileError(ValueError):
-    """A saved model cannot be loaded (corrupt, wrong kind, incompatible backbone)."""
+class ModelFileError(NpzFileError):
+    """A saved model cannot be loaded (corrupt, wrong kind, incompatible backbone); the message names the file."""
 
 
 def library_version() -> str:
@@ -133,23 +133,7 @@ class Detector(ABC):
         arrays = {**arrays, "train_scores": self.train_scores_}
         if self.holdout_scores_ is not None:
             arrays["holdout_scores"] = self.holdout_scores_
-        if _HEADER_KEY in arrays:
-            raise ValueError(f"array name {_HEADER_KEY!r} is reserved")
-        path = Path(path)
-        if path.suffix != ".npz":
-            path = path.with_suffix(path.suffix + ".npz")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        encoded = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
-        # Write then rename, so a crash never leaves half a model where a good one was.
-        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                np.savez(stream, **{_HEADER_KEY: encoded}, **arrays)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return path
+        return write_npz(path, arrays, header, _HEADER_KEY)
 
 
 class SegmentationDetector(Detector):
@@ -175,38 +159,73 @@ class SegmentationDetector(Detector):
     def combined_maps(self, stages=None, sigma: float | None = None) -> np.ndarray:
         """float32 (N, H, W) maps of the last ``anomaly_maps`` set for another stage choice / smoothing."""
 
+    def score_and_maps(self, images, progress=None, cancel=None) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) image scores and float32 (N, H, W) maps; subclasses that get both from one pass override it."""
+        maps = self.anomaly_maps(images, progress, cancel)
+        return self.score(images, None, cancel), maps
 
-def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Read (header, arrays) from a saved model without unpickling anything."""
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except FileNotFoundError:
-        raise ModelFileError(f"{path}: no such model file") from None
-    except (ValueError, OSError, EOFError) as error:
-        raise ModelFileError(f"{path}: not a model file of this tool ({error})") from error
-    if _HEADER_KEY not in arrays:
-        raise ModelFileError(f"{path}: not a model file of this tool (no header)")
-    try:
-        header = json.loads(arrays.pop(_HEADER_KEY).tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelFileError(f"{path}: corrupt model header ({error})") from error
+
+def read_model_file(path: str | os.PathLike, method: str | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Read (header, arrays) from a saved model without unpickling anything.
+
+    The header is read and checked (format, method, JSON types) before any
+    array is loaded; with ``method`` given, a model of another method is
+    refused before its arrays are read. Every problem raises
+    :class:`ModelFileError` naming the file.
+    """
+    with open_npz(path, "model file", ModelFileError) as npz:
+        header = npz.header(_HEADER_KEY)
+        check_header(npz, header, method)
+        return header, npz.arrays(exclude=(_HEADER_KEY,))
+
+
+def check_header(npz: NpzReader, header: dict[str, Any], method: str | None = None) -> None:
+    """Refuse a model header with a wrong format, method or JSON types (before its arrays are read)."""
     if header.get("format_version") != FORMAT_VERSION:
-        raise ModelFileError(f"{path}: model format {header.get('format_version')} is not supported (expected {FORMAT_VERSION})")
-    return header, arrays
+        raise npz.fail(f"not a model file of this tool (model format {header.get('format_version')!r}, "
+                       f"expected {FORMAT_VERSION})")
+    found = header.get("method")
+    if not isinstance(found, str) or not found:
+        raise npz.fail(f"damaged model header (method {found!r})")
+    if method is not None and found != method:
+        raise npz.fail(f"this is a {found} model, not a {method} model")
+    if not isinstance(header.get("settings"), dict):
+        raise npz.fail(f"damaged model header (settings are {_json_type(header.get('settings'))}, expected an object)")
+    threshold = header.get("threshold")
+    if not _is_number(threshold):
+        raise npz.fail(f"damaged model header (threshold {threshold!r}, expected a number)")
+    holdout_fpr = header.get("holdout_fpr")
+    if holdout_fpr is not None and not _is_number(holdout_fpr):
+        raise npz.fail(f"damaged model header (holdout_fpr {holdout_fpr!r}, expected a number or null)")
+    if "train_scores" not in npz:
+        raise npz.fail("damaged model file (no train_scores array)")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
 
 
 def settings_from_dict(settings_type: type, values: dict[str, Any]) -> Any:
-    """Rebuild a (nested) frozen settings dataclass from its ``asdict`` form; lists become tuples."""
+    """Rebuild a (nested) frozen settings dataclass from its ``asdict`` form; lists become tuples.
+
+    Raises :class:`SettingsMismatch` for names the dataclass does not have,
+    ``TypeError``/``ValueError`` for values its validation refuses.
+    """
+    if not isinstance(values, dict):
+        raise TypeError(f"{settings_type.__name__} must be a JSON object, got {_json_type(values)}")
     kwargs = {}
     names = {field.name: field for field in dataclasses.fields(settings_type)}
     unknown = set(values) - set(names)
     if unknown:
-        raise ModelFileError(f"unknown settings {sorted(unknown)} for {settings_type.__name__}")
+        raise SettingsMismatch(f"unknown settings {sorted(unknown)} for {settings_type.__name__}", sorted(unknown))
     for name, value in values.items():
         default = getattr(settings_type(), name)
-        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+        if dataclasses.is_dataclass(default):
             value = settings_from_dict(type(default), value)
         elif isinstance(value, list):
             value = tuple(value)
@@ -214,12 +233,20 @@ def settings_from_dict(settings_type: type, values: dict[str, Any]) -> Any:
     return settings_type(**kwargs)
 
 
+class SettingsMismatch(ModelFileError):
+    """Stored settings name fields that the settings dataclass does not have (another method's, or a newer version's)."""
+
+    def __init__(self, message: str, unknown: list[str]) -> None:
+        super().__init__(message)
+        self.unknown = unknown
+
+
 def restore_common(detector: Detector, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Detector:
     """Set the fields every detector saves (threshold, train scores) and call its ``_restore``."""
-    detector.train_scores_ = arrays.pop("train_scores").astype(np.float64)
-    detector.threshold_ = header["threshold"]
+    detector.train_scores_ = np.asarray(arrays.pop("train_scores"), dtype=np.float64).reshape(-1)
+    detector.threshold_ = float(header["threshold"])
     held = arrays.pop("holdout_scores", None)
-    detector.holdout_scores_ = None if held is None else held.astype(np.float64)
+    detector.holdout_scores_ = None if held is None else np.asarray(held, dtype=np.float64).reshape(-1)
     detector.holdout_fpr_ = header.get("holdout_fpr")
     detector._restore(header, arrays)
     return detector

@@ -85,17 +85,6 @@ def colour_bar(scale: Scale, threshold: float, width: int = DISPLAY_SIDE, height
     return bar
 
 
-def crop_masks(rows, size: ImageSize) -> np.ndarray:
-    """(N, crop, crop) bool ground truth of stored images at the model's geometry; no mask = all False."""
-    from core.images import decode_mask
-
-    masks = np.zeros((len(rows), size.crop, size.crop), dtype=bool)
-    for index, row in enumerate(rows):
-        if row.mask_path is not None:
-            masks[index] = preprocess_mask(decode_mask(str(row.mask_path)), size)
-    return masks
-
-
 def with_marker(panel: np.ndarray, point: tuple[int, int], crop_side: int, arm: int = 9) -> np.ndarray:
     """A cross at (y, x) in crop pixels: the pixel the nearest-normal explanation is about."""
     factor = DISPLAY_SIDE / crop_side

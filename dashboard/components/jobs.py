@@ -13,24 +13,23 @@ POLL_SECONDS = 1.0
 
 
 def job_panel(job: Job | None, key: str, on_finished: Callable[[Job], None] | None = None,
-              quiet_when_done: bool = False) -> None:
+              quiet_when_done: bool = False, topics: tuple[str, ...] | None = None) -> None:
     """Show ``job``; while it runs, refresh every second without rerunning the whole page.
 
     When the job ends the whole page is rerun once, so that its results appear.
     ``quiet_when_done``: say nothing about a job that finished well (pages that did not start it).
+    ``topics``: show only jobs about these (a page's own work), None = any.
     """
     if job is None or (quiet_when_done and job.status == "finished"):
+        return
+    if topics is not None and job.topic not in topics:
         return
 
     @st.fragment(run_every=POLL_SECONDS if job.running else None)
     def panel() -> None:
         if job.running:
-            progress = job.progress
-            label = f"{job.title} — {progress.stage}"
-            if progress.total:
-                label += f" ({progress.done}/{progress.total})"
             columns = st.columns([5, 1])
-            columns[0].progress(progress.fraction, text=label)
+            columns[0].progress(job.progress.fraction, text=job.label)
             if columns[1].button("Stop", key=f"{key}-stop", type="secondary", width="stretch"):
                 job.stop()
                 st.toast("Stopping at the next safe point…")
@@ -48,3 +47,19 @@ def job_panel(job: Job | None, key: str, on_finished: Callable[[Job], None] | No
             st.error(f"{job.title} failed: {job.error}")
 
     panel()
+
+
+def sidebar_jobs(jobs: list[Job]) -> None:
+    """This session's running jobs in the sidebar, refreshed with the page's panel and worded the same."""
+    if not jobs:
+        return
+
+    @st.fragment(run_every=POLL_SECONDS)
+    def lines() -> None:
+        for job in jobs:
+            if job.running:
+                st.caption(f":material/hourglass_top: {job.label}")
+            else:
+                st.caption(f":material/check: {job.title}: {job.status}")
+
+    lines()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-import numpy as np
 import streamlit as st
 
-from core.store import Project, StoredImage, StoredModel, Workspace
+from core import projects
+from core.projects import ScoredTest
+from core.store import Project, StoredModel, Workspace
 from dashboard import state
 
 METHOD_NAMES = {"dn2": "DN2", "gaussian": "Gaussian", "panda": "PANDA", "spade": "SPADE"}
@@ -29,38 +29,35 @@ def model_label(model: StoredModel) -> str:
 
 def pick_model(workspace: Workspace, project: Project, methods: Sequence[str], key: str,
                label: str = "Model") -> StoredModel | None:
-    """A selectbox of the project's models of these methods, newest first (None when there is none)."""
+    """A selectbox of the project's models of these methods, newest first (None when there is none).
+
+    It opens on the project's current model (the last one fitted or picked,
+    on any page, in any browser: kept in the store), and moves to a model
+    fitted since this page last looked, so a fit's result is what is shown.
+    Picking a model makes it the project's current one.
+    """
     models = [model for model in workspace.models(project.id) if model.method in methods]
     if not models:
         return None
     ids = [model.id for model in models]
-    chosen = st.selectbox(label, ids, format_func=lambda i: model_label(next(m for m in models if m.id == i)), key=key)
+    current = projects.last_model(workspace, project.id)
+    if current in ids and state.model_seen(key) != current:
+        st.session_state[key] = current  # before the widget exists: allowed, and it wins over the old choice
+    elif st.session_state.get(key) not in ids:
+        st.session_state[key] = current if current in ids else ids[0]
+    state.set_model_seen(key, current)
+
+    def picked() -> None:
+        projects.remember_model(workspace, project.id, st.session_state[key])
+        state.set_model_seen(key, st.session_state[key])
+
+    chosen = st.selectbox(label, ids, format_func=lambda i: model_label(next(m for m in models if m.id == i)),
+                          key=key, on_change=picked)
     return next(model for model in models if model.id == chosen)
 
 
-@dataclass(frozen=True)
-class ScoredTest:
-    """The test images a model has scored, in store order, with their scores and labels."""
-
-    rows: list[StoredImage]
-    scores: np.ndarray
-    labels: np.ndarray | None  # None unless every scored image has a label
-    unscored: int
-
-    @property
-    def has_both_classes(self) -> bool:
-        return self.labels is not None and 0 < self.labels.sum() < len(self.labels)
-
-
 def scored_test(workspace: Workspace, model: StoredModel) -> ScoredTest:
-    scores = workspace.scores(model.id)
-    rows = workspace.images(model.project_id, "test")
-    scored = [row for row in rows if row.id in scores]
-    values = np.array([scores[row.id] for row in scored], dtype=np.float64)
-    labels = None
-    if scored and all(row.label is not None for row in scored):
-        labels = np.array([row.label for row in scored], dtype=np.int64)
-    return ScoredTest(scored, values, labels, len(rows) - len(scored))
+    return projects.scored_test(workspace, model)
 
 
 def loaded_detector(workspace: Workspace, model: StoredModel):

@@ -6,6 +6,7 @@ import streamlit as st
 
 from core.store import Project, Workspace
 from dashboard import state
+from dashboard.components.jobs import sidebar_jobs
 
 
 def _show_flashes() -> None:
@@ -46,9 +47,7 @@ def workspace_and_project() -> tuple[Workspace, Project | None]:
             state.set_project(None)
             st.caption("No project yet: run the demo on **Start**, or create one on **Data**.")
 
-        running = [job for job in state.jobs().values() if job.running]
-        for job in running:
-            st.caption(f":material/hourglass_top: {job.title}: {job.progress.stage} ({job.progress.fraction:.0%})")
+        sidebar_jobs([job for job in state.jobs().values() if job.running])
     _show_flashes()
     return workspace, state.current_project()
 

@@ -4,7 +4,8 @@ import numpy as np
 import streamlit as st
 
 from core.backbones import list_backbones
-from core.metrics import fpr_at_threshold, roc_curve_points
+from core import projects
+from core.metrics import fpr_at_threshold
 from dashboard import state, tasks
 from dashboard.components import charts
 from dashboard.components.gallery import gallery
@@ -39,7 +40,7 @@ with st.container(border=True):
         settings = tasks.settings_for(method, backbone, k=int(k), target_fpr=float(target_fpr))
         title = f"Fitting {method.upper() if method == 'dn2' else method} ({backbone})"
         state.start_job(state.FIT, title, lambda job: tasks.fit_and_score(workspace, project.id, method, settings, job),
-                        project.id)
+                        project.id, topic=state.DETECT)
         st.rerun()
     if counts["normal"] < 3:
         st.caption("Import at least 3 normal images on the Data page first.")
@@ -62,29 +63,55 @@ if test.unscored:
     st.warning(f"{test.unscored} test images were added after this model was fitted.")
     if st.button(f"Score the {test.unscored} new test images", disabled=state.job_running(state.FIT, project.id)):
         state.start_job(state.FIT, f"Scoring with model #{model.id}",
-                        lambda job: tasks.score_missing(workspace, model.id, detector, job), project.id)
+                        lambda job: tasks.score_missing(workspace, model.id, detector, job), project.id,
+                        topic=state.DETECT)
         st.rerun()
 if len(test.scores) == 0:
     st.info("This project has no test images to score yet.")
     st.stop()
 
+# ---------------------------------------------------------------------- working point (saved with the model)
 train_scores = np.asarray(detector.train_scores_, dtype=np.float64)
+point = projects.working_point(workspace, model, detector)
 low = float(min(test.scores.min(), train_scores.min()))
 high = float(max(test.scores.max(), train_scores.max()))
-chosen = state.threshold(model.id, float(detector.threshold_))
-threshold = st.slider(
-    "Threshold: images scoring above it are flagged as anomalous",
-    min_value=low, max_value=high, value=min(max(chosen, low), high), step=(high - low) / 400 or 1.0,
-    # The key changes with the number of scores: newly scored images may widen the slider's range.
-    format="%.3g", key=f"threshold-{model.id}-{len(test.scores)}",
+slider_key = f"threshold-{model.id}-{len(test.scores)}"  # more scores may widen the range: a new slider
+if st.session_state.get(slider_key) != point.threshold:
+    # The store is the truth: another browser, or the target-FPR button, may have moved it.
+    st.session_state[slider_key] = min(max(point.threshold, low), high)
+
+
+def threshold_moved() -> None:
+    projects.set_working_point(workspace, model, detector, threshold=st.session_state[slider_key])
+
+
+columns = st.columns([4, 1, 1])
+threshold = columns[0].slider(
+    "Threshold: images scoring above it are flagged as anomalous (saved with the model)",
+    min_value=low, max_value=high, step=(high - low) / 400 or 1.0, format="%.3g", key=slider_key,
+    on_change=threshold_moved,
 )
-state.set_threshold(model.id, threshold)
+target = columns[1].number_input("Target FPR", 0.001, 0.5, point.target_fpr or 0.05, step=0.01, format="%.3f",
+                                 key=f"target-fpr-{model.id}",
+                                 help="The share of normal images allowed through as false alarms.")
+if columns[2].button("Set for this FPR", key=f"set-fpr-{model.id}", width="stretch"):
+    projects.set_working_point(workspace, model, detector, target_fpr=float(target))
+    st.rerun()
+point = projects.working_point(workspace, model, detector)
+threshold = point.threshold
+st.caption(f"Working point of model #{model.id}: {point.describe()}. Detect, Segment and Review use it.")
+if point.few_normals:
+    low_fpr, high_fpr = point.fpr_interval
+    st.warning(f"Only {point.n_normal} normal images back this threshold: its false-positive rate is somewhere "
+               f"between {low_fpr:.1%} and {high_fpr:.1%} ({projects.CONFIDENCE:.0%} Clopper-Pearson interval). "
+               "Add normal images (Data, or confirmed normals on Review) to pin it down.")
 
 flagged = test.scores > threshold
 metrics = st.columns(4)
 metrics[0].metric("Flagged test images", f"{int(flagged.sum())} / {len(flagged)}")
-metrics[1].metric("FPR on normal training images", f"{fpr_at_threshold(train_scores, threshold):.1%}",
-                  help="Leave-one-out: each normal image scored against the others. Needs no labels.")
+metrics[1].metric("FPR on normal training images", f"{point.fpr:.1%}",
+                  help=f"Leave-one-out: each of the {point.n_normal} normal images scored against the others. "
+                       f"{projects.CONFIDENCE:.0%} interval {point.fpr_interval[0]:.1%}–{point.fpr_interval[1]:.1%}.")
 if test.labels is not None and (test.labels == 0).any():
     metrics[2].metric("FPR on normal test images", f"{fpr_at_threshold(test.scores[test.labels == 0], threshold):.1%}")
 if test.labels is not None and (test.labels == 1).any():
@@ -93,13 +120,9 @@ if test.labels is not None and (test.labels == 1).any():
 plots = st.columns(2)
 plots[0].plotly_chart(charts.score_histogram(test.scores, test.labels, threshold, train_scores),
                       key="histogram", config=charts.STATIC)
-if test.has_both_classes:
-    from core.metrics import image_auroc
-
-    fpr, tpr, _ = roc_curve_points(test.labels, test.scores)
-    point = (float(flagged[test.labels == 0].mean()), float(flagged[test.labels == 1].mean()))
-    plots[1].plotly_chart(charts.roc_figure(fpr, tpr, image_auroc(test.labels, test.scores), point),
-                          key="roc", config=charts.STATIC)
+roc = projects.roc_summary(test, threshold)
+if roc is not None:
+    plots[1].plotly_chart(charts.roc_figure(roc.fpr, roc.tpr, roc.auroc, roc.point), key="roc", config=charts.STATIC)
 else:
     plots[1].info("An ROC curve needs test images labelled normal and anomalous.")
 

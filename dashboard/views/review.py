@@ -3,6 +3,7 @@
 import numpy as np
 import streamlit as st
 
+from core import projects
 from core.images import ImageError
 from core.store import VERDICTS
 from dashboard import state, tasks
@@ -29,7 +30,8 @@ except Exception as error:  # noqa: BLE001
     st.error(f"Cannot load model #{model.id}: {error}")
     st.stop()
 test = scored_test(workspace, model)
-threshold = state.threshold(model.id, float(detector.threshold_))
+point = projects.working_point(workspace, model, detector)  # saved with the model: the same on every page
+threshold = point.threshold
 annotations = workspace.annotations(project.id)
 
 show_all = st.toggle("Show every test image, not only the flagged ones", key="review-all")
@@ -42,7 +44,8 @@ order = candidates[np.lexsort((-test.scores[candidates], not_false_alarm))]
 queue = [test.rows[i] for i in order]
 reviewed = sum(row.id in annotations for row in queue)
 st.caption(
-    f"Threshold {threshold:.4g} (set on the Detect page) · {int(flagged.sum())} of {len(flagged)} test images flagged"
+    f"Working point: {point.describe()} (set on the Detect page) · {int(flagged.sum())} of {len(flagged)} test "
+    "images flagged"
     f" · {reviewed} of {len(queue)} in this list reviewed"
     + (" · false alarms (labelled normal) come first" if test.labels is not None else "")
 )
@@ -124,8 +127,10 @@ with right:
 
 # ---------------------------------------------------------------------- feed back and export
 st.divider()
-confirmed = [image_id for image_id, note in annotations.items()
-             if note.verdict == "normal" and image_id in {row.id for row in test.rows}]
+# Confirmed normals not yet in the normal set: once a refit took them in, the button has nothing left to do.
+in_normal_set = {row.sha for row in workspace.images(project.id, "normal")}
+confirmed = [row.id for row in test.rows
+             if row.id in annotations and annotations[row.id].verdict == "normal" and row.sha not in in_normal_set]
 columns = st.columns([2, 1, 1])
 with columns[0]:
     refit_possible = model.method in ("dn2", "gaussian", "spade")
@@ -133,12 +138,14 @@ with columns[0]:
                  disabled=not confirmed or not refit_possible or state.job_running(state.FIT, project.id),
                  help=None if refit_possible else "PANDA models are retrained on the Adapt page."):
         added = workspace.add_to_normal_set(confirmed)
-        settings = tasks.stored_settings(model.method, model.settings)  # same method and settings, more normals
+        settings = projects.stored_settings(model.method, model.settings)  # same method and settings, more normals
         state.start_job(state.FIT, f"Refitting {model.method} with {len(added)} more normals",
-                        lambda job: tasks.fit_and_score(workspace, project.id, model.method, settings, job), project.id)
+                        lambda job: tasks.fit_and_score(workspace, project.id, model.method, settings, job), project.id,
+                        topic=state.REVIEW)
         state.flash("info", f"{len(added)} images added to the normal set; a new model is being fitted.")
         st.rerun()
-    job_panel(state.job(state.FIT, project.id), key="review-fit", quiet_when_done=True)
+    # When the refit ends the page reruns on the new model (the project's current one) and says so here.
+    job_panel(state.job(state.FIT, project.id), key="review-fit", topics=(state.REVIEW,))
 columns[1].download_button("Annotations (CSV)", workspace.export_annotations_csv(project.id),
                            file_name=f"{project.name}-annotations.csv", mime="text/csv", width="stretch")
 columns[2].download_button("Annotations (JSON)", workspace.export_annotations_json(project.id),

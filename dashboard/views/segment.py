@@ -3,14 +3,14 @@
 import numpy as np
 import streamlit as st
 
+from core import projects
 from core.backbones import list_backbones
 from core.images import ImageError
 from core.maps import peak
-from core.metrics import segmentation_metrics
 from dashboard import state
 from dashboard.components import heatmap as view
 from dashboard.components.jobs import job_panel
-from dashboard.components.models import pick_model
+from dashboard.components.models import loaded_detector, pick_model
 from dashboard.components.sidebar import require_project, workspace_and_project
 
 workspace, project = workspace_and_project()
@@ -32,10 +32,17 @@ with st.expander("Fit a segmentation model", expanded=not workspace.models(proje
         st.rerun()
     if not counts["normal"] or not counts["test"]:
         st.caption("Needs normal and test images (Data page).")
-job_panel(state.job(state.FIT, project.id), key="segment")
+job_panel(state.job(state.FIT, project.id), key="segment", topics=(state.SEGMENT,))
 
 model = pick_model(workspace, project, ("spade",), key="segment-model")
 if model is None:
+    st.stop()
+try:
+    point = projects.working_point(workspace, model, loaded_detector(workspace, model))
+    st.caption(f"Image-level working point of model #{model.id}: {point.describe()} (set on Detect; Review "
+               "uses the same).")
+except Exception as error:  # noqa: BLE001 - a damaged model file must not take the page down
+    st.error(f"Cannot load model #{model.id} ({model.path.name}): {error}")
     st.stop()
 holder = state.segmentation(folder, project.id, model.id)
 if not holder.ready:
@@ -88,9 +95,8 @@ def viewer() -> None:
         return
 
     heatmaps = detector.combined_maps(stages=stages, sigma=sigma)  # (N, crop, crop), from cached raw maps
-    calibrated = detector.pixel_threshold(stages, sigma)
     typical = detector.typical_pixel_score(stages, sigma)
-    threshold = typical + factor * (calibrated - typical)
+    threshold = projects.pixel_threshold(detector, stages, sigma, factor)
     index = positions[choice]
     row = rows[choice]
     try:
@@ -114,7 +120,7 @@ def viewer() -> None:
                                                               False, mask),
                  caption="input" + (" with ground truth" if mask is not None else " (no mask)"), width="stretch")
     try:
-        explanation = detector.explain(index, y, x)
+        explanation = projects.explain_pixel(detector, index, y, x, stages)  # only the ticked layers
     except Exception as error:  # noqa: BLE001 - an explanation is a bonus, never a reason to fail
         right.caption(f"No nearest-normal explanation: {error}")
     else:
@@ -134,8 +140,8 @@ def viewer() -> None:
         key = (model.id, tuple(stages), sigma)
         results = state.segment_metrics()
         if st.button("Pixel AUROC / PRO of the whole set for these settings", key="seg-evaluate"):
-            masks = view.crop_masks([rows[i] for i in image_ids], size)
-            found = segmentation_metrics(masks, heatmaps[[positions[i] for i in image_ids]])
+            found = projects.segmentation_quality(detector, [rows[i] for i in image_ids],
+                                                  [positions[i] for i in image_ids], stages, sigma)
             results[key] = (found.pixel_auroc, found.pro)
         if key in results:
             auroc, pro = results[key]
