@@ -406,6 +406,8 @@ def run_bench(
     fit_s = score_s = extract_s = 0.0
     n_images = 0
     shared = isinstance(template, FeatureDetector)
+    info = METHODS.get(template.method)
+    adapting = info is not None and info.adaptation
     cache_hit = False
     if shared:
         cache_dir = Path(feature_cache) if feature_cache is not None else None
@@ -447,8 +449,6 @@ def run_bench(
         results.append(entry)
 
     timing: dict[str, Any] = {"fit_s": fit_s, "score_s": score_s}
-    info = METHODS.get(template.method)
-    adapting = info is not None and info.adaptation
     if shared:
         # Every distinct image went through decode + backbone once; scoring is kNN/Mahalanobis only.
         timing.update(protocol="shared extraction", extract_s=extract_s, n_images=n_images, feature_cache_hit=cache_hit)
