@@ -75,10 +75,13 @@ def test_fit_then_score(folders, tmp_path):
     assert "broken.png" in score.stderr and "notes.txt" in score.stderr and "missing.png" in score.stderr
     with out.open() as stream:
         rows = list(csv.DictReader(stream))
-    assert list(rows[0]) == ["file", "score", "anomalous", "threshold"]
-    scored = {Path(row["file"]).name: row for row in rows}
+    # Today's four columns first, then the model, the error (a bad file is a row) and the resume key.
+    assert list(rows[0]) == ["file", "score", "anomalous", "threshold", "model", "error", "key"]
+    failed = {Path(row["file"]).name: row["error"] for row in rows if row["error"]}
+    assert set(failed) == {"broken.png", "notes.txt", "missing.png"} and all(failed.values())
+    scored = {Path(row["file"]).name: row for row in rows if not row["error"]}
     assert set(scored) == {"good0.png", "good1.png", "bright0.png", "bright1.png"}
-    assert {row["anomalous"] for row in rows} <= {"0", "1"}
+    assert {row["anomalous"] for row in scored.values()} <= {"0", "1"}
     assert min(float(scored[f"bright{i}.png"]["score"]) for i in range(2)) > \
         max(float(scored[f"good{i}.png"]["score"]) for i in range(2))
 

@@ -1,28 +1,31 @@
-"""``python -m core segment``: SPADE heatmaps and defect masks for images, plus a CSV.
+"""``python -m core segment``: SPADE heatmaps and defect masks for images, plus a CSV, streamed.
 
 For every input image it writes, at the image's original resolution:
 
 * ``<n>_<name>_overlay.png`` — the heatmap over the image, the region above the
   pixel threshold outlined in white;
 * ``<n>_<name>_mask.png`` — the defect mask (255 = above the pixel threshold);
+* ``<n>_<name>.npz`` — the heatmap as numbers (float32 at the model's crop,
+  with the crop box and pixel threshold; no pickle);
 
-and one ``segment.csv`` with a row per image (scores, thresholds, the peak and
-the nearest normal training image at the peak).
+and one ``segment.csv`` with a row per input file (scores, thresholds, the
+peak and the nearest normal training image at the peak; an ``error`` for a
+file that could not be read). Images stream through in batches
+(:func:`core.scoring.segment_files`), on this machine or a Ray cluster, and
+``--resume`` continues an interrupted run.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import re
 import sys
+import tempfile
 from pathlib import Path
-
-import numpy as np
 
 from core.cli import (
     add_param_option, add_threads_option, apply_threads, parse_params, progress_factory, read_images, report_problems,
 )
+from core.cli.score import add_engine_options, engine_options, report_error
 
 CSV_NAME = "segment.csv"
 
@@ -31,13 +34,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "segment", help="heatmap overlays, defect masks and a CSV from a SPADE model",
         description="Segment defects with SPADE: a saved model (--model) or one fitted now on normal images "
-        "(--fit-normal). Writes an overlay PNG and a mask PNG per image and segment.csv into --out. "
-        "Unreadable files are reported on stderr and skipped.",
+        "(--fit-normal). Writes an overlay PNG, a mask PNG and an .npz heatmap per image and segment.csv "
+        "into --out, as batches finish. Unreadable files become rows with an 'error' (and a line on stderr).",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", metavar="MODEL.npz", help="SPADE model saved by `fit --method spade` or --save-model")
     source.add_argument("--fit-normal", metavar="DIR_OR_ZIP", help="fit a SPADE model on these normal images first")
-    parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIRS", help="image files, folders or zip archives")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="image files, folders, glob patterns, zip archives or .txt lists of paths")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
     parser.add_argument("--save-model", metavar="MODEL.npz", help="with --fit-normal: also save the fitted model")
     parser.add_argument("--backbone", help="with --fit-normal: backbone name (default efficientnet_lite0)")
@@ -49,17 +53,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--scale", choices=("model", "image"), default="model",
                         help="colour scale: 'model' = the same for every image, pixel threshold mid-scale "
                         "(colours compare across images); 'image' = stretched over each image's own range")
+    parser.add_argument("--maps", choices=("both", "png", "npz"), default="both",
+                        help="per image: PNG overlay + mask, the .npz heatmap, or both (default)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_engine_options(parser)
     add_param_option(parser)
     add_threads_option(parser)
     return parser
-
-
-def _file_stem(position: int, name: str) -> str:
-    """A safe, unique file stem for output ``position`` of an image called ``name``."""
-    stem = Path(name.replace("!", "_")).stem
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "image"
-    return f"{position:04d}_{stem[:80]}"
 
 
 def _load_or_fit(args: argparse.Namespace, phase):
@@ -81,19 +81,14 @@ def _load_or_fit(args: argparse.Namespace, phase):
     detector.fit(normal, phase("fit"))
     print(f"spade: fitted on {len(normal)} normal images ({detector.settings.features.backbone})", file=sys.stderr)
     if args.save_model:
-        print(f"saved {detector.save(args.save_model)}", file=sys.stderr)
+        args.save_model = str(detector.save(args.save_model))  # the name it got (.npz added when missing)
+        print(f"saved {args.save_model}", file=sys.stderr)
     return detector
-
-
-def _write_png(path: Path, pixels: np.ndarray) -> None:
-    from PIL import Image
-
-    Image.fromarray(pixels).save(path)
 
 
 def run(args: argparse.Namespace) -> int:
     from core import maps
-    from core.cli.score import gather
+    from core.scoring import SegmentOptions, segment_files
 
     apply_threads(args.threads)
     if not 0.0 <= args.alpha <= 1.0:
@@ -103,50 +98,16 @@ def run(args: argparse.Namespace) -> int:
     phase = progress_factory(not args.quiet)
     detector = _load_or_fit(args, phase)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip()) if args.stages else None
-    if stages is not None:
-        detector.check_stages(stages)  # fail on a typo before any image is processed
-    images, shown = gather(args.inputs)
-    if len(images):
-        images = images.validate(detector.image_size, phase("check images"))
-    report_problems(images.problems)
-    if len(images) == 0:
-        print("error: no image could be segmented", file=sys.stderr)
-        return 1
-
-    # Image scores follow the model's own settings (its threshold was calibrated on them);
-    # --sigma/--stages only change the heatmaps and masks, whose threshold follows them.
-    scores, _ = detector.score_and_maps(images, phase("segment"))
-    heatmaps = detector.combined_maps(stages=stages, sigma=args.sigma)
-    decisions = detector.decide(scores)
-    pixel_threshold = detector.pixel_threshold(stages, args.sigma)
-    model_scale = detector.colour_scale(stages, args.sigma)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / CSV_NAME, "w", newline="", encoding="utf-8") as stream:
-        writer = csv.writer(stream)
-        writer.writerow([
-            "file", "image_score", "anomalous", "threshold", "max_pixel_score", "pixel_threshold",
-            "anomalous_pixel_share", "peak_y", "peak_x", "nearest_normal", "overlay", "mask",
-        ])
-        for index, item in enumerate(images):
-            image = item.load()
-            original = detector.to_original(heatmaps[index], index)  # (H, W), NaN outside the crop
-            mask = maps.threshold_mask(original, pixel_threshold)
-            scale = model_scale if args.scale == "model" else maps.image_scale(original)
-            overlay = maps.overlay(image, original, scale.vmin, scale.vmax, args.alpha, args.colormap)
-            thickness = max(1, round(max(image.shape[:2]) / 300))  # visible on large images too
-            overlay = maps.draw_contours(overlay, maps.contours(mask), (255, 255, 255), thickness)
-            stem = _file_stem(index, shown[item.name])
-            overlay_path, mask_path = out / f"{stem}_overlay.png", out / f"{stem}_mask.png"
-            _write_png(overlay_path, overlay)
-            _write_png(mask_path, mask.astype(np.uint8) * 255)
-            peak_y, peak_x = maps.peak(original)
-            explanation = detector.explain(index, *maps.peak(heatmaps[index]))
-            writer.writerow([
-                shown[item.name], f"{scores[index]:.6g}", int(decisions[index]), f"{detector.threshold_:.6g}",
-                f"{np.nanmax(original):.6g}", f"{pixel_threshold:.6g}", f"{mask.mean():.6f}",
-                peak_y, peak_x, explanation.train_name, overlay_path.name, mask_path.name,
-            ])
-    print(f"segmented {len(images)} images ({int(decisions.sum())} anomalous) -> {out / CSV_NAME}", file=sys.stderr)
-    return 0
+    options = SegmentOptions(stages=stages, sigma=args.sigma, alpha=args.alpha, colormap=args.colormap,
+                             scale=args.scale, npz=args.maps != "png", png=args.maps != "npz")
+    with tempfile.TemporaryDirectory(prefix="segment-model-") as scratch:
+        # The streaming path names rows by model file (and Ray ships the file): a model fitted now is saved first.
+        model_path = args.model or args.save_model or detector.save(Path(scratch) / "spade.npz")
+        summary = segment_files(
+            model_path, args.inputs, args.out, options, resume=args.resume, engine=engine_options(args),
+            count=not args.quiet, progress=phase("segment"), detector=detector, on_error=report_error,
+        )
+    skipped = f", {summary.skipped} already done" if summary.skipped else ""
+    print(f"segmented {summary.scored} images ({summary.anomalous} anomalous), {summary.errors} errors{skipped} "
+          f"in {summary.seconds:.1f} s -> {Path(args.out) / CSV_NAME}", file=sys.stderr)
+    return 0 if summary.scored or summary.skipped else 1

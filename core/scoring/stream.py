@@ -1,0 +1,172 @@
+"""The streaming scoring path: lazy sources -> bounded decode pool -> batches -> detector -> rows.
+
+:func:`decoded_batches` decodes every source exactly once, in a small thread
+pool (Pillow and OpenCV release the GIL) that runs at most ``prefetch``
+images ahead of the consumer, so decoding overlaps the backbone and memory
+stays bounded whatever the number of images. :func:`score_stream` hands each
+batch to a :class:`~core.scoring.scorers.BatchScorer` and appends its rows to
+a :class:`~core.scoring.outputs.ResultWriter` before decoding further ahead:
+peak memory is one model, ``prefetch`` decoded images and one batch.
+
+The Ray engine (:mod:`core.scoring.ray_engine`) reuses :func:`decode_one` and
+the scorer on its workers, so both engines compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from core.images import ImageError, ImageSize, preprocess
+from core.progress import CancelFn, ProgressFn, check_cancel
+from core.scoring.inputs import Source, load_source
+
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_WORKERS = 2
+
+
+@dataclass
+class Decoded:
+    """One source after decoding: ``image`` (H, W, 3) uint8 and ``tensor`` (3, crop, crop) float32, or an ``error``."""
+
+    source: Source
+    image: np.ndarray | None = None
+    tensor: np.ndarray | None = None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+def decode_one(source: Source, size: ImageSize, keep_image: bool = False) -> Decoded:
+    """Decode and preprocess one source; a bad file becomes ``Decoded(error=...)``, never an exception."""
+    try:
+        image = load_source(source)
+        tensor = preprocess(image, size)
+    except ImageError as error:
+        return Decoded(source, error=error.reason)
+    except (OSError, ValueError, MemoryError) as error:  # anything else a broken file can raise
+        return Decoded(source, error=f"cannot be read ({type(error).__name__}: {error})")
+    return Decoded(source, image if keep_image else None, tensor)
+
+
+def decoded_batches(
+    sources: Iterable[Source],
+    size: ImageSize,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int = DEFAULT_WORKERS,
+    prefetch: int | None = None,
+    keep_images: bool = False,
+    cancel: CancelFn | None = None,
+) -> Iterator[list[Decoded]]:
+    """Batches of up to ``batch_size`` decoded sources (errors included), in input order.
+
+    At most ``prefetch`` (default: two batches) decodes are queued or running
+    ahead of the consumer; sources are pulled from the (lazy) iterable only as
+    the pool has room, so the listing is never materialised.
+    """
+    if batch_size <= 0 or workers <= 0:
+        raise ValueError(f"batch size and workers must be positive, got {batch_size} and {workers}")
+    ahead = max(1, prefetch if prefetch is not None else 2 * batch_size)
+    listing = iter(sources)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        pending: deque[Future[Decoded]] = deque()
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(pending) < ahead:
+                    source = next(listing, None)
+                    if source is None:
+                        exhausted = True
+                        break
+                    pending.append(pool.submit(decode_one, source, size, keep_images))
+                if not pending:
+                    return
+                check_cancel(cancel)
+                batch = []
+                while pending and len(batch) < batch_size:
+                    batch.append(pending.popleft().result())
+                    # Refill as results are taken, so the pool never idles while a batch is gathered.
+                    if not exhausted and len(pending) < ahead:
+                        source = next(listing, None)
+                        if source is None:
+                            exhausted = True
+                        else:
+                            pending.append(pool.submit(decode_one, source, size, keep_images))
+                yield batch
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+@dataclass
+class StreamSummary:
+    """What a streaming run did: rows written (scored + errors), images skipped on resume, wall time."""
+
+    scored: int = 0
+    errors: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    anomalous: int = 0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.scored / self.seconds if self.seconds > 0 else 0.0
+
+
+def skip_done(sources: Iterable[Source], done: set[tuple[str, str]], summary: StreamSummary) -> Iterator[Source]:
+    """The sources whose ``(file, key)`` is not in ``done`` (counted in ``summary.skipped`` otherwise)."""
+    for source in sources:
+        if (source.file, source.key) in done:
+            summary.skipped += 1
+        else:
+            yield source
+
+
+def score_stream(
+    process: Callable[[list[Decoded]], list[dict]],
+    sources: Iterable[Source],
+    write: Callable[[list[dict]], None],
+    size: ImageSize,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int = DEFAULT_WORKERS,
+    done: set[tuple[str, str]] | None = None,
+    total: int | None = None,
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+    keep_images: bool = False,
+) -> StreamSummary:
+    """Decode, batch, ``process`` (batch -> rows) and ``write`` every source; returns a summary.
+
+    ``done``: ``(file, key)`` pairs already in the output (resume); they are
+    skipped without being decoded. ``total``: number of sources, for
+    ``progress(done, total)`` (counts skipped ones as done). ``cancel`` is
+    polled between batches; a cancelled run keeps every batch written so far
+    and raises :class:`~core.progress.Cancelled`.
+    """
+    summary = StreamSummary()
+    start = time.perf_counter()
+    todo = skip_done(sources, done or set(), summary)
+    finished = 0
+    for batch in decoded_batches(todo, size, batch_size, workers, keep_images=keep_images, cancel=cancel):
+        rows = process(batch)
+        write(rows)
+        for row in rows:
+            if row.get("error"):
+                summary.errors += 1
+            else:
+                summary.scored += 1
+                summary.anomalous += int(bool(row.get("anomalous")))
+        finished += len(batch)
+        summary.seconds = time.perf_counter() - start
+        if progress is not None:
+            progress(summary.skipped + finished, max(total or 0, summary.skipped + finished))
+        check_cancel(cancel)
+    summary.seconds = time.perf_counter() - start
+    return summary
