@@ -7,11 +7,12 @@ from collections.abc import Sequence
 import streamlit as st
 
 from core import projects
+from core.detectors import METHODS
 from core.projects import ScoredTest
 from core.store import Project, StoredModel, Workspace
 from dashboard import state
 
-METHOD_NAMES = {"dn2": "DN2", "gaussian": "Gaussian", "panda": "PANDA", "spade": "SPADE"}
+METHOD_NAMES = {name: info.label for name, info in METHODS.items()}
 
 
 def model_label(model: StoredModel) -> str:

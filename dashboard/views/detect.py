@@ -4,6 +4,7 @@ import numpy as np
 import streamlit as st
 
 from core.backbones import list_backbones
+from core.detectors import METHODS, methods_with
 from core import projects
 from core.metrics import fpr_at_threshold
 from dashboard import state, tasks
@@ -13,7 +14,9 @@ from dashboard.components.jobs import job_panel
 from dashboard.components.models import loaded_detector, pick_model, scored_test
 from dashboard.components.sidebar import require_project, workspace_and_project
 
-FIT_METHODS = {"dn2": "DN2 — kNN on pooled features", "gaussian": "Gaussian — Mahalanobis distance"}
+# Image-level methods fitted here; SPADE (maps) on the Segment page, PANDA (training) on the Adapt page.
+FIT_METHODS = {name: f"{METHODS[name].label} — {METHODS[name].summary}"
+               for name in methods_with(segmentation=False, adaptation=False)}
 
 workspace, project = workspace_and_project()
 project = require_project(project)
@@ -48,7 +51,7 @@ with st.container(border=True):
     job_panel(state.job(state.FIT, project.id), key="fit")
 
 # ---------------------------------------------------------------------- results
-model = pick_model(workspace, project, ("dn2", "gaussian", "panda", "spade"), key="detect-model")
+model = pick_model(workspace, project, tuple(METHODS), key="detect-model")
 if model is None:
     st.info("No model yet: fit one above.")
     st.stop()

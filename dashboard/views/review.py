@@ -4,6 +4,7 @@ import numpy as np
 import streamlit as st
 
 from core import projects
+from core.detectors import METHODS, methods_with
 from core.images import ImageError
 from core.store import VERDICTS
 from dashboard import state, tasks
@@ -20,7 +21,7 @@ workspace, project = workspace_and_project()
 project = require_project(project)
 st.title("Review")
 
-model = pick_model(workspace, project, ("dn2", "gaussian", "panda", "spade"), key="review-model")
+model = pick_model(workspace, project, tuple(METHODS), key="review-model")
 if model is None:
     st.info("Nothing to review yet: fit a model on the **Detect** page first.")
     st.stop()
@@ -75,7 +76,7 @@ left, right = st.columns([3, 2])
 
 def segmentation_for(image_id: int):
     """A SPADE model of this project whose heatmaps are in memory and cover the image, else None."""
-    for spade in workspace.models(project.id, "spade"):
+    for spade in (m for m in workspace.models(project.id) if m.method in methods_with(segmentation=True)):
         holder = state.segmentation(str(workspace.root), project.id, spade.id)
         if holder.ready and image_id in holder.image_ids:
             return holder
@@ -133,7 +134,7 @@ confirmed = [row.id for row in test.rows
              if row.id in annotations and annotations[row.id].verdict == "normal" and row.sha not in in_normal_set]
 columns = st.columns([2, 1, 1])
 with columns[0]:
-    refit_possible = model.method in ("dn2", "gaussian", "spade")
+    refit_possible = model.method in methods_with(adaptation=False)
     if st.button(f"Add {len(confirmed)} confirmed normals to the normal set and refit", type="primary",
                  disabled=not confirmed or not refit_possible or state.job_running(state.FIT, project.id),
                  help=None if refit_possible else "PANDA models are retrained on the Adapt page."):
