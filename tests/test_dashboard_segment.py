@@ -66,3 +66,25 @@ def test_segment_page_heatmap_controls_never_rerun_the_backbone(tiny_bottle, bac
     state.segmentation.clear()
     third = new_app(project.id, page="views/segment.py")
     assert any(button.label == "Compute heatmaps" for button in third.button)
+
+
+def explanation_caption(at) -> str:
+    return next(image.proto.imgs[0].caption for image in at.get("image")
+                if image.proto.imgs and "nearest normal patch" in image.proto.imgs[0].caption)
+
+
+def test_explanation_searches_only_the_ticked_layers(tiny_bottle):
+    """Issue 15.4: with one layer ticked, the nearest normal patch comes from that layer."""
+    workspace, project = tiny_bottle
+    at = new_app(project.id, page="views/segment.py")
+    next(button for button in at.button if button.label == "Fit SPADE").click().run()
+    finish_jobs(at, timeout=150)
+    assert not at.exception, at.exception
+    layer_boxes = [box.key for box in at.checkbox if box.key and box.key.startswith("seg-stage-")]
+    stages = [key.removeprefix("seg-stage-") for key in layer_boxes]
+    for only in stages:
+        for key in layer_boxes:
+            at.checkbox(key=key).set_value(key == f"seg-stage-{only}")
+        at.run()
+        assert not at.exception, at.exception
+        assert f"({only})" in explanation_caption(at), (only, explanation_caption(at))
