@@ -11,9 +11,7 @@ restarted app redraws them too.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 
 from core.datasets import ImageItem, ImageSet
 from core.detectors.base import ModelFileError
+from core.npz_io import read_npz, write_npz
 
 _HEADER = "header"
 
@@ -110,23 +109,10 @@ def as_tuples(value: Any) -> Any:
 
 def write_raw_map_file(path: str | os.PathLike, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Path:
     """Write a JSON ``header`` and numpy ``arrays`` to ``path`` (.npz, no pickle), atomically."""
-    arrays = {_HEADER: np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8), **arrays}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp.npz")
-    np.savez(temporary, **arrays)
-    os.replace(temporary, path)  # never half a file where a good one was
-    return path
+    return write_npz(path, arrays, header, _HEADER)
 
 
 def read_raw_map_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(header, arrays) of a file written by :func:`write_raw_map_file`; :class:`ModelFileError` naming it otherwise."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-        header = json.loads(arrays.pop(_HEADER).tobytes().decode("utf-8"))
-    except (OSError, ValueError, KeyError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as error:
-        raise ModelFileError(f"{path}: not a raw-map file of this tool ({error})") from error
-    if not isinstance(header, dict):
-        raise ModelFileError(f"{path}: not a raw-map file of this tool (header is not an object)")
-    return header, arrays
+    """(header, arrays) of a file written by :func:`write_raw_map_file`; :class:`ModelFileError` naming it otherwise
+    (missing, truncated, damaged, or a header that is not a JSON object)."""
+    return read_npz(path, _HEADER, "raw-map file", ModelFileError)
