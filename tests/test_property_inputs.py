@@ -1,0 +1,128 @@
+"""Property tests (hypothesis): whatever bytes or JSON a user hands in, only the project's own errors come out.
+
+* random bytes, random mutations of a real model file, and real model files
+  with random JSON in their header go to ``load_detector``: it loads or raises
+  ``ModelFileError`` naming the file, nothing else;
+* random bytes (bare, or behind a PNG / JPEG / zip signature) go to
+  ``decode_image``: it decodes or raises ``ImageError``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from core.config import DN2Settings, FeatureSettings, SpadeSettings
+from core.detectors import ModelFileError, load_detector, make_detector
+from core.images import ImageError, decode_image
+from core.npz_io import read_npz
+from tests.conftest import synthetic_images
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FEATURES = FeatureSettings(weights="random", resize=32, crop=32, device="cpu", batch_size=16)
+
+_folder = Path()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _workdir(tmp_path_factory):
+    """Where the candidate files go (module-scoped: hypothesis reruns each test many times)."""
+    global _folder
+    _folder = tmp_path_factory.mktemp("property-inputs")
+    _MODELS.clear()
+
+
+def _model(method: str, settings_) -> tuple[bytes, dict, dict]:
+    path = make_detector(method, settings_).fit(synthetic_images(8, 0, "n", 0)).save(_folder / f"{method}.npz")
+    header, arrays = read_npz(path)
+    return path.read_bytes(), header, arrays
+
+
+_MODELS: dict[str, tuple[bytes, dict, dict]] = {}
+
+
+def model(method: str) -> tuple[bytes, dict, dict]:
+    """A small real model of ``method`` (fitted once per session): (file bytes, header, arrays)."""
+    if method not in _MODELS:
+        tiny = {"dn2": DN2Settings(features=FEATURES),
+                "spade": SpadeSettings(features=FEATURES, gallery="exact", top_images=4, calibration_images=4)}
+        _MODELS[method] = _model(method, tiny[method])
+    return _MODELS[method]
+
+
+def _load(data: bytes) -> None:
+    path = _folder / "candidate.npz"
+    path.write_bytes(data)
+    try:
+        load_detector(path)
+    except ModelFileError as error:
+        assert str(error).startswith(str(path)), error
+
+
+@FAST
+@given(st.binary(max_size=4096))
+def test_random_bytes_into_the_model_loader(data):
+    _load(data)
+
+
+@FAST
+@given(st.sampled_from(["dn2", "spade"]), st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)),
+                                                   min_size=1, max_size=4))
+def test_mutated_model_files(method, changes):
+    data = bytearray(model(method)[0])
+    for where, value in changes:
+        data[int(where * len(data))] = value
+    _load(bytes(data))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True) | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@FAST
+@given(st.sampled_from(["dn2", "spade"]), st.data())
+def test_random_json_in_a_real_header(method, data):
+    _, header, arrays = model(method)
+    header = json.loads(json.dumps(header))
+    # Replace a few fields (settings fields included) by random JSON, or the whole header.
+    if data.draw(st.booleans(), "whole header"):
+        header = data.draw(json_values, "header")
+    else:
+        for _ in range(data.draw(st.integers(1, 3), "edits")):
+            target = header
+            if data.draw(st.booleans(), "in settings") and isinstance(header.get("settings"), dict):
+                target = header["settings"]
+            key = data.draw(st.sampled_from(sorted(target)) if target else st.text(max_size=8), "key")
+            target[key] = data.draw(json_values, "value")
+    path = _folder / "edited.npz"
+    encoded = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    np.savez(path, __header__=encoded, **arrays)
+    try:
+        load_detector(path)
+    except ModelFileError as error:
+        assert str(error).startswith(str(path)), error
+
+
+_SIGNATURES = [b"", b"\x89PNG\r\n\x1a\n", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", b"\xff\xd8\xff\xe0", b"PK\x03\x04",
+               b"GIF89a", b"BM", b"II*\x00", b"RIFF\x00\x00\x00\x00WEBP"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(_SIGNATURES), st.binary(max_size=2048))
+def test_random_bytes_into_the_image_decoder(signature, body):
+    try:
+        pixels = decode_image(signature + body, name="upload.png")
+    except ImageError as error:
+        assert error.source == "upload.png"
+        return
+    assert pixels.ndim == 3 and pixels.shape[2] == 3 and pixels.dtype == np.uint8
