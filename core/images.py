@@ -44,6 +44,12 @@ MIN_SIDE = 8
 MAX_SIDE = 20_000
 """Images with a side longer than this are refused (even if MAX_PIXELS is respected)."""
 
+MAX_BYTES_PER_PIXEL = 16
+"""Files may hold at most this many bytes per pixel (and frame), plus :data:`FILE_SLACK_BYTES`."""
+
+FILE_SLACK_BYTES = 8 * 1024**2
+"""Room for metadata (EXIF, ICC profiles, thumbnails) on top of the pixel allowance."""
+
 _EXIF_ORIENTATION_TAG = 0x0112
 # EXIF orientations 5-8 rotate by 90 degrees, so the displayed image has its
 # width and height swapped relative to the stored one.
@@ -148,10 +154,36 @@ def _open_unloaded(data: ImageSource, source: str) -> Image.Image:
     try:
         width, height = image.size
         check_dimensions(height, width, source)
+        size = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else os.path.getsize(data)
+        check_file_bytes(size, height, width, _frame_count(image), source)
     except BaseException:
         image.close()
         raise
     return image
+
+
+def _frame_count(image: Image.Image) -> int:
+    try:
+        return max(1, int(getattr(image, "n_frames", 1)))
+    except Exception:  # noqa: BLE001 - a broken frame index: count the first frame only
+        return 1
+
+
+def check_file_bytes(size: int, height: int, width: int, frames: int, source: str) -> None:
+    """Raise :class:`ImageError` when a file is far larger than its pixels can explain.
+
+    Even uncompressed 16-bit RGBA needs 8 bytes a pixel; a file above
+    ``MAX_BYTES_PER_PIXEL`` per pixel and frame plus ``FILE_SLACK_BYTES`` (EXIF,
+    colour profiles) carries something else — e.g. 250 MB appended to a small
+    PNG — which would otherwise be stored and copied whole with every import.
+    """
+    limit = MAX_BYTES_PER_PIXEL * height * width * frames + FILE_SLACK_BYTES
+    if size > limit:
+        raise ImageError(
+            source,
+            f"file is {size:,} bytes, far more than a {width}x{height} image needs (at most {limit:,}); "
+            "it carries other data after or inside the image — re-save it as a plain image file",
+        )
 
 
 def _header_orientation(image: Image.Image) -> int:

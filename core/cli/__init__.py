@@ -126,7 +126,7 @@ def apply_threads(threads: int | None) -> None:
 
 def read_images(path: str | os.PathLike, label: int | None = None):
     """An ImageSet from a folder, a zip archive or a single image file."""
-    from core.datasets import ImageItem, ImageSet, read_folder, read_zip
+    from core.datasets import ImageItem, ImageSet, Problem, read_folder, read_zip
 
     source = Path(path)
     if source.is_dir():
@@ -134,7 +134,10 @@ def read_images(path: str | os.PathLike, label: int | None = None):
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such file or folder")
     if source.suffix.lower() == ".zip":
-        return read_zip(source, label=label)
+        images = read_zip(source, label=label)
+        # Name the archive in every skipped member: "photos.zip!notes.txt: not an image file type".
+        problems = [Problem(f"{source}!{problem.source}", problem.reason) for problem in images.problems]
+        return ImageSet(images.items, problems, images.name)
     return ImageSet([ImageItem(name=source.name, path=str(source), label=label)], name=source.name)
 
 
