@@ -340,10 +340,15 @@ class Workspace:
         return Project(cursor.lastrowid, name, time.time())
 
     def get_or_create_project(self, name: str) -> Project:
-        for project in self.projects():
-            if project.name == name.strip():
-                return project
-        return self.create_project(name)
+        """The project called ``name``, created if missing; safe when two processes ask at once
+        (one write transaction: the second finds the first's row instead of failing on the name)."""
+        name = name.strip()
+        if not name:
+            raise StoreError("a project needs a name")
+        with self._transaction() as connection:
+            connection.execute("INSERT OR IGNORE INTO projects (name, created) VALUES (?, ?)", (name, time.time()))
+            row = connection.execute("SELECT id, name, created FROM projects WHERE name = ?", (name,)).fetchone()
+        return Project(row["id"], row["name"], row["created"])
 
     def projects(self) -> list[Project]:
         with self._connect() as connection:

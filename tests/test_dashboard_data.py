@@ -87,7 +87,8 @@ def test_data_page_creates_a_project_and_lists_bad_uploads(workspace_dir, noise_
     assert [row.name for row in workspace.images(project.id)] == ["noise_1.png", "evil/good/inside.png"]
 
 
-def test_folder_import_in_mvtec_layout(workspace_dir):
+def test_folder_import_in_mvtec_layout(workspace_dir, monkeypatch):
+    monkeypatch.setenv("ANOMALY_FOLDER_ROOTS", str(DEMO_BOTTLE.parent))
     workspace = Workspace(workspace_dir)
     project = workspace.create_project("from folder")
     at = new_app(project.id, page="views/data.py")
@@ -102,6 +103,11 @@ def test_folder_import_in_mvtec_layout(workspace_dir):
     next(button for button in at.button if button.label == "Import folder").click().run()
     assert any("Cannot import" in error.value for error in at.error)
     assert workspace.counts(project.id)["normal"] == 40
+
+    outside = next(field for field in at.text_input if field.label == "Folder path")
+    outside.input(str(DEMO_BOTTLE.parents[2] / "tests")).run()
+    next(button for button in at.button if button.label == "Import folder").click().run()
+    assert any("outside the folders this app may use" in error.value for error in at.error)
 
 
 def test_fashion_mnist_tab_imports_the_one_class_protocol(workspace_dir):

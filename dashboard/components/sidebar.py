@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from core.paths import FolderNotAllowed, allowed_folder
 from core.store import Project, Workspace
 from dashboard import state
 from dashboard.components.jobs import sidebar_jobs
@@ -21,12 +22,14 @@ def workspace_and_project() -> tuple[Workspace, Project | None]:
             "Workspace folder",
             value=state.workspace_path(),
             help="Where projects, images and models are kept (SQLite + files). "
-            "Default: ~/.anomaly-workspace or $ANOMALY_WORKSPACE.",
+            "Default: ~/.anomaly-workspace or $ANOMALY_WORKSPACE. Only folders under your home folder or "
+            "$ANOMALY_FOLDER_ROOTS ('*' = any folder) may be used.",
         )
         if folder.strip() and folder.strip() != state.workspace_path():
             try:
+                allowed_folder(folder.strip())  # only folders under the configured roots (core/paths.py)
                 state.set_workspace_path(folder.strip())
-            except OSError as error:
+            except (OSError, FolderNotAllowed) as error:
                 st.error(f"Cannot use {folder!r} as a workspace: {error}")
         workspace = state.workspace()
 

@@ -17,6 +17,7 @@ from core.datasets import (
     read_folder,
     read_mvtec,
 )
+from core.paths import FolderNotAllowed, allowed_folder
 from core.store import ImportReport, StoreError
 from dashboard import state
 from dashboard.components.gallery import gallery, paged
@@ -117,7 +118,9 @@ with upload_tab:
         st.rerun()
 
 with folder_tab:
-    folder = st.text_input("Folder path", placeholder="/data/mvtec_ad/bottle")
+    folder = st.text_input("Folder path", placeholder="/data/mvtec_ad/bottle",
+                           help="A folder on the machine running the app, under your home folder or the "
+                           "folders in $ANOMALY_FOLDER_ROOTS ('*' = any folder).")
     layout = st.radio(
         "Layout",
         ["mvtec", "classes", "plain"],
@@ -131,13 +134,14 @@ with folder_tab:
     normal_class, plain_role = None, "normal"
     if layout == "classes" and folder and Path(folder).is_dir():
         try:
-            normal_class = st.selectbox("Normal class", list_classes(folder))
-        except OSError as error:
-            st.error(f"{folder}: {error}")
+            normal_class = st.selectbox("Normal class", list_classes(allowed_folder(folder)))
+        except (OSError, FolderNotAllowed) as error:
+            st.error(str(error))
     if layout == "plain":
         plain_role = st.radio("Add them as", list(ROLE_HELP), format_func=ROLE_HELP.get, key="folder-role")
     if st.button("Import folder", type="primary", disabled=not folder):
         try:
+            allowed_folder(folder)  # only folders under the configured roots (core/paths.py)
             with st.spinner("Reading and checking the folder…"):
                 if layout == "plain":
                     report = workspace.import_images(
