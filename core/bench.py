@@ -280,6 +280,7 @@ def _cache_file(
     size = image_size_for(settings)
     fingerprint = json.dumps(
         {"backbone": settings.backbone, "weights": extractor_identity, "resize": size.resize, "crop": size.crop,
+         "precision": settings.precision,
          "spec": spec, "items": hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()},
         sort_keys=True,
     )

@@ -38,6 +38,12 @@ class FeatureSettings:
     crop: int | None = None
     batch_size: int = 32
     device: str | None = None
+    # The dtype the backbone computes in, for extraction and PANDA training alike:
+    # "auto" (what was measured faster at equal scores: bfloat16 for extraction on CPUs
+    # with native bfloat16 and on GPUs, float32 for PANDA's training steps on a CPU),
+    # "float32", "bfloat16" (autocast) or "float16" (GPU only). Measurements in
+    # core.backbones.resolve_precision and the README's PANDA section.
+    precision: str = "auto"
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -139,6 +145,15 @@ class PandaSettings:
     schedule compressed by a higher learning rate).
     ``cache_dtype``: "float32", "float16" or "auto" (float16 once the float32
     prefix cache would exceed ``cache_budget_mb``).
+    ``early_rule``: where Early stops: "fixed" (the paper: after ``epochs`` /
+    ``minibatches``) or "auto" (chosen from held-out normal images, no test
+    labels; ``epochs`` is then the most it trains, see :mod:`core.adaptation.stopping`).
+    ``stop_holdout``: share of the normal images "auto" keeps out of training to
+    watch (they still join the kNN gallery).
+    ``fisher_source``: where EWC's Fisher comes from when no file is given:
+    "pool" (the classifier's own predictions on a diverse offline image pool,
+    the stand-in for ImageNet) or "normal" (the normal training images).
+    ``autocast``: older models' switch for bfloat16; ``features.precision`` replaces it.
     """
 
     features: FeatureSettings = FeatureSettings()
@@ -164,6 +179,9 @@ class PandaSettings:
     cache_dtype: str = "auto"
     cache_budget_mb: int = 2048
     autocast: bool = False
+    early_rule: str = "fixed"
+    stop_holdout: float = 0.1
+    fisher_source: str = "pool"
     seed: int = 0
     target_fpr: float = 0.05
 
@@ -171,6 +189,9 @@ class PandaSettings:
         _check_choice("strategy", self.strategy, PANDA_STRATEGIES)
         _check_choice("cache_dtype", self.cache_dtype, ("auto", "float32", "float16"))
         _check_choice("ewc_step", self.ewc_step, ("gradient", "proximal"))
+        _check_choice("early_rule", self.early_rule, ("fixed", "auto"))
+        _check_choice("fisher_source", self.fisher_source, ("pool", "normal"))
+        _check_fraction("stop_holdout", self.stop_holdout)
         for name in ("k", "batch_size", "fisher_batches", "cache_budget_mb"):
             _check_positive(name, getattr(self, name))
         for name in ("epochs", "minibatches", "snapshot_every"):

@@ -66,7 +66,7 @@ def image_size_for(settings: FeatureSettings) -> ImageSize:
 
 def extractor_for(settings: FeatureSettings) -> FeatureExtractor:
     """The process-wide read-only extractor for these settings (built on first use)."""
-    return shared_extractor(settings.backbone, settings.weights, settings.device)
+    return shared_extractor(settings.backbone, settings.weights, settings.device, settings.precision)
 
 
 @dataclass

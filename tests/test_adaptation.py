@@ -357,9 +357,12 @@ def test_compare_strategies_reads_each_method_where_it_belongs(normal, test_set)
         epochs=4, early_epoch=1, ewc_epochs=2, on_epoch=lambda run, record: seen.append((run, record.epoch)),
     )
     methods = [row.method for row in result.rows]
-    assert methods == ["DN2", "PANDA-Early", "PANDA-SES", "Unregularised (last epoch)",
+    assert methods == ["DN2", "PANDA-Early", "PANDA-Early (auto)", "PANDA-SES", "Unregularised (last epoch)",
                        "Unregularised (best epoch)", "PANDA-EWC"]
     long_run = result.curves["unregularised"]
+    # The automatic Early row is the long run's record at the epoch the rule marked.
+    (marked,) = [r for r in long_run if r.auto_stop]
+    assert result.auroc("PANDA-Early (auto)") == marked.auroc and marked.epoch >= 1
     assert [r.epoch for r in long_run] == [0, 1, 2, 3, 4] and [r.epoch for r in result.curves["ewc"]] == [0, 1, 2]
     assert seen == [("unregularised", e) for e in range(5)] + [("ewc", e) for e in range(3)]
     # Each row is the long run's record at its epoch (DN2 = epoch 0, Early = its stopping epoch).

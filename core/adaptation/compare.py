@@ -30,6 +30,7 @@ from core.adaptation.pipeline import PreparedData, adapt, optimiser_for, prepare
 from core.adaptation.prefix_cache import build_image_inputs, build_prefix_cache, peak_memory_bytes
 from core.adaptation.schedule import Schedule, resolve_schedule, snapshot_epochs, snapshot_interval
 from core.adaptation.ses import SesScorer
+from core.adaptation.stopping import AutoStop
 from core.adaptation.strategies import CompactnessObjective
 from core.adaptation.training import train
 from core.config import PandaSettings
@@ -100,7 +101,7 @@ def compare_strategies(
     epochs: int | None = None,
     early_epoch: int | None = None,
     ewc_epochs: int | None = None,
-    strategies: tuple[str, ...] = ("early", "ses", "ewc"),
+    strategies: tuple[str, ...] = ("early", "auto", "ses", "ewc"),
     fisher: FisherDiagonal | None = None,
     fisher_reference: ImageSet | None = None,
     prepared: PreparedData | None = None,
@@ -117,10 +118,15 @@ def compare_strategies(
     ``epochs``, whichever is shorter. ``ewc_epochs``: length of the EWC run
     (default: the paper's 7.8k minibatches, scaled). ``settings`` gives the
     backbone, optimiser and the other knobs; its ``strategy`` is ignored.
+    "auto" in ``strategies`` adds PANDA-Early with the automatic stopping rule:
+    the runs then train on all but ``settings.stop_holdout`` of the normal
+    images (the held-out ones still join every kNN gallery, DN2's included),
+    and the rule reads the long run's held-out ratios (no test labels).
     """
     if not test_set.has_labels or len(np.unique(test_set.labels)) < 2:
         raise ValueError("compare_strategies needs a test set with normal and anomalous labels")
-    prepared = prepared or prepare(train_set, settings, test_set, None, None, cancel)
+    prepared = prepared or prepare(train_set, settings, test_set, None, None, cancel,
+                                   holdout=settings.stop_holdout if "auto" in strategies else 0.0)
     n = len(prepared.normal)
     early_schedule = resolve_schedule(settings, n, "early")
     ses_schedule = resolve_schedule(settings, n, "ses")
@@ -141,6 +147,7 @@ def compare_strategies(
         schedule=Schedule(long_epochs, early_schedule.batches_per_epoch, ses_epochs if "ses" in strategies else ()),
         early_epoch=early_at if "early" in strategies else None, keep_epoch_zero=True,
         on_epoch=relay("unregularised"), progress=progress, cancel=cancel,
+        stop_rule=AutoStop() if "auto" in strategies and prepared.holdout is not None else None,
     )
     records = unregularised.result.records
     timing["cache"] = unregularised.result.cache
@@ -151,6 +158,11 @@ def compare_strategies(
     if "early" in strategies and _record(records, early_at) is not None:
         r = records[early_at]
         rows.append(ComparisonRow("PANDA-Early", r.auroc, r.epoch, r.minibatches))
+    auto_at = unregularised.result.auto_stop_epoch
+    if "auto" in strategies and auto_at is not None:
+        r = records[auto_at]
+        rows.append(ComparisonRow("PANDA-Early (auto)", r.auroc, r.epoch, r.minibatches,
+                                  "stop chosen from held-out normal images"))
     choice_counts: list[int] = []
     kept = [e for e in ses_epochs if e in unregularised.result.snapshots]
     if "ses" in strategies and kept:
@@ -234,7 +246,7 @@ def time_prefix_cache(
     images = build_image_inputs(network, normal, size, settings.features.batch_size, settings.cache_budget_mb,
                                 progress, cancel)
     per_epoch = math.ceil(len(normal) / settings.batch_size)
-    optimiser = optimiser_for(settings, "early")
+    optimiser = optimiser_for(settings, "early", extractor.device)
     times: dict[str, list[float]] = {"naive": [], "cached": []}
     states = {}
     for round_index in range(rounds):

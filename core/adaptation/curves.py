@@ -38,6 +38,11 @@ class EpochRecord:
         auroc: test ROC AUC of this epoch's scores (kNN, or the OE head), None without labels.
         snapshot: index of the SES snapshot taken after this epoch, else None.
         early_stop: True on the epoch PANDA-Early stops at.
+        eval_seconds: wall time of this epoch's evaluation pass (features of every image, kNN).
+        holdout_distance / holdout_ratio / holdout_knn_ratio: held-out normal images
+            (not trained on) against the trained-on ones, see :mod:`core.adaptation.stopping`;
+            None unless the run holds some out.
+        auto_stop: True on the epoch the automatic Early rule chose (marked once known).
     """
 
     epoch: int
@@ -54,6 +59,11 @@ class EpochRecord:
     auroc: float | None = None
     snapshot: int | None = None
     early_stop: bool = False
+    eval_seconds: float | None = None
+    holdout_distance: float | None = None
+    holdout_ratio: float | None = None
+    holdout_knn_ratio: float | None = None
+    auto_stop: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {key: _finite_or_none(value) for key, value in dataclasses.asdict(self).items()}

@@ -6,12 +6,15 @@ is estimated with the pretrained network's own ImageNet classifier: for each
 reference image a label is drawn from the network's predictive distribution
 (the "true" Fisher of Kirkpatrick et al., not the empirical one, which would
 need ImageNet labels) and the squared per-sample gradient is averaged. Only
-the trainable parameters need it. The paper estimates F on 100 ImageNet
-minibatches; ImageNet is not available here, so the default reference set is
-the normal training images. A user can pass natural images of their own
-(``reference`` in :func:`estimate_fisher`) or a Fisher file estimated
-elsewhere (:func:`load_fisher`). F is used as estimated: the paper applies
-no normalisation before weighting it by lambda = 1e4.
+the trainable parameters need it.
+
+EWC runs use :func:`estimate_fisher_minibatch` instead: the paper's Eq. 3 over
+100 minibatches (squared gradients of the minibatch loss, labels = the
+network's own top-1), which keeps F on the scale lambda = 1e4 was chosen
+for. ImageNet is not available here, so its images come from an offline
+photo pool (:mod:`core.adaptation.fisher_pool`, the default), or from the
+normal training images (``PandaSettings.fisher_source="normal"``), or a user
+passes a Fisher file estimated elsewhere (:func:`load_fisher`).
 
 Fisher files are ``.npz`` archives with one float32 array per parameter name
 and a JSON header; they are read with ``allow_pickle=False``.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -140,6 +144,46 @@ def estimate_fisher(
         report_progress(progress, done, len(order))
     values = {names[full]: (total / max(done, 1)).cpu().float() for full, total in totals.items()}
     return FisherDiagonal(values=values, samples=done, source=source, backbone=backbone)
+
+
+def estimate_fisher_minibatch(
+    network: TrainableNetwork,
+    batches: Iterable[tuple[torch.Tensor, int]],
+    count: int,
+    source: str,
+    backbone: str = "",
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+) -> FisherDiagonal:
+    """Eq. 3 as the paper computes it: the mean over minibatches of the squared gradient of the pretraining loss.
+
+    ``batches`` yields ``count`` pairs (inputs (B, ...), start piece): images
+    (start 0) or prefix outputs. The loss of a minibatch is the mean
+    cross-entropy of the ImageNet classifier against its own top-1 labels
+    (the stand-in for ImageNet's labels, which agree with them on images the
+    network knows). Squaring the *minibatch* gradient, as the paper's Eq. 3 over
+    its 100 minibatches of 32 does, keeps F on the paper's scale, so that
+    lambda = 1e4 weighs the penalty as it did there.
+    """
+    params = network.trainable_parameters()
+    totals = {name: torch.zeros_like(p) for name, p in params.items()}
+    done = samples = 0
+    for inputs, start in batches:
+        check_cancel(cancel)
+        inputs = inputs.to(network.device)
+        logits = network.logits(network.features(inputs, start)).float()
+        labels = logits.argmax(dim=1).detach()
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        grads = torch.autograd.grad(loss, list(params.values()))
+        for name, g in zip(params, grads):
+            totals[name] += g.detach().pow(2)
+        done += 1
+        samples += len(inputs)
+        report_progress(progress, done, count)
+    if done == 0:
+        raise ValueError("no minibatches to estimate the Fisher diagonal on")
+    values = {name: (total / done).cpu().float() for name, total in totals.items()}
+    return FisherDiagonal(values=values, samples=samples, source=source, backbone=backbone)
 
 
 def save_fisher(path: str | os.PathLike, fisher: FisherDiagonal) -> Path:

@@ -15,17 +15,20 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from core.adaptation.curves import EpochCallback
-from core.adaptation.fisher import FisherDiagonal, estimate_fisher, load_fisher
+from core.adaptation.fisher import FisherDiagonal, FisherFileError, estimate_fisher_minibatch, load_fisher, save_fisher
+from core.adaptation.fisher_pool import cache_path, natural_photos, pool_batches, pool_description
 from core.adaptation.network import TrainableNetwork, resolve_trainable
 from core.adaptation.objectives import EwcPenalty
 from core.adaptation.outlier_exposure import OutlierExposureObjective
 from core.adaptation.prefix_cache import TrainingInputs, build_inputs
 from core.adaptation.schedule import Schedule, resolve_schedule
+from core.adaptation.stopping import AutoStop
 from core.adaptation.strategies import CompactnessObjective, Objective
 from core.adaptation.training import OptimiserSettings, TrainingResult, train
-from core.backbones import FeatureExtractor
+from core.backbones import FeatureExtractor, resolve_precision
 from core.config import PandaSettings
 from core.datasets import ImageSet
 from core.features import extractor_for, image_size_for
@@ -39,7 +42,9 @@ class PreparedData:
 
     ``normal``/``test``/``outliers`` are prefix caches (or images when
     ``settings.prefix_cache`` is False); ``test_labels`` is (M,) int64 when
-    the test set is labelled. ``seconds`` is the time spent building them.
+    the test set is labelled. ``holdout`` holds the normal images kept out of
+    training for the automatic Early rule (then ``normal`` has the rest).
+    ``seconds`` is the time spent building them.
     """
 
     extractor: FeatureExtractor
@@ -50,6 +55,7 @@ class PreparedData:
     test_labels: np.ndarray | None
     outliers: TrainingInputs | None
     seconds: float
+    holdout: TrainingInputs | None = None
 
     def new_network(self) -> TrainableNetwork:
         """A fresh private copy of the pretrained network with the trainable pieces unfrozen."""
@@ -69,8 +75,13 @@ def prepare(
     outliers: ImageSet | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
+    holdout: float = 0.0,
 ) -> PreparedData:
-    """Build the inputs of a PANDA run (runs the frozen prefix once per image). Raises ``Cancelled``."""
+    """Build the inputs of a PANDA run (runs the frozen prefix once per image). Raises ``Cancelled``.
+
+    ``holdout`` > 0 keeps that share of the normal images (seeded) out of
+    training, for the automatic Early rule.
+    """
     started = time.perf_counter()
     extractor = extractor_for(settings.features)
     size = image_size_for(settings.features)
@@ -78,15 +89,36 @@ def prepare(
     # A private copy even for the frozen prefix: wrapping the shared network would
     # change its requires_grad flags under other users.
     probe = TrainableNetwork(extractor.copy_network(), trainable)
+    held_inputs = None
+    if holdout > 0:
+        normal, held = split_holdout(normal, holdout, settings.seed)
+        held_inputs = _inputs(probe, held, size, settings, progress, cancel)
     normal_inputs = _inputs(probe, normal, size, settings, progress, cancel)
     test_inputs = _inputs(probe, test, size, settings, progress, cancel) if test is not None and len(test) else None
     labels = test.labels if test is not None and len(test) and test.has_labels else None
     outlier_inputs = _inputs(probe, outliers, size, settings, progress, cancel) if outliers is not None and len(outliers) else None
     return PreparedData(extractor, size, trainable, normal_inputs, test_inputs, labels, outlier_inputs,
-                        time.perf_counter() - started)
+                        time.perf_counter() - started, held_inputs)
 
 
-def optimiser_for(settings: PandaSettings, strategy: str | None = None) -> OptimiserSettings:
+def split_holdout(normal: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(trained-on, held-out) parts of ``normal``: a seeded ``fraction`` (at least 2 images) is held out."""
+    n = len(normal)
+    count = max(2, int(round(fraction * n)))
+    if n - count < 4:
+        raise ValueError(f"the automatic Early rule holds out {count} of {n} normal images and needs at least 4 "
+                         "left to train on; add normal images or use the fixed Early")
+    order = np.random.default_rng(seed).permutation(n)
+    return normal.subset(sorted(order[count:].tolist())), normal.subset(sorted(order[:count].tolist()))
+
+
+def compute_dtype(settings: PandaSettings, device: torch.device) -> torch.dtype:
+    """The dtype training runs in: ``features.precision`` (older settings: ``autocast`` = bfloat16)."""
+    return torch.bfloat16 if settings.autocast else resolve_precision(settings.features.precision, device, training=True)
+
+
+def optimiser_for(settings: PandaSettings, strategy: str | None = None,
+                  device: torch.device | str = "cpu") -> OptimiserSettings:
     """SGD settings of a strategy: OE has its own learning rate and weight decay (supplement)."""
     strategy = strategy or settings.strategy
     oe = strategy == "oe"
@@ -97,7 +129,7 @@ def optimiser_for(settings: PandaSettings, strategy: str | None = None) -> Optim
         grad_clip=settings.grad_clip,
         batch_size=settings.batch_size,
         k=settings.k,
-        autocast=settings.autocast,
+        dtype=compute_dtype(settings, torch.device(device)),
         seed=settings.seed,
         eval_batch_size=max(settings.features.batch_size, 64),
     )
@@ -112,23 +144,63 @@ def fisher_for(
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
 ) -> FisherDiagonal:
-    """The Fisher diagonal EWC uses: given, from ``settings.fisher_file``, or estimated.
+    """The Fisher diagonal EWC uses: given, from ``settings.fisher_file``, or estimated (paper's Eq. 3).
 
-    Estimated on ``reference`` images when given (natural images, closer to the
-    paper's ImageNet), else on the normal training images.
+    Estimated on ``reference`` images when given; else on the offline photo
+    pool (``settings.fisher_source="pool"``, cached on disk per backbone,
+    trainable pieces and size) or on the normal training images ("normal").
     """
     if fisher is not None:
         return fisher
     if settings.fisher_file:
         return load_fisher(settings.fisher_file)
+    backbone = prepared.extractor.spec.name
+    count = settings.fisher_batches
     if reference is not None:
         inputs = _inputs(network, reference, prepared.size, settings, None, cancel)
-        source = f"reference images ({len(reference)})"
-    else:
-        inputs, source = prepared.normal, f"normal training images ({len(prepared.normal)})"
-    return estimate_fisher(network, inputs, max_samples=settings.fisher_batches * settings.batch_size,
-                           seed=settings.seed, source=source, backbone=prepared.extractor.spec.name,
-                           progress=progress, cancel=cancel)
+        return estimate_fisher_minibatch(network, _cycled(inputs, count, settings), count,
+                                         f"reference images ({len(reference)}), predicted labels", backbone,
+                                         progress, cancel)
+    if settings.fisher_source == "normal":
+        return estimate_fisher_minibatch(network, _cycled(prepared.normal, count, settings), count,
+                                         f"normal training images ({len(prepared.normal)}), predicted labels",
+                                         backbone, progress, cancel)
+    return pool_fisher(settings, prepared, network, progress, cancel)
+
+
+def _cycled(inputs: TrainingInputs, count: int, settings: PandaSettings):
+    """``count`` seeded minibatches (inputs, start) drawn from ``inputs``, reshuffled when they run out."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    order = torch.empty(0, dtype=torch.int64)
+    for _ in range(count):
+        if len(order) < min(settings.batch_size, len(inputs)):
+            order = torch.cat([order, torch.randperm(len(inputs), generator=generator)])
+        take, order = order[:settings.batch_size], order[settings.batch_size:]
+        yield inputs.batch(take), inputs.start
+
+
+def pool_fisher(settings: PandaSettings, prepared: PreparedData, network: TrainableNetwork,
+                progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> FisherDiagonal:
+    """The Fisher on the offline photo pool, estimated once per backbone/weights/pieces/size and kept on disk."""
+    photos = natural_photos()
+    count, batch = settings.fisher_batches, settings.batch_size
+    key = {"format": 1, "backbone": prepared.extractor.spec.name, "weights": prepared.extractor.weights_identity,
+           "trainable": list(prepared.trainable), "size": [prepared.size.resize, prepared.size.crop],
+           "batches": count, "batch_size": batch, "seed": settings.seed, "photos": [p.name for p in photos]}
+    path = cache_path(key)
+    if path.is_file():
+        try:
+            return load_fisher(path)
+        except FisherFileError:  # damaged cache: estimate again and overwrite it
+            pass
+    fisher = estimate_fisher_minibatch(
+        network, ((images, 0) for images in pool_batches(prepared.size, count, batch, settings.seed, photos)),
+        count, pool_description(photos, count * batch), prepared.extractor.spec.name, progress, cancel)
+    try:
+        save_fisher(path, fisher)
+    except OSError:  # a read-only home: only the cache is lost
+        pass
+    return fisher
 
 
 @dataclass
@@ -160,6 +232,7 @@ def adapt(
     on_epoch: EpochCallback | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
+    stop_rule: AutoStop | None = None,
 ) -> AdaptationRun:
     """Train PANDA with ``settings.strategy`` on the normal images; the dashboard's and CLI's entry point.
 
@@ -169,17 +242,25 @@ def adapt(
     (``run.result.cancelled``). ``prepared`` reuses caches of an earlier run
     (then ``normal``/``test``/``outliers`` are ignored). ``schedule`` overrides
     the one derived from ``settings``; ``early_epoch`` marks (and keeps) an
-    extra epoch; for "early" it defaults to the last epoch.
+    extra epoch; for "early" it defaults to the last epoch. ``stop_rule``
+    marks the automatic Early epoch on a run that goes on training (the
+    comparison's long run); Early with ``early_rule="auto"`` uses its own and stops there.
     """
     strategy = settings.strategy
     if prepared is None:
         if normal is None:
             raise ValueError("adapt needs the normal images or prepared data")
-        prepared = prepare(normal, settings, test, outliers if strategy == "oe" else None, None, cancel)
+        prepared = prepare(normal, settings, test, outliers if strategy == "oe" else None, None, cancel,
+                           holdout=settings.stop_holdout if auto_early(settings) else 0.0)
     if strategy == "oe" and prepared.outliers is None:
         raise ValueError("strategy 'oe' needs an outlier exposure image set")
     schedule = schedule or resolve_schedule(settings, len(prepared.normal))
-    if strategy == "early" and early_epoch is None:
+    rule, stop_here = stop_rule, False
+    if auto_early(settings):
+        if prepared.holdout is None:
+            raise ValueError("the automatic Early rule needs held-out normal images (prepare(..., holdout=...))")
+        rule, stop_here = AutoStop(), True
+    elif strategy == "early" and early_epoch is None:
         early_epoch = schedule.epochs
     network = prepared.new_network()
     used_fisher: FisherDiagonal | None = None
@@ -195,12 +276,24 @@ def adapt(
     else:
         objective = CompactnessObjective()
     result = train(
-        network, prepared.normal, objective, schedule, optimiser_for(settings),
-        test_inputs=prepared.test, test_labels=prepared.test_labels, early_epoch=early_epoch,
-        keep_epoch_zero=keep_epoch_zero, evaluate=evaluate, on_epoch=on_epoch, progress=progress, cancel=cancel,
+        network, prepared.normal, objective, schedule, optimiser_for(settings, device=prepared.extractor.device),
+        test_inputs=prepared.test, test_labels=prepared.test_labels, holdout_inputs=prepared.holdout,
+        early_epoch=early_epoch, keep_epoch_zero=keep_epoch_zero, evaluate=evaluate or rule is not None,
+        on_epoch=on_epoch, progress=progress, cancel=cancel, stop_rule=rule, stop_when_done=stop_here,
     )
+    if stop_here and result.auto_stop_epoch is not None:
+        # Early (auto) keeps the weights of the epoch the rule chose, not the last one trained.
+        chosen = result.snapshots[result.auto_stop_epoch]
+        network.load_suffix_state(chosen.state)
+        result = dataclasses.replace(result, final_state=chosen.state, final_train_features=chosen.train_features,
+                                     final_test_features=chosen.test_features)
     head = objective.head_state() if isinstance(objective, OutlierExposureObjective) else None
     return AdaptationRun(settings, strategy, schedule, network, result, used_fisher, head, prepared)
+
+
+def auto_early(settings: PandaSettings) -> bool:
+    """True when this run is PANDA-Early with the automatic stopping rule."""
+    return settings.strategy == "early" and settings.early_rule == "auto"
 
 
 def with_strategy(settings: PandaSettings, strategy: str) -> PandaSettings:

@@ -20,7 +20,7 @@ loop then stops, keeps the weights trained so far, and returns a result whose
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -31,14 +31,16 @@ from core.adaptation.curves import EpochCallback, EpochRecord, distance_summary
 from core.adaptation.network import TrainableNetwork
 from core.adaptation.prefix_cache import PrefixCache, TrainingInputs, peak_memory_bytes
 from core.adaptation.schedule import Schedule
+from core.adaptation.stopping import AutoStop, holdout_statistics
 from core.adaptation.strategies import Objective
+from core.backbones import autocast_to, to_channels_last
 from core.metrics import image_auroc
 from core.progress import CancelFn, ProgressFn, report_progress
 
 
 @dataclass(frozen=True)
 class OptimiserSettings:
-    """SGD as in the paper's supplement; ``autocast`` runs the forward pass in bfloat16 (GPU)."""
+    """SGD as in the paper's supplement; ``dtype`` is the compute dtype of the forward pass (autocast)."""
 
     lr: float = 1e-2
     momentum: float = 0.9
@@ -46,14 +48,18 @@ class OptimiserSettings:
     grad_clip: float = 1e-3
     batch_size: int = 32
     k: int = 2
-    autocast: bool = False
+    dtype: torch.dtype = torch.float32
     seed: int = 0
     eval_batch_size: int = 64
 
 
 @dataclass
 class Snapshot:
-    """The network at one epoch: trainable weights (CPU float32) and features (N, D) / (M, D)."""
+    """The network at one epoch: trainable weights (CPU float32) and features (N, D) / (M, D).
+
+    ``train_features`` are those of every normal image: the trained-on ones
+    first, then the held-out ones (when the run holds some out for the stopping rule).
+    """
 
     epoch: int
     state: dict[str, torch.Tensor]
@@ -75,6 +81,7 @@ class TrainingResult:
     cancelled: bool
     cache: dict[str, object] = field(default_factory=dict)
     peak_memory_bytes: int = 0
+    auto_stop_epoch: int | None = None
 
     @property
     def epochs_done(self) -> int:
@@ -86,21 +93,15 @@ class TrainingResult:
         return float(np.mean(times)) if times else float("nan")
 
 
-def features_of(network: TrainableNetwork, inputs: TrainingInputs, batch_size: int = 64, autocast: bool = False) -> np.ndarray:
+def features_of(network: TrainableNetwork, inputs: TrainingInputs, batch_size: int = 64,
+                dtype: torch.dtype = torch.float32) -> np.ndarray:
     """(N, D) float32 pooled features of all inputs under the network's current weights."""
     parts = []
-    with torch.no_grad(), _autocast(network.device, autocast):
+    with torch.no_grad(), autocast_to(network.device, dtype):
         for indices in inputs.batches(batch_size):
-            batch = inputs.batch(indices).to(network.device, non_blocking=True)
+            batch = to_channels_last(inputs.batch(indices).to(network.device, non_blocking=True))
             parts.append(network.features(batch, inputs.start).float().cpu())
     return torch.cat(parts).numpy()
-
-
-def _autocast(device: torch.device, enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    # bfloat16 needs no loss scaling, unlike float16.
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def cache_description(inputs: TrainingInputs) -> dict[str, object]:
@@ -120,20 +121,30 @@ def train(
     optimiser: OptimiserSettings = OptimiserSettings(),
     test_inputs: TrainingInputs | None = None,
     test_labels: np.ndarray | None = None,
+    holdout_inputs: TrainingInputs | None = None,
     early_epoch: int | None = None,
     keep_epoch_zero: bool = False,
     evaluate: bool = True,
     on_epoch: EpochCallback | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
+    stop_rule: AutoStop | None = None,
+    stop_when_done: bool = False,
 ) -> TrainingResult:
     """Train ``network``'s trainable pieces in place for ``schedule.epochs`` epochs.
 
     ``train_inputs``: N normal images (prefix cache or images); ``test_inputs`` /
     ``test_labels`` (M,) optional, for the test curves and per-epoch ROC AUC.
+    ``holdout_inputs``: H normal images that are not trained on; each epoch
+    records how they sit against the trained-on ones (the automatic Early
+    rule, :mod:`core.adaptation.stopping`), and their features join the kNN
+    gallery (snapshots' and the result's train features are N + H rows).
     ``evaluate=False`` skips the per-epoch feature pass except at kept epochs
     (records then carry NaN distances): the cheapest way to train.
     ``progress(done, total)`` counts minibatches.
+    ``stop_rule`` (needs ``holdout_inputs``) is fed every epoch's held-out
+    ratio; its current choice is kept as a snapshot, and with ``stop_when_done``
+    training ends once the rule has decided.
     """
     device = network.device
     labels = None if test_labels is None else np.asarray(test_labels)
@@ -144,17 +155,28 @@ def train(
     records: list[EpochRecord] = []
     snapshots: dict[int, Snapshot] = {}
 
+    def normal_features() -> tuple[np.ndarray, np.ndarray | None]:
+        trained = features_of(network, train_inputs, optimiser.eval_batch_size, optimiser.dtype)
+        held = (features_of(network, holdout_inputs, optimiser.eval_batch_size, optimiser.dtype)
+                if holdout_inputs is not None else None)
+        return trained, held
+
     def observe(epoch: int, minibatches: int, seconds: float, parts: dict[str, list[float]], losses: list[float]) -> tuple[np.ndarray | None, np.ndarray | None]:
         needed = evaluate or epoch in keep or epoch == 0
-        train_f = features_of(network, train_inputs, optimiser.eval_batch_size, optimiser.autocast) if needed else None
-        test_f = (features_of(network, test_inputs, optimiser.eval_batch_size, optimiser.autocast)
+        started = time.perf_counter()
+        train_f, held_f = normal_features() if needed else (None, None)
+        test_f = (features_of(network, test_inputs, optimiser.eval_batch_size, optimiser.dtype)
                   if needed and test_inputs is not None else None)
         summary: dict[str, float | None] = {"train_distance": float("nan")}
         auroc = None
+        gallery = train_f
         if train_f is not None:
             summary = distance_summary(train_f, centre, test_f, labels)
+            if held_f is not None:
+                summary.update(holdout_statistics(train_f, held_f, centre, optimiser.k))
+                gallery = np.concatenate([train_f, held_f])
             if with_auroc and test_f is not None:
-                auroc = image_auroc(labels, objective.test_scores(network, train_f, test_f, optimiser.k))
+                auroc = image_auroc(labels, objective.test_scores(network, gallery, test_f, optimiser.k))
         record = EpochRecord(
             epoch=epoch,
             minibatches=minibatches,
@@ -165,17 +187,25 @@ def train(
             auroc=auroc,
             snapshot=snapshot_index.get(epoch),
             early_stop=epoch == early_epoch,
+            eval_seconds=time.perf_counter() - started,
             **summary,
         )
-        if epoch in keep and train_f is not None:
-            snapshots[epoch] = Snapshot(epoch, network.suffix_state(), train_f, test_f)
+        if epoch in keep and gallery is not None:
+            snapshots[epoch] = Snapshot(epoch, network.suffix_state(), gallery, test_f)
+        if stop_rule is not None and gallery is not None:
+            previous = stop_rule.chosen
+            if stop_rule.update(epoch, record.holdout_ratio):
+                # Keep only the rule's current choice (one extra copy of the trainable weights).
+                if previous is not None and previous not in keep:
+                    snapshots.pop(previous, None)
+                snapshots[epoch] = Snapshot(epoch, network.suffix_state(), gallery, test_f)
         records.append(record)
         if on_epoch is not None:
             on_epoch(record)
-        return train_f, test_f
+        return gallery, test_f
 
     # Epoch 0: the centre c is the mean pretrained feature of the normal set.
-    centre = features_of(network, train_inputs, optimiser.eval_batch_size, optimiser.autocast).mean(axis=0)
+    centre = features_of(network, train_inputs, optimiser.eval_batch_size, optimiser.dtype).mean(axis=0)
     centre_t = torch.as_tensor(centre, device=device)
     objective.begin(network, centre_t)
     train_f, test_f = observe(0, 0, 0.0, {}, [])
@@ -197,7 +227,7 @@ def train(
                 break
             batch = train_inputs.batch(indices).to(device, non_blocking=True)
             sgd.zero_grad(set_to_none=True)
-            with _autocast(device, optimiser.autocast):
+            with autocast_to(device, optimiser.dtype):
                 features = network.features(batch, train_inputs.start)
                 loss, named = objective.step_loss(network, features, indices)
             loss.backward()
@@ -217,12 +247,19 @@ def train(
         new_train_f, new_test_f = observe(epoch, steps, seconds, parts, losses)
         if new_train_f is not None:
             train_f, test_f = new_train_f, new_test_f
+        if stop_rule is not None and stop_rule.done and stop_when_done:
+            break
 
-    if records[-1].epoch != schedule.epochs or train_f is None or not evaluate:
+    ruled = stop_rule is not None and stop_rule.done and stop_when_done and evaluate
+    if (records[-1].epoch != schedule.epochs and not ruled) or train_f is None or not evaluate:
         # Cancelled, or evaluation skipped: the final features describe the weights as they are now.
-        train_f = features_of(network, train_inputs, optimiser.eval_batch_size, optimiser.autocast)
-        test_f = (features_of(network, test_inputs, optimiser.eval_batch_size, optimiser.autocast)
+        trained, held = normal_features()
+        train_f = trained if held is None else np.concatenate([trained, held])
+        test_f = (features_of(network, test_inputs, optimiser.eval_batch_size, optimiser.dtype)
                   if test_inputs is not None else None)
+    chosen = stop_rule.chosen if stop_rule is not None else None
+    if chosen is not None:
+        records[chosen] = dataclasses.replace(records[chosen], auto_stop=True)
     return TrainingResult(
         records=records,
         centre=centre,
@@ -234,4 +271,5 @@ def train(
         cancelled=cancelled,
         cache=cache_description(train_inputs),
         peak_memory_bytes=peak_memory_bytes(device),
+        auto_stop_epoch=chosen,
     )

@@ -49,16 +49,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--compare", action="store_true", help="run DN2/Early/SES/EWC and write the table (needs --test)")
     parser.add_argument("--early-epoch", type=int, default=None, help="with --compare: where Early stops")
     parser.add_argument("--ewc-epochs", type=int, default=None, help="with --compare: length of the EWC run")
-    parser.add_argument("--strategies", default="early,ses,ewc",
-                        help="with --compare: which of early,ses,ewc to run (DN2 and the long run always are)")
+    parser.add_argument("--strategies", default="early,auto,ses,ewc",
+                        help="with --compare: which of early,auto,ses,ewc to run (DN2 and the long run always are; "
+                             "auto = Early with the stop chosen from held-out normal images)")
     parser.add_argument("--time-cache", action="store_true",
                         help="only time one training epoch with and without the frozen-prefix cache, and exit")
     parser.add_argument("--rounds", type=int, default=3, help="with --time-cache: alternating repetitions (fastest kept)")
     parser.add_argument("--out", default=None, help="model file (.npz)")
     parser.add_argument("--curves", default=None, help="JSON file for the per-epoch curves")
     parser.add_argument("--quiet", action="store_true")
-    add_threads_option(parser)
     add_param_option(parser)
+    add_threads_option(parser)
     return parser
 
 
@@ -103,6 +104,8 @@ def _printer(quiet: bool, prefix: str = ""):
         parts.append(f"train dist {record.train_distance:.4g}")
         if record.test_anomalous_ratio is not None:
             parts.append(f"anomalous/normal ratio {record.test_anomalous_ratio:.3f}/{record.test_normal_ratio:.3f}")
+        if record.holdout_ratio is not None:
+            parts.append(f"held-out/train {record.holdout_ratio:.3f} (kNN {record.holdout_knn_ratio:.3f})")
         if record.auroc is not None:
             parts.append(f"ROC AUC {100 * record.auroc:.2f}")
         if record.snapshot is not None:
@@ -116,9 +119,9 @@ def _printer(quiet: bool, prefix: str = ""):
 
 def _strategies(text: str) -> tuple[str, ...]:
     chosen = tuple(part.strip() for part in text.split(",") if part.strip())
-    unknown = [name for name in chosen if name not in ("early", "ses", "ewc")]
+    unknown = [name for name in chosen if name not in ("early", "auto", "ses", "ewc")]
     if unknown:
-        raise SystemExit(f"--strategies: unknown {', '.join(unknown)} (choose from early, ses, ewc)")
+        raise SystemExit(f"--strategies: unknown {', '.join(unknown)} (choose from early, auto, ses, ewc)")
     return chosen
 
 

@@ -34,7 +34,7 @@ from core.adaptation.curves import EpochCallback, EpochRecord, curves_from_list,
 from core.adaptation.fisher import FisherDiagonal
 from core.adaptation.network import TrainableNetwork
 from core.adaptation.outlier_exposure import head_scores
-from core.adaptation.pipeline import AdaptationRun, adapt
+from core.adaptation.pipeline import AdaptationRun, adapt, compute_dtype
 from core.adaptation.prefix_cache import build_prefix_cache
 from core.adaptation.ses import SesScorer
 from core.adaptation.training import features_of
@@ -187,7 +187,8 @@ class PandaDetector(BackboneUser, Detector):
         features = []
         for state in self.states_:
             network.load_suffix_state(state)
-            features.append(features_of(network, cache, max(s.features.batch_size, 64), s.autocast))
+            features.append(features_of(network, cache, max(s.features.batch_size, 64),
+                                        compute_dtype(s, network.device)))
         return features
 
     def score_details(self, images: ImageSet, progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> PandaScores:
