@@ -1,0 +1,242 @@
+"""Geometry that respects the image, tiling, synthetic defects and the tuner (issue: a line's own images)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core.backbones import shared_extractor
+from core.config import FeatureSettings, SpadeSettings
+from core.datasets import ImageItem, ImageSet
+from core.detectors.spade import SpadeDetector
+from core.detectors.spade.image_score import mix_scores, peak_scores
+from core.images import ImageSize, content_box, map_to_original, preprocess, preprocess_mask
+from core.tiling import TiledExtractor, tile_starts
+from core.tuning import KINDS, paint, tune_spade
+from core.tuning.search import geometry_candidates, synthetic_set
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def stripes(seed: int, height: int, width: int) -> np.ndarray:
+    """A striped, slightly noisy (H, W, 3) uint8 texture: normal images all look alike."""
+    rng = np.random.default_rng(seed)
+    x = np.arange(width)[None, :].repeat(height, 0)
+    base = 128 + 60 * np.sin(2 * np.pi * x / 12 + rng.uniform(0, 2 * np.pi))
+    return np.clip(base[..., None] + rng.normal(0, 6, (height, width, 3)), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- synthetic defects
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_synthetic_mask_is_exactly_what_was_painted(kind):
+    rng = np.random.default_rng(3)
+    image = stripes(0, 120, 200)
+    donor = stripes(1, 90, 90)
+    for _ in range(5):
+        defect = paint(image, [donor], rng, kind)
+        assert defect.kind == kind
+        assert defect.mask.shape == image.shape[:2] and defect.mask.dtype == bool
+        # Nothing outside the mask changed, and the mask is not mostly untouched pixels.
+        assert np.array_equal(defect.image[~defect.mask], image[~defect.mask])
+        changed = (defect.image != image).any(axis=2)
+        assert changed[defect.mask].mean() > 0.5
+        assert 0 < defect.mask.mean() < 0.2  # small, like real defects
+
+
+def test_synthetic_set_pairs_each_clean_image_with_painted_copies():
+    holdout = ImageSet([ImageItem(f"n{i}.png", array=stripes(i, 64, 96)) for i in range(3)])
+    images, masks = synthetic_set(holdout, [stripes(9, 64, 96)], seed=0, per_image=2)
+    assert len(images) == len(masks) == 9
+    assert list(images.labels) == [0, 1, 1] * 3
+    for item, mask in zip(images, masks):
+        assert mask.shape == item.array.shape[:2]
+        assert mask.any() == bool(item.label)
+
+
+# --------------------------------------------------------------------------- letterbox geometry
+
+
+def test_letterbox_keeps_the_aspect_ratio_and_maps_back_onto_the_original_pixels():
+    size = ImageSize(resize=128, crop=128, pad=True)
+    image = np.zeros((60, 180, 3), np.uint8)
+    image[20:40, 100:130] = 255
+    mask = np.zeros((60, 180), bool)
+    mask[20:40, 100:130] = True
+    top, left, bottom, right = content_box((60, 180), size)
+    assert (bottom - top, right - left) == (43, 128)  # 60/180 of 128, not squashed
+    canvas = preprocess(image, size)
+    assert canvas.shape == (3, 128, 128)
+    # The grey border is outside the content box; the bright square inside keeps its shape.
+    assert np.allclose(canvas[:, :top], canvas[:, 0:1, 0:1])
+    painted = preprocess_mask(mask, size)
+    ys, xs = np.nonzero(painted)
+    assert top <= ys.min() and ys.max() < bottom
+    height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    assert abs(width / height - 30 / 20) < 0.25
+    back = map_to_original(painted.astype(np.float32), (60, 180), size)
+    assert back.shape == (60, 180)
+    overlap = ((back > 0.5) & mask).sum() / mask.sum()
+    assert overlap > 0.8
+
+
+def test_non_square_defect_is_found_where_it_is_on_the_original_image():
+    """Maps of a letterboxed SPADE line up with the original pixels of a 96x200 image."""
+    features = FeatureSettings(weights="random", resize=128, crop=128, aspect="pad", device="cpu", batch_size=8)
+    settings = SpadeSettings(features=features, strides=(4, 8), gallery="exact", top_images=4,
+                             calibration_images=4, sigma=2.0, image_score="max")
+    normal = ImageSet([ImageItem(f"n{i}.png", array=stripes(i, 96, 200)) for i in range(8)])
+    damaged = stripes(50, 96, 200)
+    damaged[30:50, 140:165] = (250, 30, 30)
+    test = ImageSet([ImageItem("good.png", array=stripes(51, 96, 200), label=0),
+                     ImageItem("bad.png", array=damaged, label=1)])
+    detector = SpadeDetector(settings).fit(normal)
+    heat = detector.anomaly_maps(test)
+    original = detector.to_original(heat[1], 1)
+    assert original.shape == (96, 200)
+    y, x = np.unravel_index(np.nanargmax(original), original.shape)
+    assert 22 <= y < 58 and 132 <= x < 173, (y, x)
+    scores = detector.image_scores("max")
+    assert scores[1] > scores[0]
+
+
+# --------------------------------------------------------------------------- tiling
+
+
+def test_tile_starts_cover_the_input_and_end_at_its_edge():
+    assert tile_starts(256, 384, 64) == [0]
+    starts = tile_starts(640, 384, 128)
+    assert starts[0] == 0 and starts[-1] == 640 - 384
+    assert all(b - a <= 384 - 128 for a, b in zip(starts, starts[1:]))
+
+
+def test_tiling_an_input_that_needs_one_tile_reproduces_the_untiled_features():
+    base = shared_extractor("efficientnet_lite0", "random", "cpu")
+    images = torch.rand(1, 3, 192, 192)
+    whole = base(images, ("block1", "block2"))
+    tiled = TiledExtractor(base, 256)(images, ("block1", "block2"))
+    for stage in ("block1", "block2"):
+        assert torch.equal(whole.maps[stage], tiled.maps[stage])
+    assert torch.equal(whole.pooled, tiled.pooled)
+
+
+def test_stitched_tiles_match_the_whole_image_on_fine_stages():
+    """With overlap wider than the receptive field, stitched stride-4/8 maps equal the whole-image ones."""
+    base = shared_extractor("efficientnet_lite0", "random", "cpu")
+    images = torch.rand(1, 3, 320, 320)
+    whole = base(images, ("block1", "block2"))
+    tiled = TiledExtractor(base, 192, overlap=128)(images, ("block1", "block2"))
+    for stage in ("block1", "block2"):
+        assert whole.maps[stage].shape == tiled.maps[stage].shape
+        assert torch.allclose(whole.maps[stage], tiled.maps[stage], atol=1e-4)
+
+
+def test_tiled_settings_keep_the_model_identity():
+    plain = FeatureSettings(weights="random", resize=128, crop=128, device="cpu")
+    tiled = dataclasses.replace(plain, tile=64)
+    detector_a = SpadeDetector(SpadeSettings(features=plain, strides=(8,), gallery="exact", calibration_images=2))
+    detector_b = SpadeDetector(SpadeSettings(features=tiled, strides=(8,), gallery="exact", calibration_images=2))
+    assert detector_b.extractor().spec.name == detector_a.extractor().spec.name
+    assert detector_b.extractor().weights_identity == detector_a.extractor().weights_identity
+
+
+# --------------------------------------------------------------------------- image-score rules
+
+
+def test_peak_rules_read_only_inside_the_content_box():
+    heat = np.zeros((2, 10, 10), np.float32)
+    heat[:, 0, 0] = 100.0  # in the letterbox border
+    heat[:, 5, 5] = 3.0
+    boxes = [(2, 0, 8, 10), (2, 0, 8, 10)]
+    assert np.allclose(peak_scores(heat, boxes, "max"), 3.0)
+    assert np.allclose(peak_scores(heat, None, "max"), 100.0)
+    assert peak_scores(heat, boxes, "topk")[0] <= 3.0
+
+
+def test_mix_standardises_each_score_on_normal_references():
+    dn2_ref, peak_ref = np.array([1.0, 2.0, 3.0]), np.array([10.0, 20.0, 30.0])
+    mixed = mix_scores(np.array([2.0, 4.0]), np.array([20.0, 20.0]), dn2_ref, peak_ref)
+    assert mixed[0] == pytest.approx(0.0)
+    assert mixed[1] > mixed[0]
+
+
+# --------------------------------------------------------------------------- the tuner
+
+
+def test_geometry_candidates_follow_the_images():
+    assert geometry_candidates([(900, 900)] * 3) == [(256, "stretch"), (384, "stretch"), (512, "stretch"), (640, "stretch")]
+    assert geometry_candidates([(200, 200)] * 3) == [(256, "stretch")]
+    wide = geometry_candidates([(200, 400), (220, 410)])
+    assert (256, "pad") in wide and (384, "pad") in wide and (512, "pad") not in wide
+
+
+def _write_mvtec(root: Path, poisoned: bool) -> Path:
+    """A tiny MVTec-layout category; ``poisoned`` fills the test images with different (noise) content."""
+    category = root / "part"
+    for i in range(10):
+        path = category / "train" / "good" / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(stripes(i, 48, 48)).save(path)
+    rng = np.random.default_rng(99)
+    for folder, label in (("good", 0), ("crack", 1)):
+        for i in range(3):
+            image = stripes(100 + i, 48, 48)
+            if label:
+                image[10:20, 10:20] = 250
+            if poisoned:
+                image = rng.integers(0, 255, image.shape, dtype=np.uint8)
+            path = category / "test" / folder / f"{i:03d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(path)
+            if label:
+                mask = np.zeros((48, 48), np.uint8)
+                mask[10:20, 10:20] = 255
+                mask_path = category / "ground_truth" / folder / f"{i:03d}_mask.png"
+                mask_path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(mask).save(mask_path)
+    return category
+
+
+def test_tune_never_reads_the_test_set(tmp_path, monkeypatch):
+    """The same normal images give the same tuning table whatever the test images hold."""
+    from core.bench import BenchOptions, run_bench
+    import core.tuning.search
+
+    monkeypatch.setattr(core.tuning.search, "RESOLUTIONS", (64,))  # tiny images: keep the test quick
+
+    params = {"features.device": "cpu", "features.batch_size": "8", "gallery": "exact", "calibration_images": "3",
+              "top_images": "3"}
+    options = BenchOptions(weights="random", params=params, tune=True)
+    reports = [run_bench("spade", f"mvtec:{_write_mvtec(tmp_path / name, poisoned)}", options)
+               for name, poisoned in (("clean", False), ("poisoned", True))]
+    tables = [[{k: v for k, v in row.items() if k != "seconds_per_image"} for row in report["results"][0]["tuning"]["candidates"]]
+              for report in reports]
+    assert tables[0] == tables[1]
+    assert reports[0]["results"][0]["tuning"]["reason"].split(";")[0] == reports[1]["results"][0]["tuning"]["reason"].split(";")[0]
+    # ... while the scores on the two test sets do differ: the test images were read afterwards.
+    assert reports[0]["results"][0]["pixel_auroc"] != reports[1]["results"][0]["pixel_auroc"]
+
+
+def test_tuned_settings_are_saved_in_the_model(tmp_path):
+    features = FeatureSettings(weights="random", device="cpu", batch_size=8)
+    base = SpadeSettings(features=features, gallery="exact", top_images=3, calibration_images=3)
+    normal = ImageSet([ImageItem(f"n{i}.png", array=stripes(i, 48, 64)) for i in range(10)])
+    result = tune_spade(normal, base=base, max_fit=8, max_holdout=3, resolutions=(128,))
+    assert result.settings.features.resize == 128 and result.settings.features.aspect in ("pad", "stretch")
+    assert result.chosen.objective == max(c.objective for c in result.candidates)
+    assert result.reason
+    detector = SpadeDetector(result.settings)
+    detector.tuning_ = result.summary()
+    detector.fit(normal)
+    path = detector.save(tmp_path / "tuned.npz")
+    from core.detectors import load_detector
+
+    loaded = load_detector(path)
+    assert loaded.settings == result.settings
+    assert loaded.tuning_["chosen"] == result.summary()["chosen"]
