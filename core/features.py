@@ -55,6 +55,10 @@ def image_size_for(settings: FeatureSettings) -> ImageSize:
     """
     spec = get_spec(settings.backbone)
     crop, resize = settings.crop, settings.resize
+    if settings.aspect == "pad":
+        # A letterboxed canvas is never cropped: the whole image stays in view.
+        side = int(resize or crop or spec.resize_size)
+        return ImageSize(resize=side, crop=side, pad=True)
     if crop is None and resize is None:
         return ImageSize(resize=spec.resize_size, crop=spec.input_size)
     if resize is None:
@@ -65,8 +69,18 @@ def image_size_for(settings: FeatureSettings) -> ImageSize:
 
 
 def extractor_for(settings: FeatureSettings) -> FeatureExtractor:
-    """The process-wide read-only extractor for these settings (built on first use)."""
-    return shared_extractor(settings.backbone, settings.weights, settings.device, settings.precision)
+    """The process-wide read-only extractor for these settings (built on first use).
+
+    With ``settings.tile`` the network runs on overlapping tiles of that side
+    (``core.tiling``) for inputs larger than a tile.
+    """
+    extractor = shared_extractor(settings.backbone, settings.weights, settings.device, settings.precision)
+    if settings.tile:
+        from core.tiling import TiledExtractor
+
+        # Half the overlap on each side of a seam must exceed the fine stages' receptive field.
+        return TiledExtractor(extractor, settings.tile, overlap=min(128, settings.tile // 2))  # type: ignore[return-value]
+    return extractor
 
 
 @dataclass
@@ -172,9 +186,12 @@ def concat_features(parts: Sequence[Features]) -> Features:
 
 def feature_identity(extractor: FeatureExtractor, size: ImageSize) -> dict[str, Any]:
     """What produced a model's features: stored in its header, checked when it is used."""
-    return {
+    identity = {
         "backbone": extractor.spec.name,
         "weights": extractor.weights_identity,
         "resize": size.resize,
         "crop": size.crop,
     }
+    if size.pad:  # only recorded when used, so older models keep their identity
+        identity["pad"] = True
+    return identity

@@ -33,6 +33,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--outliers", help="outlier images for PANDA-OE (data set spec or folder)")
     parser.add_argument("--feature-cache", metavar="DIR",
                         help="keep extracted pooled features here (npz) and reuse them across runs")
+    parser.add_argument("--tune", action="store_true",
+                        help="SPADE: choose the settings of each task from its normal images first "
+                        "(synthetic defects; no test image is read), as `python -m core tune` does")
     parser.add_argument("--json", metavar="OUT.json", help="write the full results here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_param_option(parser)
@@ -49,6 +52,10 @@ def summary(report: dict) -> str:
             extra = f"  pixel AUROC {result['pixel_auroc']:.4f}  PRO {result['pro']:.4f}"
         lines.append(f"  {result['name']:<24} image AUROC {result['image_auroc']:.4f}  "
                      f"(train {result['n_train']}, test {result['n_test']}){extra}")
+        if "tuning" in result:
+            lines.append(f"    tuned in {result['tune_s']:.0f} s: {result['tuning']['reason']}")
+        if "seconds_per_image" in result:
+            lines.append(f"    {result['seconds_per_image']:.3f} s per test image")
     lines.append(f"  mean image AUROC {report['mean_image_auroc']:.4f}")
     timing = report["timing"]
     if timing.get("images_per_s"):
@@ -63,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     options = BenchOptions(
         backbone=args.backbone, weights=args.weights, device=args.device, batch_size=args.batch_size,
-        seed=args.seed, params=parse_params(args.param), epochs=args.epochs, outliers=args.outliers,
+        seed=args.seed, params=parse_params(args.param), epochs=args.epochs, outliers=args.outliers, tune=args.tune,
     )
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     report = run_bench(

@@ -49,7 +49,9 @@ def check_compatible(identity: dict[str, Any], extractor: FeatureExtractor, size
             f"the model was fitted with {identity.get('backbone')} weights {identity.get('weights')!r} but the "
             f"extractor uses {found['backbone']} weights {found['weights']!r}"
         )
-    if (found["resize"], found["crop"]) != (identity.get("resize"), identity.get("crop")):
+    if (found["resize"], found["crop"], found.get("pad", False)) != (
+        identity.get("resize"), identity.get("crop"), identity.get("pad", False)
+    ):
         raise ModelFileError(
             f"the model was fitted at image size {identity.get('resize')}->{identity.get('crop')} "
             f"but the extractor is used at {found['resize']}->{found['crop']}"
