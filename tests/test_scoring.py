@@ -225,3 +225,26 @@ def test_iter_sources_lists_lazily_in_name_order(tmp_path):
     first = next(sources)
     assert first.file == str(tmp_path / "a.png") and first.key.count(":") == 1
     assert [s.file for s in sources] == [str(tmp_path / "b.png")]
+
+
+@pytest.mark.realdata
+def test_bench_scale_reports_speed_memory_and_resume(tmp_path):
+    """The scale benchmark end to end on 400 Fashion-MNIST images (random weights, local engine)."""
+    import json
+
+    from core.__main__ import main
+    from core.datasets import FASHION_MNIST_DIR
+
+    if not Path(FASHION_MNIST_DIR).is_dir():
+        pytest.skip("Fashion-MNIST (Debian package dataset-fashion-mnist) is not installed")
+    report_file = tmp_path / "report.json"
+    code = main(["bench-scale", "--n", "400", "--engines", "local", "--resume-n", "120", "--bare-n", "64",
+                 "--normal", "40", "--weights", "random", "--batch-size", "16", "--threads", "1",
+                 "--data-dir", str(tmp_path / "images"), "--json", str(report_file)])
+    assert code == 0
+    report = json.loads(report_file.read_text())
+    assert report["local"]["scored"] == 400 and report["local"]["errors"] == 0
+    assert set(report["local"]["memory_mb"]) == {"10", "50", "100"}
+    assert report["bare_images_per_s"] > 0 and report["local"]["images_per_s"] > 0
+    resume = report["resume"]
+    assert resume["killed"] and 0 < resume["rows_when_killed"] < 120 and resume["ok"]

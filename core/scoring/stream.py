@@ -107,13 +107,18 @@ def decoded_batches(
 
 @dataclass
 class StreamSummary:
-    """What a streaming run did: rows written (scored + errors), images skipped on resume, wall time."""
+    """What a streaming run did: rows written (scored + errors), images skipped on resume, wall time.
+
+    ``model_seconds``: the part of ``seconds`` spent in the detector (backbone
+    and kNN); near ``seconds`` means decoding and writing were hidden behind it.
+    """
 
     scored: int = 0
     errors: int = 0
     skipped: int = 0
     seconds: float = 0.0
     anomalous: int = 0
+    model_seconds: float = 0.0
 
     @property
     def images_per_s(self) -> float:
@@ -155,7 +160,9 @@ def score_stream(
     todo = skip_done(sources, done or set(), summary)
     finished = 0
     for batch in decoded_batches(todo, size, batch_size, workers, keep_images=keep_images, cancel=cancel):
+        handed_over = time.perf_counter()
         rows = process(batch)
+        summary.model_seconds += time.perf_counter() - handed_over
         write(rows)
         for row in rows:
             if row.get("error"):
