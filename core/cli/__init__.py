@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
-COMMANDS: tuple[str, ...] = ("info", "fit", "score", "segment", "bench", "tune", "adapt")
+COMMANDS: tuple[str, ...] = ("info", "fit", "score", "segment", "bench", "tune", "adapt", "bench_scale")
 """Modules of ``core.cli`` that provide a command, in ``--help`` order."""
 
 
