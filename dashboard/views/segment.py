@@ -63,7 +63,7 @@ rows = {row.id: row for row in workspace.images(project.id, "test")}
 image_ids = [image_id for image_id in holder.image_ids if image_id in rows]  # removed images drop out
 positions = {image_id: index for index, image_id in enumerate(holder.image_ids)}
 size = detector.image_size
-all_stages = list(getattr(detector, "stages_", None) or detector.settings.stages)
+all_stages = list(detector.map_stages)  # SegmentationDetector's declared map API
 
 
 @st.fragment
