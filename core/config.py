@@ -207,7 +207,7 @@ class PandaSettings:
         _check_fraction("target_fpr", self.target_fpr)
 
 
-SPADE_GALLERIES = ("exact", "kmeans")
+SPADE_GALLERIES = ("exact", "kmeans", "ivf-flat", "ivf-pq", "auto")
 SPADE_COMBINATIONS = ("sum", "concat")
 SPADE_IMAGE_SCORES = ("dn2", "max")
 
@@ -225,7 +225,12 @@ class SpadeSettings:
     k nearest normal pixels. ``top_images``: search only the pixels of the K normal
     images nearest by pooled feature (SPADE's K = 50); 0 = every normal image.
     ``gallery``: "exact" keeps every normal pixel; "kmeans" replaces each stage's
-    pixels by ``n_means`` K-means centres (the paper's speed-up; ``top_images`` unused).
+    pixels by ``n_means`` K-means centres (the paper's speed-up; ``top_images`` unused);
+    "ivf-flat" / "ivf-pq": every normal pixel in a FAISS inverted file (``ivf_lists`` lists,
+    0 = about √pixels; ``ivf_probe`` searched per query), IVF-PQ compressing each pixel to
+    channels / ``pq_dims`` one-byte codes (``top_images`` unused); "auto": "exact" when its
+    float16 gallery fits ``max_gallery_bytes``, else "ivf-pq" (IVF-Flat, float32, is never
+    smaller than the float16 exact gallery).
     ``patch_pixels``: average each stage's features over a neighbourhood about this
     many input pixels wide before the search (an odd number of cells: 5 at stride 4,
     3 at stride 8, 1 at stride 16 for 24); 0 = the paper's single-cell features. The
@@ -239,7 +244,7 @@ class SpadeSettings:
     ``image_score``: "dn2" (pooled-feature kNN with ``image_k``) or "max" (the heatmap's peak).
     ``pixel_fpr``: share of normal pixels allowed above the mask threshold, calibrated on
     ``calibration_images`` normal images each scored without itself.
-    ``max_gallery_bytes``: refuse (with advice) an exact gallery larger than this.
+    ``max_gallery_bytes``: refuse (with advice, naming the sizes) a pixel gallery larger than this.
     ``cache_mb``: memory for the cached raw maps of scored images.
     """
 
@@ -256,6 +261,9 @@ class SpadeSettings:
     # stride-4 stage. gallery="exact" gives exact explanations.
     gallery: str = "kmeans"
     n_means: int = 2048
+    ivf_lists: int = 0
+    ivf_probe: int = 8
+    pq_dims: int = 4
     patch_pixels: int = 24
     combine: str = "sum"
     normalise: bool = True
@@ -275,8 +283,11 @@ class SpadeSettings:
         _check_choice("image_score", self.image_score, SPADE_IMAGE_SCORES)
         if not self.strides:
             raise ValueError("strides must name at least one stage stride")
-        for name in ("k", "n_means", "image_k", "calibration_images", "max_gallery_bytes", "cache_mb"):
+        for name in ("k", "n_means", "image_k", "calibration_images", "max_gallery_bytes", "cache_mb",
+                     "ivf_probe", "pq_dims"):
             _check_positive(name, getattr(self, name))
+        if self.ivf_lists < 0:
+            raise ValueError(f"ivf_lists must be 0 (about √pixels) or positive, got {self.ivf_lists}")
         if self.top_images < 0:
             raise ValueError(f"top_images must be 0 (every normal image) or positive, got {self.top_images}")
         if self.patch_pixels < 0:

@@ -17,6 +17,7 @@ All inputs are converted to C-contiguous float32, which FAISS requires.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -216,3 +217,133 @@ def centre_distance(features: np.ndarray | torch.Tensor, centre: np.ndarray) -> 
     """(N, D), (D,) -> (N,) squared distance to the centre: the paper's simpler alternative to kNN."""
     features = as_float32(features)
     return ((features - centre[None].astype(np.float32)) ** 2).sum(axis=1)
+
+
+# --------------------------------------------------------------------------- approximate search (FAISS IVF)
+
+IVF_KINDS = ("flat", "pq")
+
+
+def ivf_lists_for(n_vectors: int) -> int:
+    """The default number of IVF lists for a gallery of ``n_vectors``: about √n, between 16 and 4096."""
+    return int(min(4096, max(16, round(math.sqrt(max(1, n_vectors))))))
+
+
+def pq_subquantizers(dim: int, dims_per_code: int) -> int:
+    """PQ sub-quantizer count m for ``dim`` dimensions: the divisor of ``dim`` closest to dim / dims_per_code."""
+    target = dim / max(1, dims_per_code)
+    divisors = [m for m in range(1, dim + 1) if dim % m == 0]
+    return min(divisors, key=lambda m: (abs(m - target), m))
+
+
+class IvfIndex:
+    """FAISS inverted-file index: ``kind="flat"`` (IVF-Flat: float32 vectors per list, exact distances
+    within the probed lists) or ``"pq"`` (IVF-PQ: residuals compressed to ``m`` codes of ``nbits``).
+
+    Ids are the insertion order (row = number of vectors added before), so a
+    gallery added image by image keeps SPADE's row = image * h * w + pixel.
+    ``train(sample)`` then ``add(vectors)`` any number of times, then
+    ``search(queries, k, exclude=(start, stop))``. Memory: ``nbytes`` (the
+    serialised index, measured) or :func:`ivf_bytes` (the formula).
+    """
+
+    def __init__(self, dim: int, kind: str = "pq", lists: int = 0, probe: int = 8,
+                 pq_dims: int = 4, n_hint: int = 0, seed: int = 0) -> None:
+        if faiss is None:  # pragma: no cover
+            raise RuntimeError("IVF galleries need FAISS (pip install faiss-cpu)")
+        if kind not in IVF_KINDS:
+            raise ValueError(f"IVF kind must be one of {IVF_KINDS}, got {kind!r}")
+        self.dim, self.kind, self.probe, self.seed = dim, kind, probe, seed
+        self.lists = lists or ivf_lists_for(n_hint)
+        self.pq_dims = pq_dims
+        self.index = None
+
+    def train(self, sample: np.ndarray) -> "IvfIndex":
+        """Learn the coarse centres (and PQ codebooks) from an (n, D) sample of the vectors to add."""
+        sample = as_float32(sample, "IVF training sample")
+        lists = max(1, min(self.lists, sample.shape[0]))
+        quantizer = faiss.IndexFlatL2(self.dim)
+        if self.kind == "flat":
+            index = faiss.IndexIVFFlat(quantizer, self.dim, lists)
+        else:
+            # 2^nbits codewords per sub-quantizer need at least as many training points.
+            nbits = int(max(1, min(8, math.floor(math.log2(max(2, sample.shape[0]))))))
+            index = faiss.IndexIVFPQ(quantizer, self.dim, lists, pq_subquantizers(self.dim, self.pq_dims), nbits)
+            index.pq.cp.min_points_per_centroid = 1  # small galleries are expected; FAISS warns otherwise
+            index.pq.cp.seed = self.seed
+        index.cp.min_points_per_centroid = 1
+        index.cp.seed = self.seed
+        index.own_fields = True
+        quantizer.this.disown()  # the index owns and frees its quantizer
+        index.train(sample)
+        self.index, self.lists = index, lists
+        return self
+
+    def add(self, vectors: np.ndarray | torch.Tensor) -> None:
+        """Append (n, D) vectors; their ids continue from ``len(self)``."""
+        if self.index is None:
+            raise RuntimeError("IvfIndex.add called before train(sample)")
+        self.index.add(as_float32(vectors, "gallery"))
+
+    def __len__(self) -> int:
+        return 0 if self.index is None else int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray | torch.Tensor, k: int, exclude: tuple[int, int] | None = None,
+               probe: int | None = None) -> Neighbours:
+        """(P, D) -> k nearest among the probed lists; ``exclude``: ids start <= id < stop never match.
+
+        ``probe`` (default ``self.probe``): lists searched per query; ``probe >= lists``
+        makes IVF-Flat exact.
+        """
+        queries = as_float32(queries, "queries")
+        k = min(k, len(self) - (0 if exclude is None else exclude[1] - exclude[0]))
+        selector = None if exclude is None else faiss.IDSelectorNot(faiss.IDSelectorRange(int(exclude[0]), int(exclude[1])))
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=min(self.lists, probe or self.probe))
+        distances, indices = self.index.search(queries, max(1, k), params=params)
+        # A probe that reached fewer than k vectors returns id -1: treat those as infinitely far.
+        distances = np.where(indices < 0, np.inf, np.maximum(distances, 0.0))
+        return Neighbours(distances, indices.astype(np.int64))
+
+    def centres(self) -> np.ndarray:
+        """(lists, D) float32 coarse centres (the cells the vectors are filed under)."""
+        return self.index.quantizer.reconstruct_n(0, self.lists)
+
+    def assign(self, vectors: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(n, D) -> (n,) squared distance to the nearest coarse centre, (n,) its list number."""
+        distances, lists = self.index.quantizer.search(as_float32(vectors, "vectors"), 1)
+        return np.maximum(distances[:, 0], 0.0), lists[:, 0].astype(np.int64)
+
+    @property
+    def code_bytes(self) -> int:
+        """Bytes stored per vector in the inverted lists (codes, without the 8-byte id)."""
+        return int(self.index.code_size)
+
+    @property
+    def nbytes(self) -> int:
+        """Measured size of the index (its serialised form: centres, codebooks, codes, ids)."""
+        return int(faiss.serialize_index(self.index).nbytes)
+
+    def to_array(self) -> np.ndarray:
+        """The index as a uint8 array (FAISS's own format, no pickle) for an ``.npz``."""
+        return faiss.serialize_index(self.index)
+
+    @classmethod
+    def from_array(cls, data: np.ndarray, probe: int = 8) -> "IvfIndex":
+        """Inverse of :meth:`to_array`; ValueError when the bytes are not an IVF index."""
+        try:
+            index = faiss.deserialize_index(np.ascontiguousarray(data, dtype=np.uint8))
+            ivf = faiss.extract_index_ivf(index)
+        except RuntimeError as error:
+            raise ValueError(f"not a FAISS IVF index ({str(error).splitlines()[0]})") from error
+        kind = "pq" if isinstance(index, faiss.IndexIVFPQ) else "flat"
+        made = cls(index.d, kind, ivf.nlist, probe)
+        made.index = index
+        return made
+
+
+def ivf_bytes(n_vectors: int, dim: int, kind: str, lists: int, pq_dims: int = 4) -> int:
+    """Formula for an IVF index's memory: per vector 8 (id) + 4·D (flat) or m (PQ codes, 8 bits),
+    plus the coarse centres (lists·D·4) and, for PQ, the codebooks (256·D·4)."""
+    per_vector = 8 + (4 * dim if kind == "flat" else pq_subquantizers(dim, pq_dims))
+    fixed = lists * dim * 4 + (256 * dim * 4 if kind == "pq" else 0)
+    return n_vectors * per_vector + fixed

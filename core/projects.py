@@ -422,20 +422,17 @@ def adapt(workspace: Workspace, project_id: int, settings: Any, run_id: int,
         raise
 
 
-def explain_pixel(detector: Any, image_index: int, y: int, x: int, stages: Sequence[str]) -> Any:
+def explain_pixel(detector: Any, image_index: int, y: int, x: int, stages: Sequence[str], exact: bool = False) -> Any:
     """The nearest normal patch to pixel (y, x) of image ``image_index``, searched in the ticked ``stages`` only.
 
     Among the ticked stages, the one where the pixel stands out most from
-    normal pixels (score in units of that stage's normal spread) explains it:
-    the same rule the detector uses over all its stages, restricted to the
-    ones the user looks at.
+    normal pixels (score in units of that stage's normal spread) explains it.
+    ``exact=False``: the heatmap's own match, from cached numbers (no backbone
+    pass); ``exact=True``: the nearest real normal pixel, proven
+    (``SpadeDetector.explain``: one backbone pass over the image, and for
+    K-means / IVF-PQ galleries a few over training images); ``approximate``
+    on the result says which one the user sees.
     """
     if not stages:
         raise ValueError("tick at least one layer to explain")
-    candidates = [detector.explain(image_index, y, x, stage=stage) for stage in stages]
-
-    def strength(found: Any) -> float:
-        norm = detector.normalisation_[found.stage]
-        return (found.distance - norm.mean) / norm.std
-
-    return max(candidates, key=strength)
+    return detector.explain(image_index, y, x, stages=tuple(stages), exact=exact)

@@ -120,3 +120,80 @@ def test_bad_inputs_raise_clear_errors(data, backend):
         KnnIndex(k=2, backend=backend, device="cpu").fit(gallery[:2]).train_scores()
     with pytest.raises(ValueError):
         KnnIndex(k=0)
+
+
+# --------------------------------------------------------------------------- IVF (approximate) search
+
+
+@pytest.fixture(scope="module")
+def clustered() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """20,000 gallery points and 300 queries around 64 centres in 24-D, with the exact nearest of each query."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(64, 24)).astype(np.float32) * 3
+    gallery = (centres[rng.integers(0, 64, 20_000)] + rng.normal(size=(20_000, 24))).astype(np.float32)
+    queries = (centres[rng.integers(0, 64, 300)] + rng.normal(size=(300, 24))).astype(np.float32)
+    distances, rows = knn.blockwise_search(torch.from_numpy(queries), torch.from_numpy(gallery), None, 1)
+    return gallery, queries, distances[:, 0].numpy(), rows[:, 0].numpy()
+
+
+def test_blockwise_search_matches_brute_force(data):
+    gallery, queries = data
+    distances, rows = knn.blockwise_search(torch.from_numpy(queries), torch.from_numpy(gallery), None, 3)
+    expected_d, expected_i = brute_force(gallery, queries, 3)
+    np.testing.assert_allclose(distances.numpy(), expected_d, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(rows.numpy(), expected_i)
+
+
+@pytest.mark.skipif(knn.faiss is None, reason="FAISS not installed")
+def test_ivf_flat_agrees_with_exact_search(clustered):
+    gallery, queries, exact_d, exact_i = clustered
+    index = knn.IvfIndex(24, "flat", probe=8, n_hint=len(gallery)).train(gallery)
+    index.add(gallery[:7000])
+    index.add(gallery[7000:])  # ids continue across calls
+    found = index.search(queries, 1)
+    recall = (found.indices[:, 0] == exact_i).mean()
+    assert recall >= 0.95, f"IVF-Flat recall@1 {recall:.3f} with 8 of {index.lists} lists probed"
+    # IVF-Flat keeps float32 vectors: a found neighbour's distance is exact, never below the true nearest.
+    hit = found.indices[:, 0] == exact_i
+    np.testing.assert_allclose(found.sq_distances[hit, 0], exact_d[hit], rtol=1e-4, atol=1e-4)
+    assert (found.sq_distances[:, 0] >= exact_d - 1e-3).all()
+    # Probing every list is an exhaustive search.
+    everything = index.search(queries, 1, probe=index.lists)
+    np.testing.assert_array_equal(everything.indices[:, 0], exact_i)
+
+
+@pytest.mark.skipif(knn.faiss is None, reason="FAISS not installed")
+def test_ivf_pq_approximates_exact_search_within_tolerance(clustered):
+    gallery, queries, exact_d, exact_i = clustered
+    index = knn.IvfIndex(24, "pq", probe=8, pq_dims=2, n_hint=len(gallery)).train(gallery)
+    index.add(gallery)
+    assert index.code_bytes == 12  # 24 dimensions, 2 per one-byte code
+    found = index.search(queries, 1)
+    recall = (found.indices[:, 0] == exact_i).mean()
+    error = np.abs(found.sq_distances[:, 0] - exact_d) / exact_d
+    assert recall >= 0.7, f"IVF-PQ recall@1 {recall:.3f}"
+    assert np.median(error) <= 0.05 and np.quantile(error, 0.95) <= 0.15, (np.median(error), np.quantile(error, 0.95))
+    # Measured memory: codes + ids dominate and match the formula within the fixed parts.
+    assert index.nbytes >= len(gallery) * (12 + 8)
+    assert abs(index.nbytes - knn.ivf_bytes(len(gallery), 24, "pq", index.lists, 2)) < 0.1 * index.nbytes
+
+
+@pytest.mark.skipif(knn.faiss is None, reason="FAISS not installed")
+def test_ivf_exclusion_and_round_trip(clustered):
+    gallery, queries, _, _ = clustered
+    index = knn.IvfIndex(24, "pq", probe=16, n_hint=len(gallery)).train(gallery)
+    index.add(gallery)
+    # Leave-one-out style exclusion: no id of the excluded span is ever returned.
+    found = index.search(queries, 5, exclude=(0, 10_000))
+    assert (found.indices >= 10_000).all()
+    again = knn.IvfIndex.from_array(index.to_array(), probe=16)
+    assert again.kind == "pq" and len(again) == len(gallery)
+    np.testing.assert_array_equal(again.search(queries, 3).indices, index.search(queries, 3).indices)
+    with pytest.raises(ValueError, match="IVF"):
+        knn.IvfIndex.from_array(np.frombuffer(b"not an index at all", dtype=np.uint8))
+
+
+def test_pq_subquantizers_divide_the_dimension():
+    assert knn.pq_subquantizers(24, 4) == 6 and knn.pq_subquantizers(112, 4) == 28
+    assert knn.pq_subquantizers(40, 3) in (10, 20) and 40 % knn.pq_subquantizers(40, 3) == 0
+    assert knn.pq_subquantizers(7, 4) in (1, 7)

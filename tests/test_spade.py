@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from core.config import FeatureSettings, SpadeSettings
 from core.backbones import WeightsUnavailableError
@@ -184,10 +185,10 @@ def test_explanation_points_at_the_matching_training_image():
     # A test image that is training image 5 plus a defect: its undamaged pixels match image 5 exactly.
     probe = ImageSet([ImageItem("probe.png", array=with_defect(texture(5)))])
     heat = detector.anomaly_maps(probe)
-    explanation = detector.explain(0, y=8, x=8, stage="block1")
+    explanation = detector.explain(0, y=8, x=8, stages=("block1",))
     assert explanation.train_index == 5 and explanation.train_name == "normal/5.png"
     assert abs(explanation.y - 8) <= 4 and abs(explanation.x - 8) <= 4
-    assert explanation.distance < 1e-3
+    assert explanation.distance < 1e-3 and not explanation.approximate and explanation.stage == "block1"
     assert 0 <= explanation.original_y < 96 and 0 <= explanation.original_x < 96
     top, left, bottom, right = explanation.box
     assert top <= explanation.y < bottom and left <= explanation.x < right
@@ -200,12 +201,77 @@ def test_explanation_points_at_the_matching_training_image():
         detector.explain(3)
 
 
+MARK_COLOURS = [(230, 40, 40), (40, 200, 60), (40, 60, 230), (230, 200, 30), (200, 40, 200), (30, 200, 200),
+                (250, 250, 250), (10, 10, 10)]
+MARK_SPOTS = [(10, 10), (10, 60), (60, 10), (60, 60), (35, 35), (10, 35), (60, 35), (35, 10)]
+
+
+def marked(i: int) -> np.ndarray:
+    """Normal image i: the striped texture with a 12-pixel square of its own colour at its own place."""
+    image = texture(i)
+    top, left = MARK_SPOTS[i]
+    image[top + 8 : top + 20, left + 8 : left + 20] = MARK_COLOURS[i]
+    return image
+
+
+def boxes_overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+@pytest.mark.parametrize("gallery", ["exact", "kmeans", "ivf-pq"])
+def test_a_patch_pasted_from_a_normal_image_is_explained_by_that_image_at_its_place(gallery):
+    # Pretrained Lite0: random weights do not tell the coloured marks apart.
+    features = dataclasses.replace(FEATURES, weights=None)
+    normal = ImageSet([ImageItem(f"normal/{i}.png", array=marked(i)) for i in range(8)], name="normal")
+    try:
+        detector = SpadeDetector(settings(features=features, gallery=gallery, n_means=32, calibration_images=2,
+                                          top_images=0)).fit(normal)
+    except WeightsUnavailableError as error:
+        pytest.skip(f"pretrained Lite0 weights unavailable: {error}")
+    source = 3  # a 28-pixel patch around image 3's mark, pasted elsewhere into an unmarked image
+    top, left = MARK_SPOTS[source]
+    probe = texture(100)
+    probe[34:62, 4:32] = marked(source)[top : top + 28, left : left + 28]
+    detector.anomaly_maps(ImageSet([ImageItem("probe.png", array=probe)]))
+    scale = 64 / 96  # the 96-pixel images are resized to the 64-pixel crop
+    mark_original = (top + 8, left + 8, top + 20, left + 20)
+    mark_crop = tuple(int(v * scale) for v in mark_original)
+    pasted_crop = (int(34 * scale), int(4 * scale), int(62 * scale), int(32 * scale))
+    for stages in (("block1",), ("block2",)):
+        found = detector.explain(0, y=int(48 * scale), x=int(18 * scale), stages=stages)
+        assert found.stage == stages[0] and found.stages == stages
+        assert found.train_index == source and found.train_name == "normal/3.png", (gallery, stages, found)
+        assert not found.approximate
+        assert boxes_overlap(found.box, mark_crop), (found.box, mark_crop)
+        assert not boxes_overlap(found.box, pasted_crop)  # the source's place, not where it was pasted
+        assert boxes_overlap(found.original_box, mark_original), (found.original_box, mark_original)
+        assert found.box[0] <= found.y < found.box[2] and found.box[1] <= found.x < found.box[3]
+    bounds = detector._galleries["block1"].bounds
+    if gallery != "exact":
+        # The bounds the exact search prunes with never exceed an image's true nearest distance.
+        query = detector._pixels_of(detector._last.images[0])["block1"][8, 3]
+        lower = bounds.lower_bounds(query.numpy())
+        true = [float(((detector._pixels_of(normal[i], i)["block1"].reshape(-1, 24) - query) ** 2).sum(1).min().sqrt())
+                for i in range(8)]
+        assert (lower <= np.array(true) + 1e-5).all(), (lower, true)
+    else:
+        assert bounds is None
+    # Without a pixel, the peak of the ticked stages' combined map is explained.
+    peak = detector.explain(0, stages=("block2",))
+    heat = detector.combined_maps(stages=("block2",))[0]
+    assert heat[peak.query_y, peak.query_x] == heat.max() and peak.stage == "block2"
+
+
 def test_kmeans_gallery_and_its_explanations():
     detector = SpadeDetector(settings(gallery="kmeans", n_means=32, calibration_images=2)).fit(normal_set(10))
     heat = detector.anomaly_maps(probe_set())
     assert heat.shape == (2, 64, 64) and heat[1].max() > heat[0].max()
     explanation = detector.explain(1)
-    assert explanation.approximate and 0 <= explanation.train_index < 10
+    # Re-ranked against the real pixels of the training images (kept from the fit): exact.
+    assert not explanation.approximate and 1 <= explanation.searched_images <= 10
+    assert 0 <= explanation.train_index < 10
+    # The heatmap's own match (no backbone pass) is the pixel a centre stands for: approximate.
+    assert detector.explain(1, exact=False).approximate
     # The calibration images were kept out of the K-means sample, so their maps are honest.
     assert len(detector.calibration_names_) == 2
 
@@ -243,7 +309,7 @@ def test_saved_raw_maps_redraw_heatmaps_without_the_backbone(fitted, tmp_path, m
     monkeypatch.setattr(restarted, "extractor", no_backbone)
     np.testing.assert_array_equal(restarted.anomaly_maps(images), heat)
     np.testing.assert_array_equal(restarted.combined_maps(sigma=0.0), fitted.combined_maps(sigma=0.0))
-    assert restarted.explain(1) == fitted.explain(1)
+    assert restarted.explain(1, exact=False) == fitted.explain(1, exact=False)  # no backbone for exact ones
 
     # A file for another model's stages is refused by name; a broken file too.
     other = SpadeDetector(settings(strides=(8,))).fit(normal_set(4))
@@ -263,6 +329,61 @@ def test_gallery_memory_cap_fails_early_with_advice():
         detector.fit(missing)
     assert "max_gallery_bytes" in str(caught.value)
     assert detector.gallery_bytes(5) > 1000
+
+
+def test_exact_gallery_is_float16(fitted):
+    gallery = fitted._galleries["block1"]
+    assert gallery.features.dtype == torch.float16
+    # 10 images x 16 x 16 pixels x (24 float16 channels + one float32 norm).
+    assert gallery.nbytes == 10 * 16 * 16 * (2 * 24 + 4) == fitted.gallery_bytes(10) - 10 * (8 * 8 * 84 + 4 * 4 * 228)
+
+
+def test_ivf_galleries_agree_with_the_exact_search():
+    normal, images = normal_set(), probe_set()
+    exact = SpadeDetector(settings(top_images=0)).fit(normal)
+    reference = exact.raw_maps(images)
+    # IVF-Flat probing every list is an exhaustive search over the same float16-rounded pixels.
+    flat = SpadeDetector(settings(gallery="ivf-flat", ivf_probe=10_000)).fit(normal)
+    assert flat.gallery_kind_ == "ivf-flat"
+    for key, values in flat.raw_maps(images).items():
+        np.testing.assert_allclose(values, reference[key], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(flat.calibration_["block1"], exact.calibration_["block1"], rtol=1e-3, atol=1e-3)
+    # IVF-PQ (default probe) approximates it: same hot spots, distances close.
+    pq = SpadeDetector(settings(gallery="ivf-pq", pq_dims=2)).fit(normal)
+    approximate = pq.raw_maps(images)
+    for key in exact.stages_:
+        correlation = np.corrcoef(approximate[key].ravel(), reference[key].ravel())[0, 1]
+        assert correlation > 0.9, (key, correlation)
+    heat = pq.anomaly_maps(images)
+    assert heat[1].max() > heat[0].max()
+
+
+def test_ivf_pq_model_round_trip(tmp_path):
+    detector = SpadeDetector(settings(gallery="ivf-pq")).fit(normal_set())
+    images = probe_set()
+    heat = detector.anomaly_maps(images)
+    loaded = load_detector(detector.save(tmp_path / "ivf.npz"))
+    assert loaded.gallery_kind_ == "ivf-pq"
+    np.testing.assert_array_equal(loaded.anomaly_maps(images), heat)
+    # The loaded model has no file paths for these in-memory images: given the normal set, it is exact again.
+    assert loaded.explain(1).approximate and not detector.explain(1).approximate
+    assert loaded.explain(1, normal=normal_set()) == detector.explain(1)
+
+
+def test_auto_gallery_picks_by_size_and_names_the_sizes_when_nothing_fits():
+    detector = SpadeDetector(settings(gallery="auto"))
+    # 1000 images: per-pixel costs dominate (a 10-image gallery is mostly IVF centres and codebooks).
+    exact, pq = detector.gallery_bytes(1000, "exact"), detector.gallery_bytes(1000, "ivf-pq")
+    assert pq < exact < detector.gallery_bytes(1000, "ivf-flat")
+    assert detector.resolve_gallery(1000) == "exact"
+    assert detector.fit(normal_set()).gallery_kind_ == "exact"
+    small = SpadeDetector(settings(gallery="auto", max_gallery_bytes=(exact + pq) // 2))
+    assert small.resolve_gallery(1000) == "ivf-pq"
+    tiny = SpadeDetector(settings(gallery="auto", max_gallery_bytes=pq - 1))
+    with pytest.raises(GalleryTooLargeError) as caught:
+        tiny.resolve_gallery(1000)
+    message = str(caught.value)
+    assert f"ivf-pq {pq / 2**20:,.0f} MiB" in message and "exact" in message and "max_gallery_bytes" in message
 
 
 def test_fit_can_be_cancelled():

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,7 +46,9 @@ from core.datasets import ImageItem, ImageSet
 from core.detectors.base import ModelFileError, NotFittedError, SegmentationDetector
 from core.detectors.features import BackboneUser
 from core.detectors.spade.explain import Explanation, explain
-from core.detectors.spade.gallery import GalleryBuilder, GalleryTooLargeError, StageGallery
+from core.detectors.spade.gallery import (
+    GalleryBuilder, GalleryTooLargeError, StageGallery, gallery_bytes, gallery_from_arrays,
+)
 from core.detectors.spade.raw_cache import (
     CacheEntry, RawCache, ScoredSet, as_tuples, item_key, read_raw_map_file, write_raw_map_file,
 )
@@ -57,6 +60,8 @@ from core.progress import CancelFn, ProgressFn, check_cancel
 
 REFERENCE_CROP = 224
 """``SpadeSettings.sigma`` is in pixels of a crop this size; other crops scale it."""
+
+_PIXEL_CACHE_IMAGES = 48  # images whose pixel features explanations keep (about 0.7 MB each at the defaults)
 
 
 def _original_hw(item: ImageItem, fallback: int) -> tuple[int, int]:
@@ -104,12 +109,19 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
         self.calibration_: dict[str, np.ndarray] = {}
         self.calibration_names_: list[str] = []
         self._galleries: dict[str, StageGallery] = {}
+        self.gallery_kind_: str = ""
         self._pooled: torch.Tensor | None = None
         self._image_index: KnnIndex | None = None
         self._fitted_layout: tuple | None = None
         self._cache = RawCache(self.settings.cache_mb * 1024 * 1024)
         self._last: ScoredSet | None = None
         self._pixel_thresholds: dict[tuple, tuple[float, float]] = {}
+        # Explanations: the fit set's items (this process only), file identities and paths (saved),
+        # and recently extracted pixel features.
+        self._train_items: list[ImageItem] | None = None
+        self.train_keys_: list[Any] = []
+        self.train_paths_: list[str | None] = []
+        self._pixel_cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
 
     # ------------------------------------------------------------------ geometry and network
     @property
@@ -124,7 +136,8 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
     def _layout(self) -> tuple:
         """The settings that shape the gallery; changing them needs a new fit."""
         s = self.settings
-        return (self.backbone_stages(), s.patch_pixels, s.combine, s.gallery, s.n_means if s.gallery == "kmeans" else None)
+        shape = {"kmeans": (s.n_means,), "ivf-flat": (s.ivf_lists,), "ivf-pq": (s.ivf_lists, s.pq_dims)}.get(s.gallery)
+        return (self.backbone_stages(), s.patch_pixels, s.combine, s.gallery, shape)
 
     def feature_request(self) -> FeatureRequest:
         return FeatureRequest(stages=self.backbone_stages())
@@ -144,24 +157,37 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
             return {self._keys()[0]: (side, side, sum(info.channels for info in infos))}
         return {info.name: (math.ceil(crop / info.stride), math.ceil(crop / info.stride), info.channels) for info in infos}
 
-    def gallery_bytes(self, n_images: int) -> int:
-        """Memory an exact gallery of ``n_images`` normal images needs (float32 features + norms)."""
-        return sum(n_images * h * w * (c + 1) * 4 for h, w, c in self.expected_shapes().values())
+    def gallery_bytes(self, n_images: int, kind: str = "exact") -> int:
+        """Memory (formula) the ``kind`` gallery of ``n_images`` normal images needs, all stages together.
 
-    def _check_gallery_memory(self, n_images: int) -> None:
-        if self.settings.gallery != "exact":
-            return
-        needed = self.gallery_bytes(n_images)
-        cap = self.settings.max_gallery_bytes
-        if needed > cap:
-            shapes = ", ".join(f"{key} {h}x{w}x{c}" for key, (h, w, c) in self.expected_shapes().items())
-            raise GalleryTooLargeError(
-                f"the exact SPADE pixel gallery of {n_images} normal images would need {needed / 2**20:,.0f} MiB "
-                f"({shapes} per image), more than max_gallery_bytes = {cap / 2**20:,.0f} MiB. Use gallery='kmeans' "
-                f"(n_means centres per stage; top_images speeds the search but does not shrink the gallery), "
-                f"fewer normal images, coarser strides than {self.settings.strides}, a smaller crop, "
-                f"or raise max_gallery_bytes if the machine has the memory."
-            )
+        exact: float16 features + float32 norms; ivf-flat / ivf-pq: see :func:`core.knn.ivf_bytes`.
+        """
+        return sum(gallery_bytes(kind, n_images * h * w, c, self.settings) for h, w, c in self.expected_shapes().values())
+
+    def resolve_gallery(self, n_images: int) -> str:
+        """The gallery kind a fit on ``n_images`` builds ("auto" picks exact, else IVF-PQ, by size).
+
+        Raises :class:`GalleryTooLargeError`, naming the sizes, when the chosen
+        (or, for "auto", even the IVF-PQ) gallery exceeds ``max_gallery_bytes``.
+        """
+        s = self.settings
+        cap = s.max_gallery_bytes
+        if s.gallery == "kmeans":
+            return "kmeans"
+        candidates = ("exact", "ivf-pq") if s.gallery == "auto" else (s.gallery,)
+        for kind in candidates:
+            if self.gallery_bytes(n_images, kind) <= cap:
+                return kind
+        sizes = ", ".join(f"{kind} {self.gallery_bytes(n_images, kind) / 2**20:,.0f} MiB"
+                          for kind in ("exact", "ivf-flat", "ivf-pq"))
+        shapes = ", ".join(f"{key} {h}x{w}x{c}" for key, (h, w, c) in self.expected_shapes().items())
+        raise GalleryTooLargeError(
+            f"the SPADE pixel gallery of {n_images} normal images ({shapes} pixels x channels per image) "
+            f"would need {sizes}; gallery={s.gallery!r} does not fit max_gallery_bytes = {cap / 2**20:,.0f} MiB. "
+            f"Use gallery='kmeans' (n_means centres per stage), 'ivf-pq' with a larger pq_dims, fewer normal "
+            f"images, coarser strides than {s.strides}, a smaller crop, or raise max_gallery_bytes if the "
+            f"machine has the memory."
+        )
 
     def _sigma_pixels(self, sigma: float | None) -> float:
         value = self.settings.sigma if sigma is None else float(sigma)
@@ -205,26 +231,33 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
         Calibration uses ``holdout`` when given (every image of it), else up to
         ``calibration_images`` normal images, each scored without itself.
         Raises :class:`GalleryTooLargeError` before decoding anything when the
-        exact gallery would exceed ``max_gallery_bytes``.
+        gallery would exceed ``max_gallery_bytes`` (see :meth:`resolve_gallery`).
         """
         if len(normal) < 2:
             raise ValueError(f"SPADE needs at least 2 normal images, got {len(normal)}")
-        self._check_gallery_memory(len(normal))
+        kind = self.resolve_gallery(len(normal))
         extractor = self.extractor()
         size = self.image_size
         total = len(normal) + (len(holdout) if holdout is not None else 0)
-        builder = GalleryBuilder(self, len(normal))
+        builder = GalleryBuilder(self, len(normal), kind)
         stages = self.backbone_stages()
-        for _, images in normal.iter_batches(size, self.settings.features.batch_size, _offset(progress, 0, total), cancel):
-            check_cancel(cancel)
-            out = extractor(images, stages)
-            builder.add(self._pixel_features(out.maps), out.pooled)
-        held = None
-        if holdout is not None and len(holdout):
-            held = self._extract_pixels(holdout, _offset(progress, len(normal), total), cancel)
-        self.identity_ = feature_identity(extractor, size)
-        self._finish_fit(builder, held, cancel)
+        try:
+            for _, images in normal.iter_batches(size, self.settings.features.batch_size, _offset(progress, 0, total), cancel):
+                check_cancel(cancel)
+                out = extractor(images, stages)
+                builder.add(self._pixel_features(out.maps), out.pooled)
+            held = None
+            if holdout is not None and len(holdout):
+                held = self._extract_pixels(holdout, _offset(progress, len(normal), total), cancel)
+            self.identity_ = feature_identity(extractor, size)
+            self._finish_fit(builder, held, cancel)
+        finally:
+            builder.close()
         self.train_names_ = list(normal.names)
+        self._train_items = list(normal.items)
+        self.train_keys_ = [item_key(item) for item in normal]
+        self.train_paths_ = [None if item.path is None else str(item.path) for item in normal]
+        self._pixel_cache.clear()
         self.train_sizes_ = np.array([_original_hw(item, size.resize) for item in normal], dtype=np.int64)
         return self
 
@@ -243,6 +276,7 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
     def _finish_fit(self, builder: "GalleryBuilder", held, cancel) -> None:
         galleries, pooled = builder.finish(self._search_device())
         self._galleries = galleries
+        self.gallery_kind_ = builder.kind
         self.stages_ = tuple(galleries)
         self.stage_shapes_ = {key: gallery.shape for key, gallery in galleries.items()}
         self._pooled = pooled
@@ -291,7 +325,7 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
         settings = self.settings
         chosen = None
         n_train = self._pooled.shape[0]
-        if settings.gallery == "exact" and settings.top_images > 0 and settings.top_images < n_train - (exclude is not None):
+        if self.gallery_kind_ == "exact" and settings.top_images > 0 and settings.top_images < n_train - (exclude is not None):
             distances = ((self._pooled - pooled.float().cpu()[None]) ** 2).sum(1)
             if exclude is not None:
                 distances[exclude] = float("inf")
@@ -300,7 +334,8 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
         for key, gallery in self._galleries.items():
             h, w = gallery.shape
             query = pixels[key].reshape(h * w, -1)
-            distances, rows = gallery.search(query, settings.k, images=chosen, exclude=None if chosen is not None else exclude)
+            distances, rows = gallery.search(query, settings.k, images=chosen,
+                                             exclude=None if chosen is not None else exclude, probe=settings.ivf_probe)
             raw[key] = distances.sum(1).reshape(h, w).cpu().numpy().astype(np.float32)
             nearest[key] = rows[:, 0].reshape(h, w).cpu().numpy().astype(np.int64)
         return raw, nearest
@@ -315,8 +350,10 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
             )
 
     def _signature(self) -> tuple:
-        # Search settings that change raw maps without a refit.
-        return (self.settings.k, self.settings.top_images)
+        # Search settings that change raw maps without a refit (the probe only for IVF galleries,
+        # so raw-map files saved before IVF existed keep their keys).
+        s = self.settings
+        return (s.k, s.top_images, s.ivf_probe) if self.gallery_kind_.startswith("ivf") else (s.k, s.top_images)
 
     def raw_maps(
         self, images: ImageSet, progress: ProgressFn | None = None, cancel: CancelFn | None = None
@@ -484,13 +521,67 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
         return maps.threshold_mask(heatmap, self.pixel_threshold(stages, sigma))
 
     # ------------------------------------------------------------------ explanation
-    def explain(self, image_index: int, y: int | None = None, x: int | None = None, stage: str | None = None) -> Explanation:
+    def explain(
+        self,
+        image_index: int,
+        y: int | None = None,
+        x: int | None = None,
+        stages: Sequence[str] | None = None,
+        normal: ImageSet | None = None,
+        exact: bool = True,
+    ) -> Explanation:
         """The normal training patch nearest to pixel (y, x) (crop pixels) of image ``image_index`` of the last set.
 
-        Without (y, x), the peak of the image's heatmap. Without ``stage``, the
-        stage that scores the pixel highest relative to its normal spread.
+        ``stages``: the stages to explain with (the ones ticked; None = all of
+        ``stages_``); of those, the one that flags the pixel most (score over
+        its normal spread) is searched. Without (y, x): the peak of the
+        combined heatmap of those stages (at ``settings.sigma``). The nearest
+        normal pixel is searched exactly (see :mod:`.explain`); K-means and
+        IVF-PQ galleries re-read training images: the set this model was
+        fitted on (same process), ``normal`` (matched by name, checked against
+        the fitted file identity), or the saved paths if the files are
+        unchanged. ``Explanation.approximate`` says when that was not possible.
+        ``exact=False``: the heatmap's own match only (no backbone pass, no
+        search; for bulk output such as a CSV column).
         """
-        return explain(self, image_index, y, x, stage)
+        return explain(self, image_index, y, x, stages, normal, exact)
+
+    def _pixels_of(self, item: ImageItem, train_index: int | None = None) -> dict[str, torch.Tensor]:
+        """{key: (h, w, C) float32} pixel features of one image (one backbone pass; training images cached)."""
+        cache_key = ("train", train_index) if train_index is not None else ("image", item_key(item))
+        found = self._pixel_cache.get(cache_key)
+        if found is not None:
+            self._pixel_cache.move_to_end(cache_key)
+            return found
+        _, batch = next(iter(ImageSet([item]).iter_batches(self.image_size, 1)))
+        with torch.no_grad():
+            out = self.extractor()(batch, self.backbone_stages())
+        found = {key: value[0].detach().to("cpu", torch.float32) for key, value in self._pixel_features(out.maps).items()}
+        self._pixel_cache[cache_key] = found
+        while len(self._pixel_cache) > _PIXEL_CACHE_IMAGES:
+            self._pixel_cache.popitem(last=False)
+        return found
+
+    def _train_sources(self, normal: ImageSet | None = None) -> list[ImageItem | None]:
+        """Per training image, an item that still holds it (same file identity), or None."""
+        n = len(self.train_names_)
+        keys = self.train_keys_ if len(self.train_keys_) == n else [None] * n
+        sources: list[ImageItem | None] = [None] * n
+        if self._train_items is not None and len(self._train_items) == n:
+            sources = list(self._train_items)
+        elif len(self.train_paths_) == n:
+            for index, path in enumerate(self.train_paths_):
+                if path is not None and keys[index] is not None:
+                    candidate = ImageItem(self.train_names_[index], path=path)
+                    if item_key(candidate) == keys[index]:
+                        sources[index] = candidate
+        if normal is not None:
+            by_name = {item.name: item for item in normal}
+            for index, name in enumerate(self.train_names_):
+                item = by_name.get(name)
+                if sources[index] is None and item is not None and (keys[index] is None or item_key(item) == keys[index]):
+                    sources[index] = item
+        return sources
 
     # ------------------------------------------------------------------ raw-map files
     def save_raw_maps(self, path: str | os.PathLike, images: ImageSet) -> Path:
@@ -549,17 +640,17 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
             stages=list(self.stages_),
             stage_shapes={key: list(shape) for key, shape in self.stage_shapes_.items()},
             train_names=self.train_names_,
+            train_paths=self.train_paths_,
+            train_keys=[list(key) for key in self.train_keys_],
             calibration_names=self.calibration_names_,
             normalisation={key: [n.mean, n.std] for key, n in self.normalisation_.items()},
+            gallery_kind=self.gallery_kind_,
         )
         arrays["pooled"] = self._pooled.cpu().numpy()
         arrays["train_sizes"] = self.train_sizes_
         for index, key in enumerate(self.stages_):
-            gallery = self._galleries[key]
-            # Galleries are stored rounded to float16 at fit, so this conversion is lossless.
-            arrays[f"gallery_{index}"] = gallery.features.cpu().numpy().astype(np.float16)
-            if gallery.origin is not None:
-                arrays[f"origin_{index}"] = gallery.origin
+            # Exact and K-means galleries hold float16-rounded values: saving them as float16 is lossless.
+            arrays.update(self._galleries[key].arrays(index))
             arrays[f"calibration_{index}"] = self.calibration_[key]
         return fields, arrays
 
@@ -569,6 +660,11 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
             self.stages_ = tuple(header["stages"])
             self.stage_shapes_ = {key: (int(v[0]), int(v[1])) for key, v in header["stage_shapes"].items()}
             self.train_names_ = list(header["train_names"])
+            # Absent in models saved before exact explanations: their K-means matches stay approximate.
+            self.train_paths_ = [p if isinstance(p, str) else None for p in header.get("train_paths") or []]
+            self.train_keys_ = [as_tuples(k) for k in header.get("train_keys") or []]
+            self._train_items = None
+            self._pixel_cache = OrderedDict()
             self.calibration_names_ = list(header["calibration_names"])
             self.normalisation_ = {
                 key: maps.StageNormalisation(float(v[0]), float(v[1])) for key, v in header["normalisation"].items()
@@ -578,14 +674,15 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
             device = self._search_device()
             self._galleries, self.calibration_ = {}, {}
             for index, key in enumerate(self.stages_):
-                features = torch.from_numpy(arrays[f"gallery_{index}"].astype(np.float32)).to(device)
-                origin = arrays.get(f"origin_{index}")
-                self._galleries[key] = StageGallery.of(
-                    features, self.stage_shapes_[key], None if origin is None else origin.astype(np.int64)
+                self._galleries[key] = gallery_from_arrays(
+                    arrays, index, self.stage_shapes_[key], device, self.settings.ivf_probe
                 )
                 self.calibration_[key] = arrays[f"calibration_{index}"].astype(np.float32)
+            self.gallery_kind_ = self._galleries[self.stages_[0]].kind if self.stages_ else ""
         except KeyError as error:
             raise ModelFileError(f"SPADE model file lacks {error}") from error
+        except ValueError as error:  # an IVF index whose bytes FAISS cannot read
+            raise ModelFileError(f"SPADE model file: {error}") from error
         if self._keys() != self.stages_:
             raise ModelFileError(f"SPADE model stages {self.stages_} do not match its settings ({self._keys()})")
         self._pooled = pooled

@@ -1,29 +1,64 @@
-"""Explanations: the normal training patch nearest to one pixel of a scored image."""
+"""Explanations: the normal training patch nearest to one pixel of a scored image, found exactly.
+
+How "exactly" is achieved per gallery kind (``SpadeDetector.gallery_kind_``):
+
+* ``exact``: the query pixel's feature (one backbone pass over the scored
+  image) is compared with every normal pixel of the stage (float16 features,
+  float32 distances) — not only the ``top_images`` the heatmap searched;
+* ``ivf-flat``: an exhaustive probe of every IVF list (real float32 vectors);
+* ``kmeans`` / ``ivf-pq``: the gallery holds centres or compressed codes, not
+  real pixels. The training images themselves are read again (the fit set
+  kept in memory, the ``normal`` set a caller passes, or the saved paths when
+  the files are unchanged) and their real pixel features recomputed by the
+  backbone, image by image in the order of a proven lower bound on their
+  distance (:class:`~core.detectors.spade.gallery.CellBounds`); the search
+  stops when no unread image can hold a nearer pixel. At most
+  ``MAX_IMAGES`` images are read: beyond that, or without the training
+  images, the answer is marked ``approximate``.
+
+``approximate=False`` therefore means: no normal training pixel of that stage
+is nearer to the query pixel than the one reported (up to float16 rounding of
+the stored features).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
 
 from core import maps
+from core.datasets import ImageSet
+from core.images import ImageError, ImageSize, content_box
 
 if TYPE_CHECKING:  # the detector calls in here; importing it at run time would be a loop
     from core.detectors.spade.detector import SpadeDetector
+
+MAX_IMAGES = 32
+"""Training images an exact K-means / IVF-PQ explanation may re-read before it settles for approximate."""
 
 
 @dataclass(frozen=True)
 class Explanation:
     """The normal training patch closest to one pixel of a scored image.
 
-    ``train_index``/``train_name``: the training image; ``stage``: the stage whose
-    neighbour is reported; ``y``, ``x``: centre of the matched cell in that
-    training image's crop pixels, ``original_y``, ``original_x`` the same point
-    in its original pixels; ``box``: (top, left, bottom, right) crop pixels of
-    the matched cell (widened by the averaged neighbourhood, ``patch_pixels``);
-    ``distance``: the pixel's raw score on that stage (sum of squared L2 over k);
-    ``query_y``, ``query_x``: the explained pixel (crop pixels of the scored
-    image); ``approximate``: True with a K-means gallery, where the match is the
-    real pixel that represents the nearest centre.
+    ``train_index``/``train_name``: the training image; ``stage``: the stage
+    whose neighbour is reported (of the stages asked for, the one that flags
+    the pixel most); ``y``, ``x``: centre of the matched cell in that training
+    image's crop pixels; ``box``: (top, left, bottom, right) crop pixels of the
+    matched cell, widened by the averaged neighbourhood (``patch_pixels``);
+    ``original_y``, ``original_x``, ``original_box``: the same in the training
+    image's original pixels; ``distance``: squared L2 distance between the
+    query pixel's and the matched pixel's features; ``pixel_score``: the
+    pixel's raw heatmap score on that stage; ``query_y``, ``query_x``: the
+    explained pixel (crop pixels of the scored image); ``stages``: the stages
+    the explanation was asked for; ``approximate``: False only when no normal
+    pixel is nearer (see the module docstring); ``searched_images``: training
+    images whose real pixel features were compared (all of them for exact and
+    IVF-Flat galleries, which store the real features; 0: only the gallery's
+    own match was used).
     """
 
     train_index: int
@@ -34,23 +69,43 @@ class Explanation:
     original_y: int
     original_x: int
     box: tuple[int, int, int, int]
+    original_box: tuple[int, int, int, int]
     distance: float
+    pixel_score: float
     query_y: int
     query_x: int
+    stages: tuple[str, ...]
     approximate: bool
+    searched_images: int
+
+
+@dataclass(frozen=True)
+class _Match:
+    row: int
+    distance: float
+    approximate: bool
+    searched_images: int
 
 
 def explain(
-    detector: "SpadeDetector", image_index: int, y: int | None = None, x: int | None = None, stage: str | None = None
+    detector: "SpadeDetector",
+    image_index: int,
+    y: int | None = None,
+    x: int | None = None,
+    stages: Sequence[str] | None = None,
+    normal: ImageSet | None = None,
+    exact: bool = True,
 ) -> Explanation:
     """See :meth:`SpadeDetector.explain`."""
     last = detector._require_last()
     n = len(last.dn2)
     if not 0 <= image_index < n:
         raise IndexError(f"image_index {image_index} outside the last scored set of {n} images")
+    chosen = detector.check_stages(stages)
     crop = detector.image_size.crop
     if y is None or x is None:
-        y, x = maps.peak(detector.combined_maps(indices=[image_index])[0])
+        y, x = maps.peak(detector.combined_maps(stages=chosen, indices=[image_index])[0])
+    y, x = int(y), int(x)
     if not (0 <= y < crop and 0 <= x < crop):
         raise IndexError(f"pixel ({y}, {x}) outside the {crop}x{crop} crop")
 
@@ -58,18 +113,17 @@ def explain(
         h, w = detector.stage_shapes_[key]
         return min(h - 1, int(y * h / crop)), min(w - 1, int(x * w / crop))
 
-    if stage is None:
-        def strength(key: str) -> float:
-            norm = detector.normalisation_[key]
-            return (float(last.raw[key][(image_index, *cell(key))]) - norm.mean) / norm.std
+    def strength(key: str) -> float:
+        norm = detector.normalisation_[key]
+        return (float(last.raw[key][(image_index, *cell(key))]) - norm.mean) / norm.std
 
-        stage = max(detector.stages_, key=strength)
-    elif stage not in detector.stages_:
-        raise KeyError(f"stage {stage!r} not available; this model has {list(detector.stages_)}")
+    stage = max(chosen, key=strength)
     cy, cx = cell(stage)
+    pixel_score = float(last.raw[stage][image_index, cy, cx])
+    match = _nearest(detector, last, image_index, stage, cy, cx, normal) if exact else _cached(detector, last, image_index, stage, cy, cx)
+
     h, w = detector.stage_shapes_[stage]
-    row = int(last.nearest[stage][image_index, cy, cx])
-    train_index, within = divmod(row, h * w)
+    train_index, within = divmod(match.row, h * w)
     ty, tx = divmod(within, w)
     step_y, step_x = crop / h, crop / w
     reach = max(detector.patch_cells(name) for name in detector.backbone_stages() if name in stage.split("+")) // 2
@@ -78,10 +132,10 @@ def explain(
         min(crop, int(round((ty + 1 + reach) * step_y))), min(crop, int(round((tx + 1 + reach) * step_x))),
     )
     centre_y, centre_x = (ty + 0.5) * step_y, (tx + 0.5) * step_x
-    size = detector.image_size
-    height, width = (int(v) for v in detector.train_sizes_[train_index])
-    original_y = min(height - 1, int((centre_y + size.crop_offset) * height / size.resize))
-    original_x = min(width - 1, int((centre_x + size.crop_offset) * width / size.resize))
+    hw = tuple(int(v) for v in detector.train_sizes_[train_index])
+    original_y, original_x = crop_point_to_original(centre_y, centre_x, hw, detector.image_size)
+    top, left = crop_point_to_original(box[0], box[1], hw, detector.image_size, inclusive=False)
+    bottom, right = crop_point_to_original(box[2], box[3], hw, detector.image_size, inclusive=False)
     return Explanation(
         train_index=int(train_index),
         train_name=detector.train_names_[train_index],
@@ -91,8 +145,98 @@ def explain(
         original_y=original_y,
         original_x=original_x,
         box=box,
-        distance=float(last.raw[stage][image_index, cy, cx]),
-        query_y=int(y),
-        query_x=int(x),
-        approximate=detector.settings.gallery == "kmeans",
+        original_box=(top, left, max(bottom, top + 1), max(right, left + 1)),
+        distance=match.distance,
+        pixel_score=pixel_score,
+        query_y=y,
+        query_x=x,
+        stages=chosen,
+        approximate=match.approximate,
+        searched_images=match.searched_images,
     )
+
+
+def crop_point_to_original(
+    y: float, x: float, original_hw: tuple[int, int], size: ImageSize, inclusive: bool = True
+) -> tuple[int, int]:
+    """A point in crop pixels -> (row, column) in the original image (clipped to it).
+
+    Undoes the centre crop and the resize (or, with ``size.pad``, the letterbox).
+    ``inclusive`` clips to the last pixel (a point); otherwise to the size (a box edge).
+    """
+    height, width = original_hw
+    if size.pad:
+        top, left, bottom, right = content_box(original_hw, size)
+        oy, ox = (y - top) * height / (bottom - top), (x - left) * width / (right - left)
+    else:
+        oy = (y + size.crop_offset) * height / size.resize
+        ox = (x + size.crop_offset) * width / size.resize
+    if inclusive:
+        return min(height - 1, max(0, int(oy))), min(width - 1, max(0, int(ox)))
+    return min(height, max(0, int(round(oy)))), min(width, max(0, int(round(ox))))
+
+
+# --------------------------------------------------------------------------- the search
+
+
+def _cached(detector: "SpadeDetector", last, image_index: int, stage: str, cy: int, cx: int) -> _Match:
+    """The heatmap's own match (no backbone, no search): exact only for an exact gallery searching every image."""
+    s = detector.settings
+    n = len(detector.train_names_)
+    whole = detector.gallery_kind_ == "exact" and (s.top_images == 0 or s.top_images >= n)
+    return _Match(int(last.nearest[stage][image_index, cy, cx]), float(last.raw[stage][image_index, cy, cx]) / s.k,
+                  approximate=not (whole and s.k == 1), searched_images=n if whole else 0)
+
+
+def _nearest(detector: "SpadeDetector", last, image_index: int, stage: str, cy: int, cx: int,
+             normal: ImageSet | None) -> _Match:
+    """The nearest real normal pixel of ``stage`` to cell (cy, cx) of a scored image."""
+    gallery = detector._galleries[stage]
+    kind = detector.gallery_kind_
+    fallback = _cached(detector, last, image_index, stage, cy, cx)
+    try:
+        query = detector._pixels_of(last.images[image_index])[stage][cy, cx].float()
+    except ImageError:
+        return fallback  # the scored image is gone: the map's own match, not proven nearest
+    if kind == "exact":
+        distances, rows = gallery.search(query[None], 1)
+        return _Match(int(rows[0, 0]), float(distances[0, 0]), approximate=False, searched_images=len(detector.train_names_))
+    if kind == "ivf-flat":
+        found = gallery.index.search(query[None].numpy(), 1, probe=gallery.index.lists)
+        return _Match(int(found.indices[0, 0]), float(found.sq_distances[0, 0]), approximate=False,
+                      searched_images=len(detector.train_names_))
+    if gallery.bounds is None:
+        return fallback  # a model saved before exact explanations
+    return _bounded_search(detector, gallery, stage, query, normal, fallback)
+
+
+def _bounded_search(detector: "SpadeDetector", gallery, stage: str, query: torch.Tensor,
+                    normal: ImageSet | None, fallback: _Match) -> _Match:
+    """Read training images in order of their lower bound until none can hold a nearer pixel."""
+    bounds = gallery.bounds.lower_bounds(query.numpy())
+    order = np.argsort(bounds, kind="stable")
+    per = gallery.pixels_per_image
+    sources = detector._train_sources(normal)
+    best = _Match(fallback.row, float("inf"), approximate=False, searched_images=0)
+    searched = 0
+    for image in order:
+        if bounds[image] ** 2 >= best.distance:
+            return _Match(best.row, best.distance, approximate=False, searched_images=searched)
+        item = sources[image]
+        if item is None or searched >= MAX_IMAGES:
+            break  # an image that could hold a nearer pixel cannot be read (or too many were)
+        try:
+            pixels = detector._pixels_of(item, train_index=int(image))[stage]
+        except ImageError:
+            break
+        distances = ((pixels.reshape(per, -1).float() - query[None]) ** 2).sum(1)
+        within = int(torch.argmin(distances))
+        searched += 1
+        if float(distances[within]) < best.distance:
+            best = _Match(int(image) * per + within, float(distances[within]), False, searched)
+    else:
+        return _Match(best.row, best.distance, approximate=False, searched_images=searched)
+    if searched == 0:
+        return fallback
+    # The best real pixel found is shown, with its true distance, but a nearer one may exist.
+    return _Match(best.row, best.distance, approximate=True, searched_images=searched)

@@ -1,21 +1,28 @@
 """SPADE's normal-pixel galleries: how they are built from a normal set and searched.
 
-One gallery per stage key. ``gallery="exact"`` keeps every normal pixel,
-image-major (row = image * h * w + y * w + x); ``gallery="kmeans"`` keeps
-``n_means`` K-means centres and, per centre, the row of the real pixel it
-stands for. Searching goes through :mod:`core.knn` (the project's one kNN engine).
+One gallery per stage key, of one kind (``SpadeSettings.gallery``):
+
+* ``exact``: every normal pixel in float16, image-major (row = image * h * w +
+  y * w + x), searched exactly in float32 chunks;
+* ``kmeans``: ``n_means`` K-means centres, each remembering the row of the real
+  pixel it stands for;
+* ``ivf-flat`` / ``ivf-pq``: every normal pixel in a FAISS inverted file
+  (float32 vectors / PQ codes), ids = the exact layout's rows.
+
+Searching goes through :mod:`core.knn` (the project's one kNN engine).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import tempfile
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from core.knn import KnnIndex, blockwise_search, kmeans_summary, merge_neighbours
+from core.knn import IvfIndex, KnnIndex, blockwise_search, ivf_bytes, ivf_lists_for, kmeans_summary, merge_neighbours
 
 if TYPE_CHECKING:  # the detector builds galleries; importing it here would be a loop
     from core.detectors.spade.detector import SpadeDetector
@@ -27,81 +34,267 @@ KMEANS_ITERATIONS = 10
 
 
 class GalleryTooLargeError(ValueError):
-    """The exact pixel gallery would exceed ``SpadeSettings.max_gallery_bytes``."""
+    """The pixel gallery would exceed ``SpadeSettings.max_gallery_bytes``."""
 
 
-@dataclass
-class StageGallery:
-    """Normal pixels of one stage: ``features`` (M, C) on the search device, their squared norms (M,).
+GALLERY_KINDS = ("exact", "kmeans", "ivf-flat", "ivf-pq")
+"""Gallery kinds a fitted model can have (``SpadeSettings.gallery`` "auto" resolves to one of them)."""
 
-    ``shape``: (h, w) of the stage's maps. ``origin`` (M,) for K-means galleries:
-    the exact-gallery row of the real pixel each centre stands for; None when
-    every row is itself a real pixel.
+# Exact galleries are stored in float16 and searched in float32 chunks of this many values (64 MiB).
+_CHUNK_VALUES = 1 << 24
+# IVF training sample: enough points per coarse list and for the 256 PQ codewords, bounded.
+_IVF_POINTS_PER_LIST = 50
+_IVF_MIN_SAMPLE = 20_000
+_IVF_MAX_SAMPLE = 200_000
+_IVF_ADD_ROWS = 1 << 16
+
+
+class CellBounds:
+    """Per training image, how far its pixels lie from the cells of a summarised gallery.
+
+    ``centres`` (n_cells, C): K-means centres or IVF coarse centres; ``radii``
+    (N_images, n_cells) float32: the largest distance (L2, not squared) from a
+    pixel of that image filed under that cell to the cell's centre, -1 where
+    the image has no pixel there. By the triangle inequality a query q is at
+    least ``|q - centre| - radius`` from every pixel of that image in that cell,
+    so :meth:`lower_bounds` bounds q's distance to each image's nearest pixel:
+    exact explanations search images in that order and stop once the bound
+    passes the best real distance found.
     """
 
-    features: torch.Tensor
-    sq_norms: torch.Tensor
-    shape: tuple[int, int]
-    origin: np.ndarray | None = None
+    def __init__(self, centres: np.ndarray, radii: np.ndarray) -> None:
+        self.centres = np.ascontiguousarray(centres, dtype=np.float32)
+        self.radii = np.ascontiguousarray(radii, dtype=np.float32)
 
     @classmethod
-    def of(cls, features: torch.Tensor, shape: tuple[int, int], origin: np.ndarray | None = None) -> "StageGallery":
-        return cls(features, (features * features).sum(1), shape, origin)
+    def measure(cls, centres: np.ndarray, n_images: int) -> "CellBounds":
+        """Empty bounds, filled by :meth:`add` image by image."""
+        return cls(centres, np.full((n_images, len(centres)), -1.0, dtype=np.float32))
+
+    def add(self, image: int, sq_distances: np.ndarray, cells: np.ndarray) -> None:
+        """One image's pixels: (P,) squared distances to their cells' centres and (P,) cell numbers."""
+        np.maximum.at(self.radii[image], cells, np.sqrt(np.maximum(sq_distances, 0.0)))
+
+    def lower_bounds(self, query: np.ndarray) -> np.ndarray:
+        """(C,) query -> (N_images,) lower bound of its L2 distance to each image's nearest pixel."""
+        to_centres = np.sqrt(np.maximum(((self.centres - query[None].astype(np.float32)) ** 2).sum(1), 0.0))
+        # Features are compared in float32 after float16 rounding at fit: allow for that rounding.
+        slack = 2e-3 * (self.radii + float(np.linalg.norm(query))) + 1e-6
+        gaps = np.where(self.radii >= 0, np.maximum(to_centres[None] - self.radii - slack, 0.0), np.inf)
+        return gaps.min(axis=1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.centres.nbytes + self.radii.nbytes
+
+
+class StageGallery(ABC):
+    """Normal pixels of one stage, searchable: ``shape`` (h, w) of the stage's maps.
+
+    ``search`` returns rows of the *exact* pixel layout (row = image * h * w +
+    y * w + x), whatever the storage, so explanations can always find the image.
+    """
+
+    kind: str = ""
+    bounds: CellBounds | None = None
+    """For galleries whose rows are not all real pixels (K-means, IVF-PQ): what exact explanations need."""
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        self.shape = shape
 
     @property
     def pixels_per_image(self) -> int:
         return self.shape[0] * self.shape[1]
 
-    @property
-    def is_exact(self) -> bool:
-        """True when every row is a real normal pixel (no summary)."""
-        return self.origin is None
-
+    @abstractmethod
     def search(
-        self, query: torch.Tensor, k: int, images: torch.Tensor | None = None, exclude: int | None = None
+        self, query: torch.Tensor, k: int, images: torch.Tensor | None = None, exclude: int | None = None,
+        probe: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P, C) pixel features -> (P, k) squared distances, (P, k) exact-gallery rows of the matches.
+        """(P, C) pixel features -> (P, k) squared distances, (P, k) exact-layout rows of the matches.
 
         ``images``: search only these training images' pixels (exact galleries;
-        SPADE's top-K images). ``exclude``: a training image whose own pixels
-        must not match (leave-one-out calibration; exact galleries).
+        SPADE's top-K images; others ignore it). ``exclude``: a training image
+        whose own pixels must not match (leave-one-out calibration). ``probe``:
+        IVF lists searched per query.
         """
+
+    @property
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Memory the gallery holds (measured from its arrays / index)."""
+
+    @abstractmethod
+    def arrays(self, index: int) -> dict[str, np.ndarray]:
+        """The arrays that save this gallery as stage number ``index`` of a model file."""
+
+
+class ExactGallery(StageGallery):
+    """Every normal pixel: ``features`` (M, C) float16, ``sq_norms`` (M,) float32 of those float16 values.
+
+    float16 halves the memory; the search converts chunks of at most 64 MiB to
+    float32, so distances are those of the float16-rounded features, computed in float32.
+    """
+
+    kind = "exact"
+
+    def __init__(self, features: torch.Tensor, shape: tuple[int, int]) -> None:
+        super().__init__(shape)
+        self.features = features.to(torch.float16)
+        self.sq_norms = _sq_norms(self.features)
+
+    def search(self, query, k, images=None, exclude=None, probe=None):
         query = query.to(self.features.device, torch.float32)
-        if self.origin is not None:
-            distances, rows = blockwise_search(query, self.features, self.sq_norms, k)
-            return distances, torch.from_numpy(self.origin)[rows.cpu()]
         per = self.pixels_per_image
         if images is not None:
             # Gather the chosen images' pixels; local row r maps back to images[r // per] * per + r % per.
             device = self.features.device
             index = (images.to(device)[:, None] * per + torch.arange(per, device=device)[None]).reshape(-1)
-            distances, local = blockwise_search(query, self.features[index], self.sq_norms[index], k)
+            distances, local = blockwise_search(query, self.features[index].float(), self.sq_norms[index], k)
             return distances, index[local]
+        spans = [(0, self.features.shape[0])]
         if exclude is not None:
-            # Every other image: search the rows before and after the excluded image's block.
-            parts = []
-            for start, stop in ((0, exclude * per), ((exclude + 1) * per, self.features.shape[0])):
-                if stop > start:
-                    d, r = blockwise_search(query, self.features[start:stop], self.sq_norms[start:stop], k)
-                    parts.append((d, r + start))
-            return merge_neighbours(parts, k)
-        return blockwise_search(query, self.features, self.sq_norms, k)
+            # Every other image: the rows before and after the excluded image's block.
+            spans = [(0, exclude * per), ((exclude + 1) * per, self.features.shape[0])]
+        step = max(1, _CHUNK_VALUES // max(1, self.features.shape[1]))
+        parts = []
+        for start, stop in spans:
+            for first in range(start, stop, step):
+                last = min(stop, first + step)
+                d, r = blockwise_search(query, self.features[first:last].float(), self.sq_norms[first:last], k)
+                parts.append((d, r + first))
+        return merge_neighbours(parts, k)
+
+    @property
+    def nbytes(self) -> int:
+        return _tensor_bytes(self.features) + _tensor_bytes(self.sq_norms)
+
+    def arrays(self, index: int) -> dict[str, np.ndarray]:
+        return {f"gallery_{index}": self.features.cpu().numpy()}
+
+
+class KmeansGallery(StageGallery):
+    """``n_means`` centres (M, C) float32 (float16-rounded) and ``origin`` (M,): the exact-layout
+    row of the sampled real pixel nearest each centre, which a match reports."""
+
+    kind = "kmeans"
+
+    def __init__(self, centres: torch.Tensor, shape: tuple[int, int], origin: np.ndarray,
+                 radii: np.ndarray | None = None) -> None:
+        super().__init__(shape)
+        self.centres = centres.float()
+        self.sq_norms = _sq_norms(self.centres)
+        self.origin = np.asarray(origin, dtype=np.int64)
+        if radii is not None:
+            self.bounds = CellBounds(self.centres.cpu().numpy(), radii)
+
+    def search(self, query, k, images=None, exclude=None, probe=None):
+        distances, rows = blockwise_search(query.to(self.centres.device, torch.float32), self.centres, self.sq_norms, k)
+        return distances, torch.from_numpy(self.origin)[rows.cpu()]
+
+    @property
+    def nbytes(self) -> int:
+        return _tensor_bytes(self.centres) + _tensor_bytes(self.sq_norms) + self.origin.nbytes
+
+    def arrays(self, index: int) -> dict[str, np.ndarray]:
+        arrays = {f"gallery_{index}": self.centres.cpu().numpy().astype(np.float16), f"origin_{index}": self.origin}
+        if self.bounds is not None:
+            arrays[f"radii_{index}"] = self.bounds.radii
+        return arrays
+
+
+class IvfGallery(StageGallery):
+    """Every normal pixel in a FAISS IVF index (:class:`core.knn.IvfIndex`), ids = exact-layout rows."""
+
+    def __init__(self, index: IvfIndex, shape: tuple[int, int], radii: np.ndarray | None = None) -> None:
+        super().__init__(shape)
+        self.index = index
+        self.kind = f"ivf-{index.kind}"
+        if radii is not None:
+            self.bounds = CellBounds(index.centres(), radii)
+
+    def search(self, query, k, images=None, exclude=None, probe=None):
+        per = self.pixels_per_image
+        span = None if exclude is None else (exclude * per, (exclude + 1) * per)
+        found = self.index.search(query.detach().float().cpu().numpy(), k, exclude=span, probe=probe)
+        return torch.from_numpy(found.sq_distances), torch.from_numpy(found.indices)
+
+    @property
+    def nbytes(self) -> int:
+        return self.index.nbytes
+
+    def arrays(self, index: int) -> dict[str, np.ndarray]:
+        arrays = {f"ivf_{index}": self.index.to_array()}
+        if self.bounds is not None:
+            arrays[f"radii_{index}"] = self.bounds.radii
+        return arrays
+
+
+def gallery_from_arrays(
+    arrays: dict[str, np.ndarray], index: int, shape: tuple[int, int], device: torch.device, probe: int
+) -> StageGallery:
+    """Inverse of :meth:`StageGallery.arrays` (KeyError when the stage's arrays are missing)."""
+    radii = arrays.get(f"radii_{index}")  # absent in models saved before exact explanations
+    if f"ivf_{index}" in arrays:
+        ivf = IvfIndex.from_array(arrays[f"ivf_{index}"], probe)
+        if radii is not None and radii.shape[1:] != (ivf.lists,):
+            raise ValueError(f"radii_{index} has shape {radii.shape}, not (images, {ivf.lists})")
+        return IvfGallery(ivf, shape, radii)
+    features = torch.from_numpy(np.ascontiguousarray(arrays[f"gallery_{index}"], dtype=np.float16)).to(device)
+    origin = arrays.get(f"origin_{index}")
+    if origin is not None:
+        if radii is not None and radii.shape[1:] != (features.shape[0],):
+            raise ValueError(f"radii_{index} has shape {radii.shape}, not (images, {features.shape[0]})")
+        return KmeansGallery(features.float(), shape, origin, radii)
+    return ExactGallery(features, shape)
+
+
+def _sq_norms(features: torch.Tensor) -> torch.Tensor:
+    """(M, C) -> (M,) float32 squared norms, in chunks so a float16 gallery is never copied whole."""
+    step = max(1, _CHUNK_VALUES // max(1, features.shape[1]))
+    parts = [(chunk.float() ** 2).sum(1) for chunk in features.split(step)] if features.shape[0] else []
+    return torch.cat(parts) if parts else torch.zeros(0, device=features.device)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def gallery_bytes(kind: str, pixels: int, channels: int, settings) -> int:
+    """Memory of one stage's gallery of ``pixels`` normal pixels with ``channels`` features (formula).
+
+    exact: float16 features + float32 norms = (2C + 4) per pixel; ivf-flat/ivf-pq:
+    :func:`core.knn.ivf_bytes`; kmeans: ``n_means`` centres (float32 + norm + origin).
+    """
+    if kind == "exact":
+        return pixels * (2 * channels + 4)
+    if kind == "kmeans":
+        return min(pixels, settings.n_means) * (4 * channels + 12)
+    lists = settings.ivf_lists or ivf_lists_for(pixels)
+    return ivf_bytes(pixels, channels, kind.removeprefix("ivf-"), lists, settings.pq_dims)
 
 
 class GalleryBuilder:
     """Collects pixel features batch by batch into the galleries a SPADE fit needs.
 
-    Exact: every pixel, written into preallocated (N * h * w, C) arrays (peak
-    memory = the gallery plus one batch). K-means: a seeded sample of
-    pixels per image (bounded by ``40 * n_means`` per stage) from images
-    outside the calibration set, plus the calibration images' full features.
+    ``kind`` (resolved, see :data:`GALLERY_KINDS`). Exact and IVF: every pixel,
+    written in float16 into preallocated (N, h * w, C) buffers (an exact gallery
+    is that buffer; an IVF one is trained on a seeded sample of it, then filled
+    from it chunk by chunk; a buffer larger than ``max_gallery_bytes`` lives in
+    a temporary file, so an IVF gallery can be built from more pixels than RAM
+    holds). K-means: a seeded sample of pixels per image (bounded by
+    ``40 * n_means`` per stage) from images outside the calibration set, plus
+    the calibration images' full features.
     """
 
-    def __init__(self, detector: "SpadeDetector", n_images: int) -> None:
+    def __init__(self, detector: "SpadeDetector", n_images: int, kind: str) -> None:
+        if kind not in GALLERY_KINDS:
+            raise ValueError(f"gallery kind must be one of {GALLERY_KINDS}, got {kind!r}")
         self.detector = detector
         self.settings = detector.settings
         self.n = n_images
-        self.kmeans = self.settings.gallery == "kmeans"
+        self.kind = kind
+        self.kmeans = kind == "kmeans"
         rng = np.random.default_rng(self.settings.seed)
         # K-means centres must not see the calibration images, so hold back a quarter at most.
         limit = max(1, n_images // 4) if self.kmeans else n_images
@@ -110,12 +303,26 @@ class GalleryBuilder:
         self._calibration_set = set(self.calibration_ids)
         self._rng = rng
         self._seen = 0
-        self._exact: dict[str, np.ndarray] = {}
+        self._buffers: dict[str, np.ndarray] = {}
+        self._spill: tempfile.TemporaryDirectory | None = None
         self._samples: dict[str, list[np.ndarray]] = {}
         self._sample_rows: dict[str, list[np.ndarray]] = {}
         self._held: dict[int, dict[str, torch.Tensor]] = {}
         self._pooled: list[torch.Tensor] = []
         self._shapes: dict[str, tuple[int, int]] = {}
+
+    def _buffer(self, key: str, pixels: int, channels: int) -> np.ndarray:
+        """The (N, pixels, C) float16 buffer of one stage: in memory, or in a temporary file when too large."""
+        if key not in self._buffers:
+            shape = (self.n, pixels, channels)
+            if self.kind != "exact" and 2 * math.prod(shape) > self.settings.max_gallery_bytes:
+                if self._spill is None:
+                    self._spill = tempfile.TemporaryDirectory(prefix="spade-gallery-")
+                path = f"{self._spill.name}/{len(self._buffers)}.npy"
+                self._buffers[key] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+            else:
+                self._buffers[key] = np.empty(shape, dtype=np.float16)
+        return self._buffers[key]
 
     def add(self, pixels: dict[str, torch.Tensor], pooled: torch.Tensor) -> None:
         """One batch: {key: (B, h, w, C)} pixel features and (B, D) pooled features."""
@@ -125,11 +332,10 @@ class GalleryBuilder:
             b, h, w, c = values.shape
             self._shapes[key] = (h, w)
             flat = values.reshape(b, h * w, c).numpy()
+            # float16 from the start, so a saved (float16) model scores exactly like this one.
+            # K-means keeps them too (in a temporary file when large): the cell radii need every pixel.
+            self._buffer(key, h * w, c)[self._seen : self._seen + b] = flat
             if not self.kmeans:
-                if key not in self._exact:
-                    self._exact[key] = np.empty((self.n, h * w, c), dtype=np.float32)
-                # Rounded to float16 now so a saved (float16) model scores exactly like this one.
-                self._exact[key][self._seen : self._seen + b] = flat.astype(np.float16)
                 continue
             budget = KMEANS_POINTS_PER_MEAN * self.settings.n_means
             usable = max(1, self.n - len(self.calibration_ids))
@@ -150,20 +356,27 @@ class GalleryBuilder:
         return None if self.kmeans else image
 
     def calibration_pixels(self, image: int) -> dict[str, torch.Tensor]:
-        """{key: (h, w, C)} features of one calibration image."""
+        """{key: (h, w, C)} float32 features of one calibration image."""
         if self.kmeans:
             return self._held[image]
-        return {key: torch.from_numpy(values[image].reshape(*self._shapes[key], -1)) for key, values in self._exact.items()}
+        return {key: torch.from_numpy(values[image].astype(np.float32).reshape(*self._shapes[key], -1))
+                for key, values in self._buffers.items()}
 
     def finish(self, device: torch.device) -> tuple[dict[str, StageGallery], torch.Tensor]:
         """({key: gallery} on ``device``, (N, D) pooled features) once every image was added."""
         if self._seen != self.n:
             raise ValueError(f"expected features of {self.n} images, got {self._seen}")
         galleries: dict[str, StageGallery] = {}
-        if not self.kmeans:
-            for key, values in self._exact.items():
+        if self.kind == "exact":
+            for key, values in self._buffers.items():
                 features = torch.from_numpy(values.reshape(-1, values.shape[-1])).to(device)
-                galleries[key] = StageGallery.of(features, self._shapes[key])
+                galleries[key] = ExactGallery(features, self._shapes[key])
+        elif self.kind.startswith("ivf-"):
+            for key, values in self._buffers.items():
+                index = self._ivf(values.reshape(-1, values.shape[-1]))
+                # IVF-Flat stores real vectors (an exhaustive probe is exact); IVF-PQ needs bounds.
+                radii = self._bounds(values, index.centres(), index).radii if index.kind == "pq" else None
+                galleries[key] = IvfGallery(index, self._shapes[key], radii)
         else:
             for key, chunks in self._samples.items():
                 points = np.concatenate(chunks)
@@ -174,6 +387,42 @@ class GalleryBuilder:
                 centres = centres.astype(np.float16).astype(np.float32)
                 # Each centre points at the sampled real pixel closest to it, for explanations.
                 representative = KnnIndex(1).fit(points).search(centres, 1).indices[:, 0]
-                features = torch.from_numpy(centres).to(device)
-                galleries[key] = StageGallery.of(features, self._shapes[key], rows[representative])
+                bounds = self._bounds(self._buffers[key], centres)
+                galleries[key] = KmeansGallery(torch.from_numpy(centres).to(device), self._shapes[key],
+                                               rows[representative], bounds.radii)
         return galleries, torch.cat(self._pooled)
+
+    def _bounds(self, pixels: np.ndarray, centres: np.ndarray, index: IvfIndex | None = None) -> CellBounds:
+        """:class:`CellBounds` of (N, P, C) float16 pixels filed under ``centres`` (nearest centre,
+        or the IVF index's own lists)."""
+        bounds = CellBounds.measure(centres, pixels.shape[0])
+        centre_tensor = torch.from_numpy(bounds.centres)
+        centre_sq = _sq_norms(centre_tensor)
+        for image in range(pixels.shape[0]):
+            values = pixels[image].astype(np.float32)
+            if index is not None:
+                sq, cells = index.assign(values)
+            else:
+                found, rows = blockwise_search(torch.from_numpy(values), centre_tensor, centre_sq, 1)
+                sq, cells = found[:, 0].numpy(), rows[:, 0].numpy()
+            bounds.add(image, sq, cells)
+        return bounds
+
+    def _ivf(self, pixels: np.ndarray) -> IvfIndex:
+        """An IVF index over (M, C) float16 pixels: trained on a seeded sample, filled in row order."""
+        s = self.settings
+        index = IvfIndex(pixels.shape[1], self.kind.removeprefix("ivf-"), s.ivf_lists, s.ivf_probe, s.pq_dims,
+                         n_hint=pixels.shape[0], seed=s.seed)
+        size = min(pixels.shape[0], max(_IVF_MIN_SAMPLE, _IVF_POINTS_PER_LIST * index.lists), _IVF_MAX_SAMPLE)
+        rows = np.sort(np.random.default_rng(s.seed).choice(pixels.shape[0], size=size, replace=False))
+        index.train(pixels[rows].astype(np.float32))
+        for start in range(0, pixels.shape[0], _IVF_ADD_ROWS):
+            index.add(pixels[start : start + _IVF_ADD_ROWS].astype(np.float32))
+        return index
+
+    def close(self) -> None:
+        """Drop the buffers (and their temporary file, if any)."""
+        self._buffers.clear()
+        if self._spill is not None:
+            self._spill.cleanup()
+            self._spill = None
