@@ -206,9 +206,9 @@ def test_foreign_files_name_the_file(tmp_path):
 @pytest.mark.parametrize("change, message", [
     (lambda h: ["a", "list"], "damaged model file header \\(a JSON list, expected an object\\)"),
     (lambda h: {**h, "settings": [1, 2]}, "settings are a list, expected an object"),
-    (lambda h: {**h, "threshold": None}, "threshold None, expected a number"),
-    (lambda h: {**h, "holdout_fpr": "high"}, "holdout_fpr 'high'"),
-    (lambda h: {**h, "method": 7}, "damaged model header \\(method 7\\)"),
+    (lambda h: {**h, "threshold": None}, "threshold null, expected a number"),
+    (lambda h: {**h, "holdout_fpr": "high"}, "holdout_fpr \"high\""),
+    (lambda h: {**h, "method": 7}, "damaged model header \\(method 7, expected a method name\\)"),
     (lambda h: {**h, "method": "autoencoder"}, "a model of an unknown method 'autoencoder'"),
     (lambda h: {**h, "format_version": 99}, "model format 99, expected 1"),
     (lambda h: {k: v for k, v in h.items() if k != "settings"}, "settings are null"),

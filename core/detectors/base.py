@@ -19,6 +19,7 @@ can never run code.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from abc import ABC, abstractmethod
@@ -186,17 +187,17 @@ def check_header(npz: NpzReader, header: dict[str, Any], method: str | None = No
                        f"expected {FORMAT_VERSION})")
     found = header.get("method")
     if not isinstance(found, str) or not found:
-        raise npz.fail(f"damaged model header (method {found!r})")
+        raise npz.fail(f"damaged model header (method {json.dumps(found)}, expected a method name)")
     if method is not None and found != method:
         raise npz.fail(f"this is a {found} model, not a {method} model")
     if not isinstance(header.get("settings"), dict):
         raise npz.fail(f"damaged model header (settings are {_json_type(header.get('settings'))}, expected an object)")
     threshold = header.get("threshold")
     if not _is_number(threshold):
-        raise npz.fail(f"damaged model header (threshold {threshold!r}, expected a number)")
+        raise npz.fail(f"damaged model header (threshold {json.dumps(threshold)}, expected a number)")
     holdout_fpr = header.get("holdout_fpr")
     if holdout_fpr is not None and not _is_number(holdout_fpr):
-        raise npz.fail(f"damaged model header (holdout_fpr {holdout_fpr!r}, expected a number or null)")
+        raise npz.fail(f"damaged model header (holdout_fpr {json.dumps(holdout_fpr)}, expected a number or null)")
     if "train_scores" not in npz:
         raise npz.fail("damaged model file (no train_scores array)")
 
