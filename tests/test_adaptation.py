@@ -383,3 +383,103 @@ def test_compare_can_leave_strategies_out(normal, test_set):
     assert [row.method for row in result.rows] == ["DN2", "PANDA-Early", "Unregularised (last epoch)",
                                                    "Unregularised (best epoch)"]
     assert set(result.curves) == {"unregularised"}
+
+
+# ---------------------------------------------------------------------- automatic Early (normal images only)
+@pytest.fixture(autouse=True)
+def _private_fisher_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANOMALY_FISHER_CACHE", str(tmp_path / "fisher-cache"))
+
+
+def test_auto_stop_picks_the_peak_of_the_held_out_knn_ratio():
+    from core.adaptation.stopping import AutoStop, choose_stop_epoch
+
+    rising_then_falling = [0.90, 0.90, 0.91, 0.93, 0.95, 0.97, 0.96, 0.95, 0.94, 0.94, 0.93, 0.92]
+    records = [{"epoch": e, "holdout_knn_ratio": v, "auroc": 1.0 - v} for e, v in enumerate(rising_then_falling)]
+    assert choose_stop_epoch(records, patience=5) == 5
+    rule = AutoStop(patience=3)
+    for epoch, value in enumerate(rising_then_falling):
+        rule.update(epoch, value)
+        if rule.done:
+            break
+    assert rule.chosen == 5 and epoch == 8  # decided 3 epochs after the peak
+    assert choose_stop_epoch([{"epoch": 0, "holdout_knn_ratio": 1.0}]) is None  # epoch 0 is never a stop
+    with pytest.raises(ValueError, match="patience"):
+        AutoStop(patience=0)
+
+
+def _flip(image_set: ImageSet, labels) -> ImageSet:
+    return ImageSet([dataclasses.replace(item, label=int(label)) for item, label in zip(image_set.items, labels)])
+
+
+def test_auto_early_epoch_ignores_test_labels(normal, test_set):
+    """The stop comes from held-out normal images: right, wrong or missing test labels give the same epoch and weights."""
+    auto = settings(early_rule="auto", epochs=8, grad_clip=1.0, lr=0.05)
+    runs = {
+        "labelled": adapt(normal, auto, test=test_set),
+        "poisoned": adapt(normal, auto, test=_flip(test_set, 1 - test_set.labels)),
+        "shuffled": adapt(normal, auto, test=_flip(test_set, np.random.default_rng(3).permutation(test_set.labels))),
+        "no test": adapt(normal, auto),
+    }
+    chosen = {name: run.result.auto_stop_epoch for name, run in runs.items()}
+    assert len(set(chosen.values())) == 1 and chosen["labelled"] is not None and chosen["labelled"] >= 1, chosen
+    reference = runs["labelled"].result.final_state
+    for name, run in runs.items():
+        assert all(torch.equal(run.result.final_state[k], reference[k]) for k in reference), name
+        marked = [r.epoch for r in run.result.records if r.auto_stop]
+        assert marked == [chosen[name]]
+        # Every epoch measured the held-out normal images (3 of 24 held out: 10 %, at least 2).
+        assert all(r.holdout_knn_ratio is not None for r in run.result.records)
+    # The model keeps the chosen epoch's weights; its gallery holds every normal image, held-out ones included.
+    assert runs["labelled"].result.final_train_features.shape[0] == len(normal)
+    assert len(runs["labelled"].prepared.normal) + len(runs["labelled"].prepared.holdout) == len(normal)
+
+
+def test_fixed_early_stays_the_papers(normal):
+    run = adapt(normal, settings(epochs=2, grad_clip=1.0, lr=0.05))
+    assert run.prepared.holdout is None and run.result.auto_stop_epoch is None
+    assert [r.epoch for r in run.result.records if r.early_stop] == [2]
+
+
+# ---------------------------------------------------------------------- EWC's Fisher: the offline photo pool
+def test_ewc_fisher_comes_from_the_photo_pool_once_then_from_the_cache(normal, tmp_path):
+    from core.adaptation.fisher_pool import natural_photos, pool_batches
+
+    ewc = settings(strategy="ewc", epochs=1, grad_clip=1.0, lr=0.05, ewc_step="proximal")
+    first = adapt(normal, ewc)
+    assert first.fisher.source.startswith("offline photo pool") and "chelsea.png" in first.fisher.source
+    assert first.fisher.samples == ewc.fisher_batches * 32 and first.fisher.total() > 0  # the paper's minibatches
+    cached = list((tmp_path / "fisher-cache").glob("fisher-pool-*.npz"))
+    assert len(cached) == 1
+    again = adapt(normal, ewc)  # same backbone, pieces and size: read back, not estimated again
+    assert all(torch.equal(again.fisher.values[k], first.fisher.values[k]) for k in first.fisher.values)
+    # The normal images remain a choice, and give another Fisher.
+    own = adapt(normal, dataclasses.replace(ewc, fisher_source="normal"))
+    assert own.fisher.source.startswith("normal training images")
+    assert any(not torch.equal(own.fisher.values[k], first.fisher.values[k]) for k in first.fisher.values)
+    # The pool: varied crops of natural photos, seeded.
+    batches = list(pool_batches(SIZE, 2, 4, seed=0))
+    assert len(natural_photos()) >= 2 and batches[0].shape == (4, 3, 32, 32)
+    assert float(batches[0].std()) > 0.05 and not torch.equal(batches[0], batches[1])
+    assert torch.equal(next(iter(pool_batches(SIZE, 1, 4, seed=0))), batches[0])
+
+
+def test_minibatch_fisher_is_the_papers_eq3(normal):
+    """Eq. 3 over minibatches: the mean of squared gradients of each minibatch's loss (labels = top-1)."""
+    from core.adaptation.fisher import estimate_fisher_minibatch
+
+    prepared = prepare(normal, settings())
+    network = prepared.new_network()
+    parts = [torch.arange(0, 8), torch.arange(8, 16)]
+    fisher = estimate_fisher_minibatch(network, ((prepared.normal.batch(p), prepared.normal.start) for p in parts),
+                                       2, "test")
+    expected = {}
+    for part in parts:
+        logits = network.logits(network.features(prepared.normal.batch(part), prepared.normal.start))
+        loss = torch.nn.functional.cross_entropy(logits, logits.argmax(1).detach())
+        grads = torch.autograd.grad(loss, list(network.trainable_parameters().values()))
+        for name, g in zip(network.trainable_parameters(), grads):
+            expected[name] = expected.get(name, 0) + g.pow(2) / 2
+    for name, value in expected.items():
+        assert torch.allclose(fisher.values[name], value, rtol=1e-4, atol=1e-12), name
+    assert fisher.samples == 16

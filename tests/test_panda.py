@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -162,8 +164,45 @@ def test_adapt_command_writes_model_and_curves(tmp_path):
     assert written["settings"]["strategy"] == "ewc" and written["settings"]["batch_size"] == 8
     stats = written["summary"]["fisher_statistics"]  # what lambda is weighed against
     assert stats["entries"] > 0 and 0 <= stats["median"] <= stats["max"] and stats["mean"] >= 0
-    assert isinstance(load_detector(out), PandaDetector)
+    loaded = load_detector(out)
+    assert isinstance(loaded, PandaDetector)
     assert (tmp_path / "f.npz").exists()
+    # Where the Fisher came from travels with the model (shown on the Adapt page).
+    assert loaded.summary_["fisher_source"].startswith("offline photo pool")
+    assert written["summary"]["fisher_source"] == loaded.summary_["fisher_source"]
+
+
+@pytest.fixture(autouse=True)
+def _private_fisher_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANOMALY_FISHER_CACHE", str(tmp_path / "fisher-cache"))
+
+
+def test_adapt_compare_over_fashion_mnist_classes_writes_table6(tmp_path, capsys):
+    from core.cli import adapt as adapt_cli
+    from core.datasets.fashion_mnist import FASHION_MNIST_DIR
+
+    if not Path(FASHION_MNIST_DIR).is_dir():
+        pytest.skip(f"Fashion-MNIST not installed at {FASHION_MNIST_DIR}")
+    table = tmp_path / "table6.json"
+    args = _adapt_parser().parse_args([
+        "--compare", "--normal", "fashion-mnist:Trouser,Bag:16", "--test", "fashion-mnist:Trouser,Bag:40",
+        "--weights", "random", "--crop", "32", "--resize", "32", "--device", "cpu", "--epochs", "3",
+        "--early-epoch", "1", "--ewc-epochs", "1", "--no-ewc-curves", "--param", "batch_size=8",
+        "--param", "fisher_batches=1", "--param", "snapshot_every=1", "--param", "grad_clip=1",
+        "--table", str(table), "--quiet",
+    ])
+    assert adapt_cli.run(args) == 0
+    written = json.loads(table.read_text())
+    assert written["classes"] == ["Trouser", "Bag"] and set(written["table"]) == {"Trouser", "Bag"}
+    methods = {"DN2", "PANDA-Early", "PANDA-Early (auto)", "PANDA-SES", "PANDA-EWC",
+               "Unregularised (last epoch)", "Unregularised (best epoch)"}
+    assert set(written["mean"]) == methods
+    for method, mean in written["mean"].items():
+        assert mean == pytest.approx(np.mean([written["table"][c][method] for c in ("Trouser", "Bag")]))
+    assert written["per_class"]["Bag"]["n_train"] == 16 and written["per_class"]["Bag"]["n_test"] == 40
+    assert written["wall_seconds"] > 0 and written["paper_fmnist"]["PANDA-EWC"] == 95.6
+    printed = capsys.readouterr().out
+    assert "mean" in printed and "paper (ResNet152)" in printed
 
 
 def test_adapt_command_times_the_prefix_cache(tmp_path, capsys):

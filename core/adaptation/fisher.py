@@ -38,6 +38,8 @@ from core.npz_io import NpzFileError, open_npz, write_npz
 from core.progress import CancelFn, ProgressFn, check_cancel, report_progress
 
 _HEADER = "__fisher_header__"
+FISHER_BATCH = 32
+"""Images per minibatch of the Fisher estimate (the paper's 100 minibatches of 32)."""
 FISHER_FORMAT = 1
 
 

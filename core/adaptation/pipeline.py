@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from core.adaptation.curves import EpochCallback
-from core.adaptation.fisher import FisherDiagonal, FisherFileError, estimate_fisher_minibatch, load_fisher, save_fisher
+from core.adaptation.fisher import FISHER_BATCH, FisherDiagonal, FisherFileError, estimate_fisher_minibatch, load_fisher, save_fisher
 from core.adaptation.fisher_pool import cache_path, natural_photos, pool_batches, pool_description
 from core.adaptation.network import TrainableNetwork, resolve_trainable
 from core.adaptation.objectives import EwcPenalty
@@ -156,6 +156,8 @@ def fisher_for(
         return load_fisher(settings.fisher_file)
     backbone = prepared.extractor.spec.name
     count = settings.fisher_batches
+    # Minibatches of the paper's 32 whatever the training batch: squaring a minibatch's mean gradient
+    # scales F with 1/batch, and lambda = 1e4 was chosen for 32.
     if reference is not None:
         inputs = _inputs(network, reference, prepared.size, settings, None, cancel)
         return estimate_fisher_minibatch(network, _cycled(inputs, count, settings), count,
@@ -173,9 +175,9 @@ def _cycled(inputs: TrainingInputs, count: int, settings: PandaSettings):
     generator = torch.Generator().manual_seed(settings.seed)
     order = torch.empty(0, dtype=torch.int64)
     for _ in range(count):
-        if len(order) < min(settings.batch_size, len(inputs)):
+        if len(order) < min(FISHER_BATCH, len(inputs)):
             order = torch.cat([order, torch.randperm(len(inputs), generator=generator)])
-        take, order = order[:settings.batch_size], order[settings.batch_size:]
+        take, order = order[:FISHER_BATCH], order[FISHER_BATCH:]
         yield inputs.batch(take), inputs.start
 
 
@@ -183,7 +185,7 @@ def pool_fisher(settings: PandaSettings, prepared: PreparedData, network: Traina
                 progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> FisherDiagonal:
     """The Fisher on the offline photo pool, estimated once per backbone/weights/pieces/size and kept on disk."""
     photos = natural_photos()
-    count, batch = settings.fisher_batches, settings.batch_size
+    count, batch = settings.fisher_batches, FISHER_BATCH
     key = {"format": 1, "backbone": prepared.extractor.spec.name, "weights": prepared.extractor.weights_identity,
            "trainable": list(prepared.trainable), "size": [prepared.size.resize, prepared.size.crop],
            "batches": count, "batch_size": batch, "seed": settings.seed, "photos": [p.name for p in photos]}

@@ -31,7 +31,7 @@ from core.adaptation.curves import EpochCallback, EpochRecord, distance_summary
 from core.adaptation.network import TrainableNetwork
 from core.adaptation.prefix_cache import PrefixCache, TrainingInputs, peak_memory_bytes
 from core.adaptation.schedule import Schedule
-from core.adaptation.stopping import AutoStop, holdout_statistics
+from core.adaptation.stopping import SIGNAL, AutoStop, holdout_statistics
 from core.adaptation.strategies import Objective
 from core.backbones import autocast_to, to_channels_last
 from core.metrics import image_auroc
@@ -143,7 +143,7 @@ def train(
     (records then carry NaN distances): the cheapest way to train.
     ``progress(done, total)`` counts minibatches.
     ``stop_rule`` (needs ``holdout_inputs``) is fed every epoch's held-out
-    ratio; its current choice is kept as a snapshot, and with ``stop_when_done``
+    kNN ratio; its current choice is kept as a snapshot, and with ``stop_when_done``
     training ends once the rule has decided.
     """
     device = network.device
@@ -194,7 +194,7 @@ def train(
             snapshots[epoch] = Snapshot(epoch, network.suffix_state(), gallery, test_f)
         if stop_rule is not None and gallery is not None:
             previous = stop_rule.chosen
-            if stop_rule.update(epoch, record.holdout_ratio):
+            if stop_rule.update(epoch, getattr(record, SIGNAL)):
                 # Keep only the rule's current choice (one extra copy of the trainable weights).
                 if previous is not None and previous not in keep:
                     snapshots.pop(previous, None)

@@ -8,12 +8,17 @@ Examples::
         --strategy ewc --crop 128 --out trouser.npz
     python -m core adapt --normal bottle --test bottle --compare --epochs 60 --curves table.json
     python -m core adapt --normal data/mvtec_ad/bottle --time-cache
+    python -m core adapt --compare --normal fashion-mnist:all:1000 --test fashion-mnist:all:10000 \\
+        --table table6.json            # the paper's Table 6: every class in turn, a mean row
 
 ``--normal`` / ``--test`` / ``--outliers`` take a folder of images, an MVTec
 category folder (its ``train/good`` for normal images, its labelled ``test/``
 for testing) or ``fashion-mnist:CLASS[:COUNT]`` (COUNT images, seeded).
 ``--compare`` runs DN2 / Early / SES / EWC on the same data instead of one
-strategy (the paper's Table 6) and writes the table and both curves.
+strategy (the paper's Table 6) and writes the table and both curves. With
+``fashion-mnist:all`` (or ``fashion-mnist:Bag,Dress``) it runs every named
+class in turn as the normal class and prints one row per class and the mean
+(``--table`` writes them, with timings, as JSON).
 """
 
 from __future__ import annotations
@@ -52,6 +57,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--strategies", default="early,auto,ses,ewc",
                         help="with --compare: which of early,auto,ses,ewc to run (DN2 and the long run always are; "
                              "auto = Early with the stop chosen from held-out normal images)")
+    parser.add_argument("--no-ewc-curves", action="store_true",
+                        help="with --compare: evaluate the EWC run only at its end (faster; no EWC curve)")
+    parser.add_argument("--table", default=None,
+                        help="with --compare over several Fashion-MNIST classes: JSON file for the per-class table")
     parser.add_argument("--time-cache", action="store_true",
                         help="only time one training epoch with and without the frozen-prefix cache, and exit")
     parser.add_argument("--rounds", type=int, default=3, help="with --time-cache: alternating repetitions (fastest kept)")
@@ -81,6 +90,28 @@ def read_images(spec: str, role: str):
     if not path.is_dir():
         raise SystemExit(f"{spec}: not a folder, MVTec category or fashion-mnist:CLASS spec")
     return read_folder(path, label=1 if role == "outliers" else (0 if role == "normal" else None))
+
+
+PAPER_TABLE6_FMNIST = {"JO": 94.9, "PANDA-Early": 95.4, "PANDA-SES": 95.5, "PANDA-EWC": 95.6}
+"""Reiss et al., Table 6, Fashion-MNIST row (ResNet152, 224², mean ROC AUC %; JO = joint optimisation)."""
+
+
+def fashion_classes(spec: str) -> list[str] | None:
+    """The classes of a ``fashion-mnist:all[:N]`` or ``fashion-mnist:A,B[:N]`` spec; None for one class or other data."""
+    from core.datasets.fashion_mnist import FASHION_MNIST_CLASSES
+
+    if not spec.startswith("fashion-mnist:"):
+        return None
+    named = spec.split(":")[1]
+    if named.lower() == "all":
+        return list(FASHION_MNIST_CLASSES)
+    return [part for part in named.split(",") if part] if "," in named else None
+
+
+def _with_class(spec: str, name: str) -> str:
+    parts = spec.split(":")
+    parts[1] = name
+    return ":".join(parts)
 
 
 def settings_from_args(args: argparse.Namespace) -> PandaSettings:
@@ -126,9 +157,63 @@ def _strategies(text: str) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------- run
+def _table6(args: argparse.Namespace, settings: PandaSettings, classes: list[str]) -> int:
+    """Table 6 over several Fashion-MNIST classes: one comparison per normal class, a mean row, a JSON file."""
+    import time
+
+    import numpy as np
+
+    from core.adaptation.compare import compare_strategies
+
+    if not args.test or not args.test.startswith("fashion-mnist:"):
+        raise SystemExit("--compare over several classes needs --test fashion-mnist:all[:N] as well")
+    started = time.perf_counter()
+    per_class: dict[str, Any] = {}
+    for name in classes:
+        began = time.perf_counter()
+        normal = read_images(_with_class(args.normal, name), "normal")
+        test = read_images(_with_class(args.test, name), "test")
+        result = compare_strategies(
+            normal, test, settings, epochs=args.epochs or None, early_epoch=args.early_epoch,
+            ewc_epochs=args.ewc_epochs, strategies=_strategies(args.strategies), ewc_curves=not args.no_ewc_curves,
+            on_epoch=lambda run, record, name=name: _printer(args.quiet, f"[{name} {run}] ")(record),
+        )
+        per_class[name] = {**result.to_dict(), "seconds": time.perf_counter() - began,
+                           "n_train": len(normal), "n_test": len(test)}
+        print(f"{name}: " + ", ".join(f"{row.method} {100 * row.auroc:.1f}" for row in result.rows
+                                      if row.auroc is not None), flush=True)
+        if args.table:  # after every class: a long run that is stopped keeps what it measured
+            Path(args.table).write_text(json.dumps({"settings": dataclasses.asdict(settings), "command": sys.argv,
+                                                    "classes": classes, "per_class": per_class}, indent=1))
+    methods = [row["method"] for row in next(iter(per_class.values()))["rows"]]
+    table = {name: {row["method"]: row["auroc"] for row in entry["rows"]} for name, entry in per_class.items()}
+    means = {m: float(np.mean([table[c][m] for c in table]))
+             for m in methods if all(table[c].get(m) is not None for c in table)}
+    width = max(len(c) for c in [*classes, "paper (ResNet152)"]) + 2
+
+    def cell(value: Any) -> str:
+        return f"{'-' if value is None else (f'{100 * value:.1f}' if isinstance(value, float) and value <= 1 else value):>28}"
+
+    print("class".ljust(width) + "".join(f"{m:>28}" for m in methods))
+    for name in classes:
+        print(name.ljust(width) + "".join(cell(table[name].get(m)) for m in methods))
+    print("mean".ljust(width) + "".join(cell(means.get(m)) for m in methods))
+    print("paper (ResNet152)".ljust(width) + "".join(cell(PAPER_TABLE6_FMNIST.get(m)) for m in methods))
+    wall = time.perf_counter() - started
+    print(f"wall time {wall / 60:.1f} min for {len(classes)} classes")
+    if args.table:
+        Path(args.table).write_text(json.dumps({
+            "settings": dataclasses.asdict(settings), "command": sys.argv, "classes": classes,
+            "table": table, "mean": means, "paper_fmnist": PAPER_TABLE6_FMNIST, "wall_seconds": wall,
+            "per_class": per_class}, indent=1))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     settings = settings_from_args(args)
+    if args.compare and fashion_classes(args.normal):
+        return _table6(args, settings, fashion_classes(args.normal))
     normal = read_images(args.normal, "normal")
     test = read_images(args.test, "test") if args.test else None
     outliers = read_images(args.outliers, "outliers") if args.outliers else None
@@ -158,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
         result = compare_strategies(
             normal, test, settings, epochs=args.epochs or None, early_epoch=args.early_epoch,
             ewc_epochs=args.ewc_epochs, fisher_reference=fisher_images, strategies=_strategies(args.strategies),
+            ewc_curves=not args.no_ewc_curves,
             on_epoch=lambda name, record: _printer(args.quiet, f"[{name}] ")(record),
         )
         print(result.table())
