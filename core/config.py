@@ -30,12 +30,18 @@ class FeatureSettings:
     ``weights``: None resolves pretrained weights automatically; a path loads a
     local file; ``"random"`` uses random weights (tests only).
     ``resize``/``crop``: None take the backbone's own sizes (256 -> 224 for most).
+    ``aspect``: "stretch" squashes every image to a square (the papers' way);
+    "pad" keeps its aspect ratio on a grey square canvas (needs ``crop == resize``).
+    ``tile``: above this input side the backbone runs on overlapping tiles whose
+    feature maps are stitched (bounded memory at native resolution); 0 = never.
     """
 
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None
     resize: int | None = None
     crop: int | None = None
+    aspect: str = "stretch"
+    tile: int = 0
     batch_size: int = 32
     device: str | None = None
     # The dtype the backbone computes in, for extraction and PANDA training alike:
@@ -44,6 +50,11 @@ class FeatureSettings:
     # "float32", "bfloat16" (autocast) or "float16" (GPU only). Measurements in
     # core.backbones.resolve_precision and the README's PANDA section.
     precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_choice("aspect", self.aspect, ("stretch", "pad"))
+        if self.tile < 0:
+            raise ValueError(f"tile must be 0 (never tile) or a positive side in pixels, got {self.tile}")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -209,7 +220,7 @@ class PandaSettings:
 
 SPADE_GALLERIES = ("exact", "kmeans", "ivf-flat", "ivf-pq", "auto")
 SPADE_COMBINATIONS = ("sum", "concat")
-SPADE_IMAGE_SCORES = ("dn2", "max")
+SPADE_IMAGE_SCORES = ("dn2", "max", "topk", "mix")
 
 
 @dataclass(frozen=True)
@@ -241,7 +252,9 @@ class SpadeSettings:
     distances before summing (the paper sums raw distances; the rescaled sum was
     better in every multi-stage setting we measured).
     ``sigma``: Gaussian smoothing in pixels of a 224-pixel crop, scaled with the crop.
-    ``image_score``: "dn2" (pooled-feature kNN with ``image_k``) or "max" (the heatmap's peak).
+    ``image_score``: "dn2" (pooled-feature kNN with ``image_k``), "max" (the heatmap's peak),
+    "topk" (mean of the heatmap's top 0.5 %) or "mix" (DN2 + peak, each standardised on normal
+    images); see ``core.detectors.spade.image_score``. ``python -m core tune`` picks one per data set.
     ``pixel_fpr``: share of normal pixels allowed above the mask threshold, calibrated on
     ``calibration_images`` normal images each scored without itself.
     ``max_gallery_bytes``: refuse (with advice, naming the sizes) a pixel gallery larger than this.

@@ -53,7 +53,8 @@ from core.detectors.spade.raw_cache import (
     CacheEntry, RawCache, ScoredSet, as_tuples, item_key, read_raw_map_file, write_raw_map_file,
 )
 from core.features import FeatureRequest, feature_identity
-from core.images import ImageError, map_to_original, probe_size
+from core.detectors.spade.image_score import IMAGE_SCORE_RULES, mix_scores, peak_scores
+from core.images import ImageError, content_box, map_to_original, probe_size
 from core.knn import KnnIndex
 from core.metrics import threshold_at_fpr
 from core.progress import CancelFn, ProgressFn, check_cancel
@@ -98,6 +99,8 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
 
     method = "spade"
     settings_type = SpadeSettings
+    tuning_: dict[str, Any] | None = None
+    """The tuning summary (candidates, choice, reason) when the settings came from ``core.tuning``."""
 
     def __init__(self, settings: SpadeSettings | None = None) -> None:
         super().__init__(settings)
@@ -306,12 +309,14 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
             for key, values in self.calibration_.items()
         }
         dn2_train = self._image_index.train_scores()
+        held_scores = None if held is None else self._image_index.score(held[1].numpy())
         if self.settings.image_score == "dn2":
-            held_scores = None if held is None else self._image_index.score(held[1].numpy())
             self._set_threshold(dn2_train, held_scores)
         else:
-            maxima = self._calibration_heatmaps(None, None).reshape(len(sources), -1).max(axis=1)
-            self._set_threshold(maxima, maxima if held is not None else None)
+            # The calibration images' own scores under the chosen rule set the working point.
+            calibration_dn2 = held_scores if held is not None else dn2_train[np.asarray(builder.calibration_ids, dtype=np.int64)]
+            reference = self._calibration_image_scores(self.settings.image_score, calibration_dn2, None, None)
+            self._set_threshold(reference, reference if held is not None else None)
 
     # ------------------------------------------------------------------ per-image search
     def _search_image(
@@ -416,19 +421,46 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
         self.raw_maps(images, progress, cancel)
         return self.image_scores()
 
-    def image_scores(self, kind: str | None = None) -> np.ndarray:
-        """(N,) image scores of the last scored set: "dn2" (pooled kNN) or "max" (heatmap peak).
+    def image_scores(
+        self, kind: str | None = None, stages: Sequence[str] | None = None, sigma: float | None = None
+    ) -> np.ndarray:
+        """(N,) image scores of the last scored set by rule ``kind`` (see :mod:`.image_score`).
 
-        ``kind`` None = ``settings.image_score``, the score the image threshold was set for.
+        ``kind`` None = ``settings.image_score``, the score the image threshold was set for;
+        ``stages``/``sigma`` choose the heatmap the map-based rules read (None = the settings').
         """
         last = self._require_last()
         kind = self.settings.image_score if kind is None else kind
+        if kind not in IMAGE_SCORE_RULES:
+            raise ValueError(f"image score kind must be one of {', '.join(IMAGE_SCORE_RULES)}, got {kind!r}")
         if kind == "dn2":
             return last.dn2.astype(np.float64)
-        if kind == "max":
-            heat = self.combined_maps()
-            return heat.reshape(len(heat), -1).max(axis=1).astype(np.float64)
-        raise ValueError(f"image score kind must be 'dn2' or 'max', got {kind!r}")
+        heat = self.combined_maps(stages, sigma)
+        boxes = self._content_boxes(last.images, len(heat))
+        if kind == "mix":
+            peaks = peak_scores(heat, boxes, "max")
+            return mix_scores(last.dn2, peaks, self._image_index.train_scores(), self._calibration_peaks(stages, sigma))
+        return peak_scores(heat, boxes, kind)
+
+    def _calibration_peaks(self, stages: Sequence[str] | None, sigma: float | None) -> np.ndarray:
+        """(n_cal,) heatmap peaks of the calibration images (normal, each scored without itself)."""
+        return peak_scores(self._calibration_heatmaps(stages, sigma), None, "max")
+
+    def _calibration_image_scores(
+        self, kind: str, calibration_dn2: np.ndarray, stages: Sequence[str] | None, sigma: float | None
+    ) -> np.ndarray:
+        """(n_cal,) scores of the calibration images under a map-based rule (their reference distribution)."""
+        if kind == "mix":
+            peaks = self._calibration_peaks(stages, sigma)
+            return mix_scores(calibration_dn2, peaks, self._image_index.train_scores(), peaks)
+        return peak_scores(self._calibration_heatmaps(stages, sigma), None, kind)
+
+    def _content_boxes(self, images: ImageSet | None, n: int) -> list[tuple[int, int, int, int]] | None:
+        """Per image, where it lies on the canvas (letterbox); None when every image fills it."""
+        size = self.image_size
+        if not size.pad or images is None:
+            return None
+        return [content_box(_original_hw(item, size.resize), size) for item in images][:n]
 
     def score_and_maps(
         self, images: ImageSet, progress: ProgressFn | None = None, cancel: CancelFn | None = None
@@ -646,6 +678,8 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
             normalisation={key: [n.mean, n.std] for key, n in self.normalisation_.items()},
             gallery_kind=self.gallery_kind_,
         )
+        if self.tuning_ is not None:  # how the settings were chosen (python -m core tune)
+            fields["tuning"] = self.tuning_
         arrays["pooled"] = self._pooled.cpu().numpy()
         arrays["train_sizes"] = self.train_sizes_
         for index, key in enumerate(self.stages_):
@@ -666,6 +700,8 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
             self._train_items = None
             self._pixel_cache = OrderedDict()
             self.calibration_names_ = list(header["calibration_names"])
+            tuning = header.get("tuning")
+            self.tuning_ = tuning if isinstance(tuning, dict) else None
             self.normalisation_ = {
                 key: maps.StageNormalisation(float(v[0]), float(v[1])) for key, v in header["normalisation"].items()
             }
