@@ -89,7 +89,7 @@ class BenchOptions:
 
     ``backbone``/``weights``/``device``/``batch_size``: None keep the method's
     defaults. ``params``: ``--param key=value`` pairs for the settings
-    (:func:`apply_params`). ``epochs``: training length for adapting methods
+    (:func:`core.config.apply_params`). ``epochs``: training length for adapting methods
     (PANDA). ``outliers``: a data set spec or folder of outlier images
     (PANDA-OE).
     """
@@ -106,13 +106,12 @@ class BenchOptions:
     # (``core.tuning``: synthetic defects, no test image read); SPADE only.
     tune: bool = False
 
-
-def settings_for(settings_type: type, options: BenchOptions, base: Any = None) -> Any:
-    """Settings of ``settings_type`` (or ``base``) with the options' backbone/weights/device/seed and params."""
-    return config.settings_for(
-        settings_type, base, backbone=options.backbone, weights=options.weights, device=options.device,
-        batch_size=options.batch_size, seed=options.seed, params=options.params,
-    )
+    def settings(self, settings_type: type, base: Any = None) -> Any:
+        """Settings of ``settings_type`` (or ``base``) with these options' backbone/weights/device/seed and params."""
+        return config.settings_for(
+            settings_type, base, backbone=self.backbone, weights=self.weights, device=self.device,
+            batch_size=self.batch_size, seed=self.seed, params=self.params,
+        )
 
 
 def _factory(info: MethodInfo, preset: Preset) -> Callable[[BenchOptions], Detector]:
@@ -126,7 +125,7 @@ def _factory(info: MethodInfo, preset: Preset) -> Callable[[BenchOptions], Detec
         base = preset_settings(preset, info)
         if info.adaptation:
             base = dataclasses.replace(base, epochs=options.epochs or 0)
-        detector = info.make(settings_for(info.settings_type, options, base))
+        detector = info.make(options.settings(info.settings_type, base))
         if info.adaptation and detector.settings.strategy == "oe":
             if not options.outliers:
                 raise ValueError(f"{preset.name} needs --outliers (a folder or zip of outlier images)")

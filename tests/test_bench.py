@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from core import bench
-from core.bench import BENCH_METHODS, BenchOptions, load_tasks, run_bench, settings_for
+from core.bench import BENCH_METHODS, BenchOptions, load_tasks, run_bench
 from core.config import DN2Settings, GaussianSettings, ParamError, apply_params
 from core.datasets import FASHION_MNIST_DIR
 from core.detectors.base import SegmentationDetector
@@ -51,9 +51,9 @@ def test_bad_params_are_clear_errors(params, message):
         apply_params(GaussianSettings() if "reduction" in params or "include_pooled" in params else DN2Settings(), params)
 
 
-def test_settings_for_applies_options_then_params():
+def test_options_settings_apply_options_then_params():
     options = BenchOptions(backbone="efficientnet_lite1", seed=7, params={"n_means": "10"})
-    settings = settings_for(DN2Settings, options, DN2Settings(gallery="kmeans"))
+    settings = options.settings(DN2Settings, DN2Settings(gallery="kmeans"))
     assert (settings.features.backbone, settings.seed, settings.n_means, settings.gallery) == ("efficientnet_lite1", 7, 10, "kmeans")
     assert {"dn2", "dn2-kmeans", "gaussian"} <= set(BENCH_METHODS)
     assert BENCH_METHODS["dn2-kmeans"](BenchOptions()).settings.gallery == "kmeans"
@@ -191,7 +191,7 @@ class BrightnessMaps(SegmentationDetector):
 
 
 def test_segmentation_detectors_get_pixel_metrics_and_ablation(mvtec_root, monkeypatch):
-    monkeypatch.setitem(bench.BENCH_METHODS, "brightness", lambda options: BrightnessMaps(settings_for(DN2Settings, options)))
+    monkeypatch.setitem(bench.BENCH_METHODS, "brightness", lambda options: BrightnessMaps(options.settings(DN2Settings)))
     report = run_bench("brightness", f"mvtec:{mvtec_root}", OPTIONS)
     (result,) = report["results"]
     assert result["name"] == "widget" and result["n_train"] == 6 and result["n_test"] == 6
