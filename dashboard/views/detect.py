@@ -12,6 +12,7 @@ from dashboard.components import charts
 from dashboard.components.gallery import gallery
 from dashboard.components.jobs import job_panel
 from dashboard.components.models import loaded_detector, pick_model, scored_test
+from dashboard.components.score_files import score_files_panel
 from dashboard.components.sidebar import require_project, workspace_and_project
 
 # Image-level methods fitted here; SPADE (maps) on the Segment page, PANDA (training) on the Adapt page.
@@ -61,6 +62,7 @@ try:
 except Exception as error:  # noqa: BLE001 - a damaged model file must not take the page down
     st.error(f"Cannot load model #{model.id} ({model.path.name}): {error}")
     st.stop()
+score_files_panel(workspace, project, model)  # folders / large uploads: streamed to a results file in the background
 test = scored_test(workspace, model)
 if test.unscored:
     st.warning(f"{test.unscored} test images were added after this model was fitted.")

@@ -1,0 +1,86 @@
+"""Folder scoring from the Detect page: a streaming background job whose rows survive a stop or a restart."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import finish_jobs, new_app
+from core.scoring import read_results
+from core.scoring.runs import list_runs, load_run, new_run, run_scoring
+from dashboard import tasks
+from dashboard.jobs import Job
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture
+def fitted(tiny_bottle):
+    """The tiny bottle project with a DN2 model fitted directly (not through the page)."""
+    workspace, project = tiny_bottle
+    settings = tasks.settings_for("dn2", "efficientnet_lite0")
+    job = Job("fit", lambda j: tasks.fit_and_score(workspace, project.id, "dn2", settings, j))
+    assert job.wait(120) and job.status == "finished", job.error
+    return workspace, project, workspace.model(job.result)
+
+
+@pytest.fixture
+def shift(tmp_path, monkeypatch):
+    """A folder of 40 small images plus one broken file, inside the folders the app may read."""
+    folder = tmp_path / "shift"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"img{i:02d}.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    monkeypatch.setenv("ANOMALY_FOLDER_ROOTS", str(tmp_path))
+    return folder
+
+
+def test_a_stopped_run_keeps_its_rows_and_resumes_without_duplicates(fitted, shift, tmp_path):
+    workspace, project, model = fitted
+    run = new_run(tmp_path / "runs", model.id, model.path, [str(shift)], "shift")
+    seen = []
+
+    def cancel() -> bool:  # stop once the first batch was written
+        return any(done > 0 for done, _, _ in seen)
+
+    stopped = run_scoring(run, status=lambda done, total, text: seen.append((done, total, text)), cancel=cancel)
+    assert stopped.status == "stopped" and 0 < stopped.rows_written() < 41
+    assert seen[0][1] == 41 and "/41" in seen[-1][2]
+    finished = run_scoring(load_run(run.folder), resume=True)
+    rows = read_results(finished.results)
+    assert finished.status == "finished" and len(rows) == 41 and len({r["file"] for r in rows}) == 41
+    assert [r for r in rows if r["error"]][0]["file"].endswith("broken.png")
+    assert list_runs(tmp_path / "runs", model.id)[0].status == "finished"
+
+
+def test_detect_page_scores_a_folder_in_the_background_and_offers_to_resume(fitted, shift):
+    workspace, project, model = fitted
+    at = new_app(project.id, page="views/detect.py")
+    assert not at.exception
+    at.text_input(key="score-files-folder").set_value(str(shift)).run()
+    at.button(key="score-files-start").click().run()
+    assert not at.exception
+    finish_jobs(at)
+    assert not at.exception
+    (run,) = list_runs(workspace.root / "scoring", model.id)
+    assert run.status == "finished" and run.rows_written() == 41
+    assert any("40 scored" in caption.value for caption in at.caption)
+    assert any(button.label == "Download results (CSV)" for button in at.get("download_button"))
+
+    # A run the app was killed in the middle of: its manifest still says "running", half its rows are there.
+    interrupted = new_run(workspace.root / "scoring", model.id, model.path, [str(shift)], "night shift")
+    rows = read_results(run.results)
+    header = run.results.read_text().splitlines()[0]
+    interrupted.results.write_text("\n".join([header] + run.results.read_text().splitlines()[1:21]) + "\n")
+    at = new_app(project.id, page="views/detect.py")
+    assert any("interrupted" in markdown.value for markdown in at.markdown)
+    resume = [button for button in at.button if button.label == "Resume"]
+    assert resume
+    resume[0].click().run()
+    finish_jobs(at)
+    done = load_run(interrupted.folder)
+    assert done.status == "finished" and done.rows_written() == len(rows) == 41
+    assert len({r["file"] for r in read_results(done.results)}) == 41
