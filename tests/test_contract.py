@@ -214,6 +214,8 @@ def test_foreign_files_name_the_file(tmp_path):
     (lambda h: {k: v for k, v in h.items() if k != "settings"}, "settings are null"),
     (lambda h: {**h, "settings": {**h["settings"], "k": "two"}}, "damaged DN2 model settings"),
     (lambda h: {**h, "settings": {**h["settings"], "features": "lite0"}}, "damaged DN2 model settings"),
+    (lambda h: {**h, "settings": {**h["settings"], "features": {**h["settings"]["features"], "batch_size": "x"}}},
+     "damaged DN2 model settings \\(FeatureSettings.batch_size is \"x\", not int\\)"),
     (lambda h: {**h, "features_identity": None}, "lacks the backbone identity"),
 ])
 def test_hand_edited_headers_name_the_file(saved, tmp_path, change, message):

@@ -22,6 +22,8 @@ import dataclasses
 import json
 import math
 import os
+import types
+import typing
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -224,14 +226,44 @@ def settings_from_dict(settings_type: type, values: dict[str, Any]) -> Any:
     unknown = set(values) - set(names)
     if unknown:
         raise SettingsMismatch(f"unknown settings {sorted(unknown)} for {settings_type.__name__}", sorted(unknown))
+    hints = typing.get_type_hints(settings_type)
     for name, value in values.items():
         default = getattr(settings_type(), name)
         if dataclasses.is_dataclass(default):
             value = settings_from_dict(type(default), value)
-        elif isinstance(value, list):
-            value = tuple(value)
+        else:
+            if isinstance(value, list):
+                value = tuple(value)
+            if not _has_type(value, hints[name]):
+                # A hand-edited header would otherwise fail much later, deep inside scoring.
+                raise TypeError(f"{settings_type.__name__}.{name} is {json.dumps(value)}, not {_type_name(hints[name])}")
         kwargs[name] = value
     return settings_type(**kwargs)
+
+
+def _has_type(value: Any, annotation: Any) -> bool:
+    """Whether a JSON-decoded value fits a settings field's annotation (int, float, str, bool, tuples, optionals)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, option) for option in typing.get_args(annotation))
+    if origin is tuple:
+        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        return isinstance(value, tuple) and all(_has_type(item, args[0]) for item in value) if args else True
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    return True
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
 class SettingsMismatch(ModelFileError):
