@@ -101,6 +101,8 @@ def test_jsonl_output_and_inputs_from_zip_glob_and_list_file(data, tmp_path):
     assert rows[str(tmp_path / "nowhere.png")]["error"] == "no such file or folder"
     assert rows[f"{archive}!inner/light0.png"]["anomalous"] is True and rows[f"{archive}!inner/light0.png"]["score"] > 0
     assert rows[f"{archive}!inner/light0.png"]["key"].startswith("zip:")
+    again = score_files(data["model"], [archive, listing, pattern], out, resume=True)
+    assert (again.skipped, again.scored, again.errors) == (6, 0, 0) and len(read_results(out)) == 6
 
 
 def test_decoding_pulls_the_listing_only_a_bounded_way_ahead(data):

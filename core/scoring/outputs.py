@@ -142,6 +142,17 @@ def read_results(path: str | os.PathLike) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(text)))
 
 
+def _iter_rows(path: Path, jsonl: bool):
+    """Rows of a result file whose torn tail was already cut, read one line at a time (millions of rows fit)."""
+    with open(path, encoding="utf-8", newline="") as stream:
+        if jsonl:
+            for line in stream:
+                if line.strip():
+                    yield json.loads(line)
+        else:
+            yield from csv.DictReader(stream)
+
+
 def open_results(
     path: str | os.PathLike | None,
     columns: Sequence[str] = SCORE_COLUMNS,
@@ -171,7 +182,7 @@ def open_results(
                 header = next(csv.reader(stream), None)
             if header is not None and tuple(header) != tuple(columns):
                 raise ResultFileError(f"{path}: cannot resume, its columns {header} are not {list(columns)}")
-        for row in read_results(path):
+        for row in _iter_rows(path, jsonl):
             if model is not None and row.get("model") not in (None, "", model):
                 raise ResultFileError(
                     f"{path}: cannot resume, its rows were scored by model {row.get('model')!r}, not {model!r}"
