@@ -57,11 +57,13 @@ class NpzFileError(ValueError):
 
 
 def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray],
-              header: Mapping[str, Any] | None = None, header_key: str = "__header__") -> Path:
+              header: Mapping[str, Any] | None = None, header_key: str = "__header__",
+              compress: bool = False) -> Path:
     """Write ``arrays`` (and ``header`` as JSON under ``header_key``) to ``path`` atomically; returns the path.
 
     The suffix ``.npz`` is added when missing. Arrays are stored uncompressed
-    (``np.savez``); object arrays are refused by numpy's reader, so never write them.
+    (``np.savez``) unless ``compress`` (deflate, for outputs users keep many of);
+    object arrays are refused by numpy's reader, so never write them.
     """
     path = Path(path)
     if path.suffix != ".npz":
@@ -75,7 +77,7 @@ def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray],
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **members)
+            (np.savez_compressed if compress else np.savez)(stream, **members)
             stream.flush()
             os.fsync(stream.fileno())  # the rename must not overtake the data on a crash
         os.replace(temporary, path)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from core.images import ImageSize
+from core.npz_io import write_npz
 from core.scoring.inputs import source_name
 from core.scoring.stream import Decoded
 
@@ -199,12 +200,13 @@ class SegmentWriter:
                     from core.images import crop_box
 
                     names["npz"] = f"{stem}.npz"
-                    np.savez_compressed(
-                        self.out / names["npz"], heatmap=heatmaps[j].astype(np.float32),
-                        original_hw=np.asarray(image.shape[:2], dtype=np.int64),
-                        crop_box=np.asarray(crop_box(image.shape[:2], size), dtype=np.int64),
-                        pixel_threshold=np.float64(self.pixel_threshold),
-                    )
+                    # Atomic: a run killed mid-write leaves no half file for --resume to trust.
+                    write_npz(self.out / names["npz"], {
+                        "heatmap": heatmaps[j].astype(np.float32),
+                        "original_hw": np.asarray(image.shape[:2], dtype=np.int64),
+                        "crop_box": np.asarray(crop_box(image.shape[:2], size), dtype=np.int64),
+                        "pixel_threshold": np.float64(self.pixel_threshold),
+                    }, compress=True)
                 peak_y, peak_x = maps.peak(original)
                 explanation = detector.explain(j, *maps.peak(heatmaps[j]), exact=False)  # no extra backbone pass
                 rows[id(d)] = {
