@@ -228,6 +228,16 @@ def test_hand_edited_headers_name_the_file(saved, tmp_path, change, message):
         load_detector(edited)
 
 
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_model_for_other_weights_names_its_file_when_used(name, saved, tmp_path, test_set):
+    _, path, _ = saved[name]
+    header, arrays = read_npz(path)
+    header["features_identity"]["weights"] = "someone-elses-weights.pth"
+    other = write_npz(tmp_path / "other-weights.npz", arrays, header)
+    with pytest.raises(ModelFileError, match=f"^{other}: the model was fitted with .* weights 'someone-elses"):
+        load_detector(other).score(test_set)
+
+
 def test_header_is_checked_before_arrays_are_loaded(tmp_path):
     # 1 GiB of zeros deflates to ~1 MB: refused from the .npy header's declared size, never allocated.
     bomb = tmp_path / "bomb.npz"

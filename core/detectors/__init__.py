@@ -151,7 +151,9 @@ def load_detector(path: str | os.PathLike, method: str | None = None, segmentati
     except (TypeError, ValueError) as error:
         raise ModelFileError(f"{path}: damaged {info.label} model settings ({error})") from None
     try:
-        return restore_common(info.make(settings), header, arrays)
+        detector = info.make(settings)
+        detector.source_ = str(path)
+        return restore_common(detector, header, arrays)
     except ModelFileError as error:
         message = str(error)
         raise ModelFileError(message if message.startswith(str(path)) else f"{path}: {message}") from None

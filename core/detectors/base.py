@@ -63,6 +63,8 @@ class Detector(ABC):
         self.threshold_: float | None = None
         self.holdout_scores_: np.ndarray | None = None
         self.holdout_fpr_: float | None = None
+        # The model file this detector was loaded from (None when fitted here): errors name it.
+        self.source_: str | None = None
 
     # ------------------------------------------------------------------ contract
     @abstractmethod

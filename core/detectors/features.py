@@ -36,9 +36,19 @@ from core.progress import CancelFn, ProgressFn
 __all__ = ["POOLED", "BackboneUser", "FeatureDetector", "FeatureRequest", "check_compatible", "pooled_stage"]
 
 
-def check_compatible(identity: dict[str, Any], extractor: FeatureExtractor, size: ImageSize) -> None:
-    """Raise :class:`ModelFileError` when ``extractor``/``size`` differ from a model's ``identity``."""
-    found = feature_identity(extractor, size)
+def check_compatible(identity: dict[str, Any], extractor: FeatureExtractor, size: ImageSize,
+                     source: str | None = None) -> None:
+    """Raise :class:`ModelFileError` when ``extractor``/``size`` differ from a model's ``identity``.
+
+    ``source``: the model file, named first in the message when the model was loaded from one.
+    """
+    try:
+        _check_identity(identity, feature_identity(extractor, size))
+    except ModelFileError as error:
+        raise ModelFileError(f"{source}: {error}" if source else str(error)) from None
+
+
+def _check_identity(identity: dict[str, Any], found: dict[str, Any]) -> None:
     if found["backbone"] != identity.get("backbone"):
         raise ModelFileError(
             f"the model was fitted on backbone {identity.get('backbone')!r} but the extractor is "
@@ -78,6 +88,7 @@ class BackboneUser:
 
     settings: Any
     identity_: dict[str, Any] | None = None
+    source_: str | None = None
     _extractor: FeatureExtractor | None = None
 
     @property
@@ -90,14 +101,14 @@ class BackboneUser:
         if self._extractor is None:
             candidate = extractor_for(self.settings.features)
             if self.identity_ is not None:
-                check_compatible(self.identity_, candidate, self.image_size)
+                check_compatible(self.identity_, candidate, self.image_size, self.source_)
             self._extractor = candidate
         return self._extractor
 
     def use_extractor(self, extractor: FeatureExtractor) -> None:
         """Extract with ``extractor`` from now on (a fitted model checks it is compatible first)."""
         if self.identity_ is not None:
-            check_compatible(self.identity_, extractor, self.image_size)
+            check_compatible(self.identity_, extractor, self.image_size, self.source_)
         self._extractor = extractor
 
     def _identity_header(self) -> dict[str, Any]:
@@ -150,7 +161,7 @@ class FeatureDetector(BackboneUser, Detector):
     def check_compatible(self, extractor: FeatureExtractor) -> None:
         """Raise :class:`ModelFileError` when ``extractor`` is not the network this model was fitted with."""
         self._require_fitted()
-        check_compatible(self.identity_ or {}, extractor, self.image_size)
+        check_compatible(self.identity_ or {}, extractor, self.image_size, self.source_)
 
     def extract(self, images: ImageSet, progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> Features:
         """Features of ``images`` as this detector needs them."""
