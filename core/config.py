@@ -160,7 +160,8 @@ class PandaSettings:
     ``minibatches``) or "auto" (chosen from held-out normal images, no test
     labels; ``epochs`` is then the most it trains, see :mod:`core.adaptation.stopping`).
     ``stop_holdout``: share of the normal images "auto" keeps out of training to
-    watch (they still join the kNN gallery).
+    watch (they still join the kNN gallery); it stops at the first epoch where
+    their mean distance to the centre is ``stop_fraction`` of the pretrained one.
     ``fisher_source``: where EWC's Fisher comes from when no file is given:
     "pool" (the classifier's own predictions on a diverse offline image pool,
     the stand-in for ImageNet) or "normal" (the normal training images).
@@ -192,6 +193,7 @@ class PandaSettings:
     autocast: bool = False
     early_rule: str = "fixed"
     stop_holdout: float = 0.1
+    stop_fraction: float = 0.1
     fisher_source: str = "pool"
     seed: int = 0
     target_fpr: float = 0.05
@@ -203,6 +205,7 @@ class PandaSettings:
         _check_choice("early_rule", self.early_rule, ("fixed", "auto"))
         _check_choice("fisher_source", self.fisher_source, ("pool", "normal"))
         _check_fraction("stop_holdout", self.stop_holdout)
+        _check_fraction("stop_fraction", self.stop_fraction)
         for name in ("k", "batch_size", "fisher_batches", "cache_budget_mb"):
             _check_positive(name, getattr(self, name))
         for name in ("epochs", "minibatches", "snapshot_every"):

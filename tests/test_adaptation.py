@@ -360,9 +360,9 @@ def test_compare_strategies_reads_each_method_where_it_belongs(normal, test_set)
     assert methods == ["DN2", "PANDA-Early", "PANDA-Early (auto)", "PANDA-SES", "Unregularised (last epoch)",
                        "Unregularised (best epoch)", "PANDA-EWC"]
     long_run = result.curves["unregularised"]
-    # The automatic Early row is the long run's record at the epoch the rule marked.
-    (marked,) = [r for r in long_run if r.auto_stop]
-    assert result.auroc("PANDA-Early (auto)") == marked.auroc and marked.epoch >= 1
+    # The automatic Early row is the long run's record at the epoch the rule marked (else the last one).
+    marked = [r for r in long_run if r.auto_stop] or [long_run[-1]]
+    assert result.auroc("PANDA-Early (auto)") == marked[0].auroc and marked[0].epoch >= 1
     assert [r.epoch for r in long_run] == [0, 1, 2, 3, 4] and [r.epoch for r in result.curves["ewc"]] == [0, 1, 2]
     assert seen == [("unregularised", e) for e in range(5)] + [("ewc", e) for e in range(3)]
     # Each row is the long run's record at its epoch (DN2 = epoch 0, Early = its stopping epoch).
@@ -391,21 +391,19 @@ def _private_fisher_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ANOMALY_FISHER_CACHE", str(tmp_path / "fisher-cache"))
 
 
-def test_auto_stop_picks_the_peak_of_the_held_out_knn_ratio():
+def test_auto_stop_is_the_first_epoch_at_a_tenth_of_the_pretrained_held_out_distance():
     from core.adaptation.stopping import AutoStop, choose_stop_epoch
 
-    rising_then_falling = [0.90, 0.90, 0.91, 0.93, 0.95, 0.97, 0.96, 0.95, 0.94, 0.94, 0.93, 0.92]
-    records = [{"epoch": e, "holdout_knn_ratio": v, "auroc": 1.0 - v} for e, v in enumerate(rising_then_falling)]
-    assert choose_stop_epoch(records, patience=5) == 5
-    rule = AutoStop(patience=3)
-    for epoch, value in enumerate(rising_then_falling):
-        rule.update(epoch, value)
-        if rule.done:
-            break
-    assert rule.chosen == 5 and epoch == 8  # decided 3 epochs after the peak
-    assert choose_stop_epoch([{"epoch": 0, "holdout_knn_ratio": 1.0}]) is None  # epoch 0 is never a stop
-    with pytest.raises(ValueError, match="patience"):
-        AutoStop(patience=0)
+    shrinking = [500.0, 400, 300, 200, 120, 80, 49.9, 30, 10]
+    records = [{"epoch": e, "holdout_distance": v, "auroc": 0.5} for e, v in enumerate(shrinking)]
+    assert choose_stop_epoch(records) == 6  # 49.9 <= 0.1 * 500
+    assert choose_stop_epoch(records, fraction=0.5) == 3
+    assert choose_stop_epoch(records[:6]) is None  # never reached: no choice (the model keeps the last epoch)
+    rule = AutoStop()
+    decided = [rule.update(e, v) for e, v in enumerate(shrinking)]
+    assert decided.index(True) == 6 and rule.done and sum(decided) == 1
+    with pytest.raises(ValueError, match="fraction"):
+        AutoStop(fraction=1.5)
 
 
 def _flip(image_set: ImageSet, labels) -> ImageSet:
@@ -414,7 +412,8 @@ def _flip(image_set: ImageSet, labels) -> ImageSet:
 
 def test_auto_early_epoch_ignores_test_labels(normal, test_set):
     """The stop comes from held-out normal images: right, wrong or missing test labels give the same epoch and weights."""
-    auto = settings(early_rule="auto", epochs=8, grad_clip=1.0, lr=0.05)
+    # Random weights on noise shrink slowly: a high rate and 85 % stand in for the real 10 % here.
+    auto = settings(early_rule="auto", epochs=10, grad_clip=10.0, lr=1.0, stop_fraction=0.85)
     runs = {
         "labelled": adapt(normal, auto, test=test_set),
         "poisoned": adapt(normal, auto, test=_flip(test_set, 1 - test_set.labels)),
@@ -423,6 +422,8 @@ def test_auto_early_epoch_ignores_test_labels(normal, test_set):
     }
     chosen = {name: run.result.auto_stop_epoch for name, run in runs.items()}
     assert len(set(chosen.values())) == 1 and chosen["labelled"] is not None and chosen["labelled"] >= 1, chosen
+    # Training ended at the chosen epoch (the rule decides as the threshold is crossed).
+    assert runs["labelled"].result.epochs_done == chosen["labelled"] < 10
     reference = runs["labelled"].result.final_state
     for name, run in runs.items():
         assert all(torch.equal(run.result.final_state[k], reference[k]) for k in reference), name

@@ -150,7 +150,7 @@ def compare_strategies(
         schedule=Schedule(long_epochs, early_schedule.batches_per_epoch, ses_epochs if "ses" in strategies else ()),
         early_epoch=early_at if "early" in strategies else None, keep_epoch_zero=True,
         on_epoch=relay("unregularised"), progress=progress, cancel=cancel,
-        stop_rule=AutoStop() if "auto" in strategies and prepared.holdout is not None else None,
+        stop_rule=AutoStop(settings.stop_fraction) if "auto" in strategies and prepared.holdout is not None else None,
     )
     records = unregularised.result.records
     timing["cache"] = unregularised.result.cache
@@ -162,10 +162,12 @@ def compare_strategies(
         r = records[early_at]
         rows.append(ComparisonRow("PANDA-Early", r.auroc, r.epoch, r.minibatches))
     auto_at = unregularised.result.auto_stop_epoch
-    if "auto" in strategies and auto_at is not None:
-        r = records[auto_at]
+    if "auto" in strategies and prepared.holdout is not None:
+        # Not reached within the run: the automatic Early model is the last epoch (as adapt() keeps it).
+        r = records[auto_at] if auto_at is not None else records[-1]
         rows.append(ComparisonRow("PANDA-Early (auto)", r.auroc, r.epoch, r.minibatches,
-                                  "stop chosen from held-out normal images"))
+                                  "stop chosen from held-out normal images" if auto_at is not None
+                                  else f"held-out distance never fell to {settings.stop_fraction:.0%}: last epoch"))
     choice_counts: list[int] = []
     kept = [e for e in ses_epochs if e in unregularised.result.snapshots]
     if "ses" in strategies and kept:

@@ -261,7 +261,7 @@ def adapt(
     if auto_early(settings):
         if prepared.holdout is None:
             raise ValueError("the automatic Early rule needs held-out normal images (prepare(..., holdout=...))")
-        rule, stop_here = AutoStop(), True
+        rule, stop_here = AutoStop(settings.stop_fraction), True
     elif strategy == "early" and early_epoch is None:
         early_epoch = schedule.epochs
     network = prepared.new_network()
