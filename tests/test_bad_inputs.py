@@ -113,3 +113,25 @@ def test_restore_recomputes_the_maps_from_any_damaged_cache(workspace_dir):
         np.testing.assert_allclose(detector.combined_maps(), expected, rtol=1e-5, atol=1e-6)
         assert model.maps_path.read_bytes() != damaged  # rewritten from the recomputed maps
         assert detector.load_raw_maps(model.maps_path) == len(ids) == 3
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_cli_says_which_model_file_is_damaged(tmp_path, capsys):
+    from core.__main__ import main
+    from core.config import DN2Settings, FeatureSettings
+    from core.detectors import make_detector
+    from tests.conftest import synthetic_images
+
+    settings = DN2Settings(features=FeatureSettings(weights="random", resize=32, crop=32, device="cpu"))
+    model = make_detector("dn2", settings).fit(synthetic_images(6, 0, "n", 0)).save(tmp_path / "model.npz")
+    image = tmp_path / "a.png"
+    image.write_bytes(png_bytes(np.zeros((32, 32, 3), dtype=np.uint8)))
+    damaged = tmp_path / "damaged.npz"
+    damaged.write_bytes(model.read_bytes()[:-40])
+    for command in (["score", "--model", str(damaged), str(image)],
+                    ["segment", "--model", str(damaged), str(image), "--out", str(tmp_path / "out")],
+                    ["segment", "--model", str(model), str(image), "--out", str(tmp_path / "out")]):
+        assert main(command) == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith(f"error: {command[2]}: "), error
+        assert "Traceback" not in error
