@@ -26,7 +26,7 @@ import os
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -73,11 +73,22 @@ def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray],
         if header_key in members:
             raise ValueError(f"array name {header_key!r} is reserved for the header")
         members = {header_key: np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8), **members}
+    return atomic_write(path, lambda stream: (np.savez_compressed if compress else np.savez)(stream, **members))
+
+
+def atomic_write(path: str | os.PathLike, fill: Callable[[BinaryIO], None]) -> Path:
+    """Write a file so that a reader sees the old one or the whole new one, never a part.
+
+    ``fill(stream)`` writes the contents into a temporary file (``.tmp-*``) in the
+    same folder, which is flushed to disk and renamed over ``path``; on any
+    failure the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
         with os.fdopen(handle, "wb") as stream:
-            (np.savez_compressed if compress else np.savez)(stream, **members)
+            fill(stream)
             stream.flush()
             os.fsync(stream.fileno())  # the rename must not overtake the data on a crash
         os.replace(temporary, path)

@@ -29,7 +29,6 @@ import io
 import json
 import os
 import sqlite3
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -43,6 +42,7 @@ import numpy as np
 from core.datasets import ImageItem, ImageSet, Problem
 from core.datasets.uploads import plan_upload
 from core.images import ImageError, decode_image, decode_mask
+from core.npz_io import atomic_write
 from core.progress import CancelFn, ProgressFn, check_cancel, report_progress
 
 WORKSPACE_ENV = "ANOMALY_WORKSPACE"
@@ -221,16 +221,9 @@ def _sha256(data: bytes) -> str:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees either nothing or the whole file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` so that a reader sees either nothing or the whole file (flushed to disk:
+    an object file is named by its content and never rewritten, so a torn one would stay torn)."""
+    atomic_write(path, lambda stream: stream.write(data))
 
 
 def _png_bytes(pixels: np.ndarray) -> bytes:
