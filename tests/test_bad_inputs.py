@@ -81,7 +81,7 @@ def test_zip_inputs_name_the_archive(tmp_path):
         handle.writestr("good.png", png_bytes(np.zeros((16, 16, 3), dtype=np.uint8)))
         handle.writestr("notes.txt", "hello")
     images = read_images(archive)
-    assert images.names == ["good.png"]
+    assert images.names == [f"{archive}!good.png"]
     assert [str(problem) for problem in images.problems] == [f"{archive}!notes.txt: not an image file type (.txt); skipped"]
     from core.datasets import read_zip
 

@@ -11,6 +11,7 @@ the ``--param key=value`` option, and reading images from folders, zips and file
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import sys
@@ -135,9 +136,10 @@ def read_images(path: str | os.PathLike, label: int | None = None):
         raise FileNotFoundError(f"{source}: no such file or folder")
     if source.suffix.lower() == ".zip":
         images = read_zip(source, label=label)
-        # Name the archive in every skipped member: "photos.zip!notes.txt: not an image file type".
+        # Name the archive in every member and skipped file: "photos.zip!notes.txt: not an image file type".
+        items = [dataclasses.replace(item, name=f"{source}!{item.name}") for item in images.items]
         problems = [Problem(f"{source}!{problem.source}", problem.reason) for problem in images.problems]
-        return ImageSet(images.items, problems, images.name)
+        return ImageSet(items, problems, images.name)
     return ImageSet([ImageItem(name=source.name, path=str(source), label=label)], name=source.name)
 
 
