@@ -52,6 +52,9 @@ _READ_ERRORS = (
 )
 
 
+_MAX_TAIL = 4096
+
+
 class NpzFileError(ValueError):
     """An ``.npz`` file of this tool cannot be used; the message starts with the file's path."""
 
@@ -157,7 +160,10 @@ class NpzReader:
                     raise self.fail(f"array {name!r} declares {declared:,} bytes, more than this file "
                                     f"({self.path.stat().st_size:,} bytes) may hold ({self._budget:,}); refused")
                 data = _read_exactly(stream, declared)
-                stream.read()  # to the end of the member, so zipfile checks its CRC
+                # To the end of the member, so zipfile checks its CRC; a .npy holds nothing after its
+                # array, so a long tail (a small array in front of a deflated bomb) is refused unread.
+                if len(stream.read(_MAX_TAIL + 1)) > _MAX_TAIL:
+                    raise self.fail(f"array {name!r} is followed by other data inside its entry (damaged or forged)")
         except NpzFileError:
             raise
         except _READ_ERRORS as error:

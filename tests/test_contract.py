@@ -258,6 +258,17 @@ def test_header_is_checked_before_arrays_are_loaded(tmp_path):
         npz.array("zeros")
 
 
+def test_a_small_array_in_front_of_a_deflated_tail_is_refused_unread(tmp_path):
+    forged = tmp_path / "tail.npz"
+    with zipfile.ZipFile(forged, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("x.npy", "w", force_zip64=True) as stream:
+            stream.write(_npy_bytes(np.arange(3)))
+            for _ in range(64):
+                stream.write(bytes(2**24))
+    with open_npz(forged) as npz, pytest.raises(NpzFileError, match=f"{forged}: array 'x' is followed by other data"):
+        npz.array("x")
+
+
 def _npy_prefix(shape: tuple[int, ...], descr: str) -> bytes:
     stream = io.BytesIO()
     np.lib.format.write_array_header_1_0(stream, {"descr": descr, "fortran_order": False, "shape": shape})
