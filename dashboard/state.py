@@ -35,6 +35,7 @@ UPLOAD_GENERATION = "upload_generation"  # int: bumped to empty the file uploade
 REVIEW_POSITION = "review_position"  # dict[model_id, image_id]: where the reviewer is, per model
 LAST_IMPORT = "last_import"  # (what, ImportReport): the Data page's last import, shown once after the rerun
 LIVE_RUN = "live_run"  # int: the PANDA run the Adapt page follows
+OVERLAY_SEEN = "overlay_seen"  # set[run id]: finished runs the Adapt page's "Overlay runs" list already offered
 SEGMENT_METRICS = "segment_metrics"  # dict[(model, stages, sigma), (pixel AUROC, PRO)]: already evaluated
 MAPS_AUTO_LOADED = "maps_auto_loaded"  # set[model_id]: saved heatmaps this session already tried to load by itself
 WATCHED_JOBS = "watched_jobs"  # set[str]: job panels that saw their job running (to rerun once it ends)

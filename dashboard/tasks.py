@@ -93,12 +93,15 @@ def score_missing(workspace: Workspace, model_id: int, detector: Any, job: Job) 
 
 
 def panda_settings(strategy: str, backbone: str, epochs: int, lr: float, ewc_lambda: float,
-                   weights: str | None = None, ewc_step: str = "gradient") -> Any:
+                   weights: str | None = None, ewc_step: str = "gradient", crop: int | None = None,
+                   **options: Any) -> Any:
+    """PANDA settings from the Adapt page; ``crop`` (None = the backbone's) sets a square input of that side,
+    ``options`` any other PandaSettings field (batch_size, snapshot_every, early_rule...)."""
     from core import config
 
     return config.PandaSettings(
-        features=config.FeatureSettings(backbone=backbone, weights=weights),
-        strategy=strategy, epochs=epochs, lr=lr, ewc_lambda=ewc_lambda, ewc_step=ewc_step,
+        features=config.FeatureSettings(backbone=backbone, weights=weights, crop=crop, resize=crop),
+        strategy=strategy, epochs=epochs, lr=lr, ewc_lambda=ewc_lambda, ewc_step=ewc_step, **options,
     )
 
 
