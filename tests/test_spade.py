@@ -248,6 +248,11 @@ def test_a_patch_pasted_from_a_normal_image_is_explained_by_that_image_at_its_pl
         assert found.box[0] <= found.y < found.box[2] and found.box[1] <= found.x < found.box[3]
     bounds = detector._galleries["block1"].bounds
     if gallery != "exact":
+        # A loaded model has no real pixels in memory: it re-reads the images the bounds cannot rule out.
+        detector._real_pixels = None
+        detector._pixel_cache.clear()
+        reread = detector.explain(0, y=int(48 * scale), x=int(18 * scale), stages=("block1",))
+        assert reread.train_index == source and not reread.approximate and 1 <= reread.searched_images <= 8
         # The bounds the exact search prunes with never exceed an image's true nearest distance.
         query = detector._pixels_of(detector._last.images[0])["block1"][8, 3]
         lower = bounds.lower_bounds(query.numpy())
@@ -367,7 +372,10 @@ def test_ivf_pq_model_round_trip(tmp_path):
     np.testing.assert_array_equal(loaded.anomaly_maps(images), heat)
     # The loaded model has no file paths for these in-memory images: given the normal set, it is exact again.
     assert loaded.explain(1).approximate and not detector.explain(1).approximate
-    assert loaded.explain(1, normal=normal_set()) == detector.explain(1)
+    # Given the normal set, the loaded model re-reads the images (bounded search) and proves the same match.
+    again, first = loaded.explain(1, normal=normal_set()), detector.explain(1)
+    assert not again.approximate and (again.train_index, again.box) == (first.train_index, first.box)
+    assert again.distance == pytest.approx(first.distance, rel=1e-2)  # fresh float32 vs stored float16 features
 
 
 def test_auto_gallery_picks_by_size_and_names_the_sizes_when_nothing_fits():

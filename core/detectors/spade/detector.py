@@ -125,6 +125,7 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
         self.train_keys_: list[Any] = []
         self.train_paths_: list[str | None] = []
         self._pixel_cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self._real_pixels: dict[str, StageGallery] | None = None
 
     # ------------------------------------------------------------------ geometry and network
     @property
@@ -254,6 +255,9 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
                 held = self._extract_pixels(holdout, _offset(progress, len(normal), total), cancel)
             self.identity_ = feature_identity(extractor, size)
             self._finish_fit(builder, held, cancel)
+            # K-means / IVF-PQ: keep the real pixels (float16, when they fit max_gallery_bytes) for exact
+            # explanations in this process; a saved model re-reads training images instead.
+            self._real_pixels = builder.real_pixels()
         finally:
             builder.close()
         self.train_names_ = list(normal.names)
@@ -594,6 +598,26 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
             self._pixel_cache.popitem(last=False)
         return found
 
+    def _training_pixels(self, indices: Sequence[int], sources: Sequence[ImageItem]) -> list[dict[str, torch.Tensor]]:
+        """{key: (h, w, C) float32} features of training images ``indices`` (items ``sources``), batched."""
+        missing = [j for j, index in enumerate(indices) if ("train", int(index)) not in self._pixel_cache]
+        if missing:
+            subset = ImageSet([sources[j] for j in missing])
+            for positions, batch in subset.iter_batches(self.image_size, self.settings.features.batch_size):
+                with torch.no_grad():
+                    out = self.extractor()(batch, self.backbone_stages())
+                pixels = self._pixel_features(out.maps)
+                for row, position in enumerate(positions):
+                    key = ("train", int(indices[missing[int(position)]]))
+                    self._pixel_cache[key] = {k: v[row].detach().to("cpu", torch.float32) for k, v in pixels.items()}
+        found = []
+        for index in indices:
+            self._pixel_cache.move_to_end(("train", int(index)))
+            found.append(self._pixel_cache[("train", int(index))])
+        while len(self._pixel_cache) > _PIXEL_CACHE_IMAGES:
+            self._pixel_cache.popitem(last=False)
+        return found
+
     def _train_sources(self, normal: ImageSet | None = None) -> list[ImageItem | None]:
         """Per training image, an item that still holds it (same file identity), or None."""
         n = len(self.train_names_)
@@ -699,6 +723,7 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
             self.train_keys_ = [as_tuples(k) for k in header.get("train_keys") or []]
             self._train_items = None
             self._pixel_cache = OrderedDict()
+            self._real_pixels = None
             self.calibration_names_ = list(header["calibration_names"])
             tuning = header.get("tuning")
             self.tuning_ = tuning if isinstance(tuning, dict) else None

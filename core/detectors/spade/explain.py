@@ -7,14 +7,18 @@ How "exactly" is achieved per gallery kind (``SpadeDetector.gallery_kind_``):
   float32 distances) — not only the ``top_images`` the heatmap searched;
 * ``ivf-flat``: an exhaustive probe of every IVF list (real float32 vectors);
 * ``kmeans`` / ``ivf-pq``: the gallery holds centres or compressed codes, not
-  real pixels. The training images themselves are read again (the fit set
-  kept in memory, the ``normal`` set a caller passes, or the saved paths when
-  the files are unchanged) and their real pixel features recomputed by the
-  backbone, image by image in the order of a proven lower bound on their
-  distance (:class:`~core.detectors.spade.gallery.CellBounds`); the search
-  stops when no unread image can hold a nearer pixel. At most
-  ``MAX_IMAGES`` images are read: beyond that, or without the training
-  images, the answer is marked ``approximate``.
+  real pixels. In the process that fitted the model, the real pixels (float16)
+  are kept for this when they fit ``max_gallery_bytes``: an exhaustive search.
+  Otherwise (a loaded model) the training images themselves are read again
+  (the ``normal`` set a caller passes, or the saved paths when the files are
+  unchanged) and their real pixel features recomputed by the backbone, in the
+  order of a proven lower bound on their distance
+  (:class:`~core.detectors.spade.gallery.CellBounds`); the search stops when
+  no unread image can hold a nearer pixel. At most ``MAX_IMAGES`` images are
+  read: beyond that, or without the training images, the answer is marked
+  ``approximate``. (Measured on bottle: pixels that look normal are proven
+  within a few images; a defect's peak is far from every normal pixel, the
+  bounds prune little, and the answer stays approximate.)
 
 ``approximate=False`` therefore means: no normal training pixel of that stage
 is nearer to the query pixel than the one reported (up to float16 rounding of
@@ -36,8 +40,9 @@ from core.images import ImageError, ImageSize, content_box
 if TYPE_CHECKING:  # the detector calls in here; importing it at run time would be a loop
     from core.detectors.spade.detector import SpadeDetector
 
-MAX_IMAGES = 32
+MAX_IMAGES = 16
 """Training images an exact K-means / IVF-PQ explanation may re-read before it settles for approximate."""
+_BATCH = 8  # training images read per backbone batch
 
 
 @dataclass(frozen=True)
@@ -205,6 +210,11 @@ def _nearest(detector: "SpadeDetector", last, image_index: int, stage: str, cy: 
         found = gallery.index.search(query[None].numpy(), 1, probe=gallery.index.lists)
         return _Match(int(found.indices[0, 0]), float(found.sq_distances[0, 0]), approximate=False,
                       searched_images=len(detector.train_names_))
+    real = detector._real_pixels
+    if real is not None:  # fitted in this process: every real pixel is still in memory
+        distances, rows = real[stage].search(query[None], 1)
+        return _Match(int(rows[0, 0]), float(distances[0, 0]), approximate=False,
+                      searched_images=len(detector.train_names_))
     if gallery.bounds is None:
         return fallback  # a model saved before exact explanations
     return _bounded_search(detector, gallery, stage, query, normal, fallback)
@@ -212,31 +222,34 @@ def _nearest(detector: "SpadeDetector", last, image_index: int, stage: str, cy: 
 
 def _bounded_search(detector: "SpadeDetector", gallery, stage: str, query: torch.Tensor,
                     normal: ImageSet | None, fallback: _Match) -> _Match:
-    """Read training images in order of their lower bound until none can hold a nearer pixel."""
-    bounds = gallery.bounds.lower_bounds(query.numpy())
-    order = np.argsort(bounds, kind="stable")
+    """Read training images in order of their lower bound until none can hold a nearer pixel.
+
+    Images are read ``_BATCH`` at a time (one backbone batch); an image is read
+    only while its bound is below the best real distance found so far.
+    """
+    bounds = gallery.bounds.lower_bounds(query.numpy()).astype(np.float64) ** 2  # squared, like the distances
+    order = [int(i) for i in np.argsort(bounds, kind="stable")]
     per = gallery.pixels_per_image
     sources = detector._train_sources(normal)
-    best = _Match(fallback.row, float("inf"), approximate=False, searched_images=0)
-    searched = 0
-    for image in order:
-        if bounds[image] ** 2 >= best.distance:
-            return _Match(best.row, best.distance, approximate=False, searched_images=searched)
-        item = sources[image]
-        if item is None or searched >= MAX_IMAGES:
-            break  # an image that could hold a nearer pixel cannot be read (or too many were)
+    best_row, best = fallback.row, float("inf")
+    searched, position = 0, 0
+    while position < len(order) and bounds[order[position]] < best:
+        chunk = []
+        while position < len(order) and len(chunk) < _BATCH and bounds[order[position]] < best:
+            chunk.append(order[position])
+            position += 1
+        if any(sources[i] is None for i in chunk) or searched + len(chunk) > MAX_IMAGES:
+            # An image that could hold a nearer pixel cannot be read (or too many were): not proven.
+            return fallback if searched == 0 else _Match(best_row, best, approximate=True, searched_images=searched)
         try:
-            pixels = detector._pixels_of(item, train_index=int(image))[stage]
+            features = detector._training_pixels(chunk, [sources[i] for i in chunk])
         except ImageError:
-            break
-        distances = ((pixels.reshape(per, -1).float() - query[None]) ** 2).sum(1)
-        within = int(torch.argmin(distances))
-        searched += 1
-        if float(distances[within]) < best.distance:
-            best = _Match(int(image) * per + within, float(distances[within]), False, searched)
-    else:
-        return _Match(best.row, best.distance, approximate=False, searched_images=searched)
-    if searched == 0:
-        return fallback
-    # The best real pixel found is shown, with its true distance, but a nearer one may exist.
-    return _Match(best.row, best.distance, approximate=True, searched_images=searched)
+            return fallback if searched == 0 else _Match(best_row, best, approximate=True, searched_images=searched)
+        for image, pixels in zip(chunk, features):
+            distances = ((pixels[stage].reshape(per, -1) - query[None]) ** 2).sum(1)
+            within = int(torch.argmin(distances))
+            if float(distances[within]) < best:
+                best_row, best = image * per + within, float(distances[within])
+        searched += len(chunk)
+    # Every image whose bound is below the best distance was read: none can hold a nearer pixel.
+    return _Match(best_row, best, approximate=False, searched_images=searched)

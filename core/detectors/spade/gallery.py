@@ -420,6 +420,15 @@ class GalleryBuilder:
             index.add(pixels[start : start + _IVF_ADD_ROWS].astype(np.float32))
         return index
 
+    def real_pixels(self) -> dict[str, ExactGallery] | None:
+        """For K-means / IVF-PQ fits: every real normal pixel as an exact gallery (sharing the float16
+        buffers, no copy), for exact explanations; None when the buffers live in a temporary file
+        (larger than ``max_gallery_bytes``) or the gallery already holds real pixels."""
+        if self.kind not in ("kmeans", "ivf-pq") or self._spill is not None or not self._buffers:
+            return None
+        return {key: ExactGallery(torch.from_numpy(values.reshape(-1, values.shape[-1])), self._shapes[key])
+                for key, values in self._buffers.items()}
+
     def close(self) -> None:
         """Drop the buffers (and their temporary file, if any)."""
         self._buffers.clear()
