@@ -12,7 +12,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from conftest import DEMO_BOTTLE, huge_png
+from conftest import DEMO_BOTTLE, huge_png, png_bytes
 from core.datasets import ImageItem, ImageSet, read_mvtec
 from core.store import StoreError, Workspace, default_workspace, image_set_from_uploads
 
@@ -304,3 +304,30 @@ def test_concurrent_writers_do_not_corrupt(workspace_dir, noise_pngs):
         thread.join()
     assert errors == []
     assert len(workspace.annotations(project.id)) == len(ids)
+
+
+def test_plan_upload_keeps_paths_pairs_masks_and_names_duplicates_in_any_order(noise_pngs):
+    from core.datasets import default_kind, plan_upload
+
+    files = [
+        ("line/test/scratch/000.png", noise_pngs[0][1]),
+        ("line/test/dent/000.png", noise_pngs[1][1]),
+        ("line/ground_truth/dent/000_mask.png", png_bytes(np.zeros((32, 32), np.uint8))),
+        ("line/ground_truth/hole/009_mask.png", png_bytes(np.zeros((32, 32), np.uint8))),
+        ("line/test/good/b.png", noise_pngs[2][1]),
+        ("line/test/good/a.png", noise_pngs[2][1]),
+        ("line/train/good/000.png", noise_pngs[3][1]),
+    ]
+    for order in (files, files[::-1]):
+        plan = plan_upload(order)
+        names = {item.name: item for item in plan.items}
+        assert set(names) == {"line/test/scratch/000.png", "line/test/dent/000.png", "line/test/good/a.png",
+                              "line/train/good/000.png"}
+        assert names["line/test/dent/000.png"].has_mask and not names["line/test/scratch/000.png"].has_mask
+        assert [(d.name, d.same_as) for d in plan.duplicates] == [("line/test/good/b.png", "line/test/good/a.png")]
+        assert [p.source for p in plan.problems] == ["line/ground_truth/hole/009_mask.png"]
+    kinds = {folder: default_kind(folder) for folder in plan.folders}
+    assert kinds == {"line/train/good": "normal", "line/test/good": "test: normal",
+                     "line/test/dent": "test: anomalous", "line/test/scratch": "test: anomalous"}
+    sets = plan.sets(kinds)
+    assert len(sets["normal"]) == 1 and sets["test"].labels.tolist().count(1) == 2

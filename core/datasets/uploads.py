@@ -188,18 +188,22 @@ def plan_upload(files: Sequence[tuple[str, bytes]]) -> UploadPlan:
         else:
             images.append((relative, data))
 
-    first_by_sha: dict[str, str] = {}
+    # Of files with equal bytes the first by name is kept: a browser sends a folder's files in no fixed
+    # order, and which one counts as the duplicate must not depend on it.
+    shas = [hashlib.sha256(data).hexdigest() for _, data in images]
+    keeper: dict[str, int] = {}
+    for index, ((relative, _), sha) in enumerate(zip(images, shas)):
+        if sha not in keeper or relative < images[keeper[sha]][0]:
+            keeper[sha] = index
     taken: set[str] = set()
     used_masks: set[tuple[str, str, str]] = set()
-    for relative, data in images:
-        sha = hashlib.sha256(data).hexdigest()
-        if sha in first_by_sha:
-            plan.duplicates.append(Duplicate(relative, first_by_sha[sha]))
+    for index, ((relative, data), sha) in enumerate(zip(images, shas)):
+        if keeper[sha] != index:
+            plan.duplicates.append(Duplicate(relative, images[keeper[sha]][0]))
             continue
         name = _free_name(relative, taken)
         if name != relative:
             plan.renamed.append((relative, name))
-        first_by_sha[sha] = name
         taken.add(name)
         key = _image_key(relative)
         mask = masks.get(key) if key is not None and key[1] != "good" else None
