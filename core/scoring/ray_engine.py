@@ -64,7 +64,8 @@ def connect(address: str | None = None, num_cpus: int | None = None):
     if address is None:
         repo = str(_PACKAGE.parent)
         path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+        # "local": a new cluster of this process, never one that a stale /tmp/ray/ray_current_cluster names.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": path}})
     else:
         # Remote nodes may not have this checkout: ship the ``core`` package with the job.
