@@ -20,7 +20,7 @@ from core.scoring import (
 )
 from core.scoring.inputs import Source
 from core.scoring.stream import decoded_batches
-from tests.conftest import REPO_ROOT
+from conftest import REPO_ROOT
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
