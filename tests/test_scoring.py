@@ -250,3 +250,14 @@ def test_bench_scale_reports_speed_memory_and_resume(tmp_path):
     assert report["bare_images_per_s"] > 0 and report["local"]["images_per_s"] > 0
     resume = report["resume"]
     assert resume["killed"] and 0 < resume["rows_when_killed"] < 120 and resume["ok"]
+
+
+def test_command_line_errors_are_one_line(data, monkeypatch, capsys):
+    from core.__main__ import main
+
+    # --resume needs a file to resume; without Ray installed, --engine ray says how to get it.
+    assert main(["score", "--model", str(data["model"]), str(data["test"]), "--resume", "--quiet"]) == 2
+    assert "--resume needs an output file" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray", None)
+    assert main(["score", "--model", str(data["model"]), str(data["test"]), "--engine", "ray", "--quiet"]) == 2
+    assert "pip install -r requirements-ray.txt" in capsys.readouterr().err

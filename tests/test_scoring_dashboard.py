@@ -84,3 +84,30 @@ def test_detect_page_scores_a_folder_in_the_background_and_offers_to_resume(fitt
     done = load_run(interrupted.folder)
     assert done.status == "finished" and done.rows_written() == len(rows) == 41
     assert len({r["file"] for r in read_results(done.results)}) == 41
+
+
+def test_uploads_are_saved_once_and_scored_from_the_workspace(fitted, tmp_path):
+    import io
+    import zipfile
+
+    from dashboard.components.score_files import _save_uploads
+
+    workspace, project, model = fitted
+
+    class Upload:  # what st.file_uploader hands over
+        def __init__(self, name: str, data: bytes) -> None:
+            self.name, self._data = name, data
+
+        def getvalue(self) -> bytes:
+            return self._data
+
+    image = io.BytesIO()
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image, "PNG")
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr("a/b.png", image.getvalue())
+    inputs = _save_uploads(workspace, [Upload("../x.png", image.getvalue()), Upload("batch.zip", archive.getvalue())])
+    run = run_scoring(new_run(tmp_path / "runs", model.id, model.path, inputs, "upload"))
+    rows = read_results(run.results)
+    assert run.status == "finished" and len(rows) == 2 and not any(r["error"] for r in rows)
+    assert all(str(workspace.root) in path for path in inputs) and any("batch.zip!a/b.png" in r["file"] for r in rows)

@@ -32,13 +32,22 @@ def _root(workspace) -> Path:
 
 
 def _save_uploads(workspace, files) -> list[str]:
-    """Write the uploaded files under the workspace once (zips stay zips: members are read lazily)."""
+    """Write the uploaded files under the workspace once; returns the inputs to score.
+
+    Images go into one folder; zips stay zips beside it (their members are read lazily while scoring).
+    """
     folder = _root(workspace) / "uploads" / time.strftime("%Y%m%d-%H%M%S")
-    folder.mkdir(parents=True, exist_ok=True)
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    inputs = [str(images)]
     for position, upload in enumerate(files):
         name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(upload.name).name) or "upload"
-        (folder / f"{position:04d}_{name}").write_bytes(upload.getvalue())
-    return [str(folder)]
+        is_zip = name.lower().endswith(".zip")
+        target = (folder if is_zip else images) / f"{position:04d}_{name}"
+        target.write_bytes(upload.getvalue())
+        if is_zip:
+            inputs.append(str(target))
+    return inputs
 
 
 def _live_run(project_id: int) -> str | None:
