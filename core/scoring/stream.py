@@ -4,9 +4,9 @@
 pool (Pillow and OpenCV release the GIL) that runs at most ``prefetch``
 images ahead of the consumer, so decoding overlaps the backbone and memory
 stays bounded whatever the number of images. :func:`score_stream` hands each
-batch to a :class:`~core.scoring.scorers.BatchScorer` and appends its rows to
-a :class:`~core.scoring.outputs.ResultWriter` before decoding further ahead:
-peak memory is one model, ``prefetch`` decoded images and one batch.
+batch to a :class:`~core.scoring.scorers.BatchScorer` and passes its rows to
+a writer thread that appends and fsyncs them while the next batch is scored:
+peak memory is one model, ``prefetch`` decoded images and a few batches of rows.
 
 The Ray engine (:mod:`core.scoring.ray_engine`) reuses :func:`decode_one` and
 the scorer on its workers, so both engines compute the same numbers.
@@ -14,6 +14,8 @@ the scorer on its workers, so both engines compute the same numbers.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -125,6 +127,42 @@ class StreamSummary:
         return self.scored / self.seconds if self.seconds > 0 else 0.0
 
 
+class _BackgroundWriter:
+    """Runs ``write(rows)`` on one thread, in order, at most ``depth`` batches behind the scorer.
+
+    Appending and fsyncing a batch takes milliseconds that the backbone need
+    not wait for. A kill loses at most the queued batches, which were never
+    in the file and are scored again on resume. :meth:`close` writes what is
+    queued and re-raises the first write error.
+    """
+
+    def __init__(self, write: Callable[[list[dict]], None], depth: int = 4) -> None:
+        self._write = write
+        self._queue: queue.Queue[list[dict] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="results-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (rows := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._write(rows)
+                except BaseException as error:  # noqa: BLE001 - handed to the scoring thread
+                    self._error = error
+
+    def put(self, rows: list[dict]) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(rows)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 def skip_done(sources: Iterable[Source], done: set[tuple[str, str]], summary: StreamSummary) -> Iterator[Source]:
     """The sources whose ``(file, key)`` is not in ``done`` (counted in ``summary.skipped`` otherwise)."""
     for source in sources:
@@ -159,21 +197,25 @@ def score_stream(
     start = time.perf_counter()
     todo = skip_done(sources, done or set(), summary)
     finished = 0
-    for batch in decoded_batches(todo, size, batch_size, workers, keep_images=keep_images, cancel=cancel):
-        handed_over = time.perf_counter()
-        rows = process(batch)
-        summary.model_seconds += time.perf_counter() - handed_over
-        write(rows)
-        for row in rows:
-            if row.get("error"):
-                summary.errors += 1
-            else:
-                summary.scored += 1
-                summary.anomalous += int(bool(row.get("anomalous")))
-        finished += len(batch)
-        summary.seconds = time.perf_counter() - start
-        if progress is not None:
-            progress(summary.skipped + finished, max(total or 0, summary.skipped + finished))
-        check_cancel(cancel)
+    writer = _BackgroundWriter(write)
+    try:
+        for batch in decoded_batches(todo, size, batch_size, workers, keep_images=keep_images, cancel=cancel):
+            handed_over = time.perf_counter()
+            rows = process(batch)
+            summary.model_seconds += time.perf_counter() - handed_over
+            writer.put(rows)
+            for row in rows:
+                if row.get("error"):
+                    summary.errors += 1
+                else:
+                    summary.scored += 1
+                    summary.anomalous += int(bool(row.get("anomalous")))
+            finished += len(batch)
+            summary.seconds = time.perf_counter() - start
+            if progress is not None:
+                progress(summary.skipped + finished, max(total or 0, summary.skipped + finished))
+            check_cancel(cancel)
+    finally:
+        writer.close()  # a stopped or failed run still writes every batch it scored
     summary.seconds = time.perf_counter() - start
     return summary
