@@ -46,7 +46,7 @@ GAIN_FOR_COST = 0.01
 RESOLUTIONS = (256, 384, 512, 640)
 """Input sides tried, up to the images' own size (never enlarged beyond the native long side)."""
 
-SIGMAS = (2.0, 4.0, 8.0)
+SIGMAS = (1.0, 2.0, 4.0, 8.0)
 IMAGE_RULES = ("dn2", "max", "topk", "mix")
 EVAL_SIDE = 320
 """Maps and masks are compared at the image's aspect ratio with this long side (or the native one if smaller)."""
