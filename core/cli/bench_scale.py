@@ -64,6 +64,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--ray-workers", type=int, default=2, help="Ray actors (1 torch thread each)")
     parser.add_argument("--bare-n", type=int, default=2048, help="images for the bare scoring speed")
     parser.add_argument("--resume-n", type=int, default=3000, help="images in the kill-and-resume check (0 = skip)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="then alternate local and Ray runs on --round-n images this many times: on a busy "
+                        "machine only runs side by side compare fairly (0 = skip)")
+    parser.add_argument("--round-n", type=int, default=10_000, help="images per alternating run (default 10000)")
     parser.add_argument("--json", metavar="REPORT.json", help="write the report here")
     add_threads_option(parser)
     return parser
@@ -273,6 +277,45 @@ def resume_check(model: Path, folder: Path, reference: dict[str, dict], n: int, 
     }
 
 
+def _first_files(folder: Path, n: int) -> list[str]:
+    from core.scoring import iter_sources
+
+    files = []
+    for source in iter_sources([folder]):
+        if source.problem is None:
+            files.append(source.file)
+        if len(files) >= n:
+            break
+    return files
+
+
+def alternate(model: Path, folder: Path, out: Path, args: argparse.Namespace) -> dict:
+    """Local and Ray runs on the same images, one after the other, ``args.rounds`` times: speeds and their ratios."""
+    from core.scoring import EngineOptions, score_files
+
+    listing = out / "round-list.txt"
+    listing.write_text("\n".join(_first_files(folder, min(args.round_n, args.n))) + "\n")
+    engines = {"local": EngineOptions(batch_size=args.batch_size, workers=args.workers),
+               "ray": EngineOptions("ray", batch_size=args.batch_size, workers=args.ray_workers, threads=1)}
+    rounds = []
+    for _ in range(args.rounds):
+        speeds = {}
+        for name, engine in engines.items():
+            summary = score_files(model, [listing], out / f"round-{name}.csv", engine=engine, count=False)
+            speeds[name] = summary.images_per_s
+            speeds[f"{name}_steady"] = summary.steady_images_per_s
+            speeds[f"{name}_first_rows_seconds"] = summary.first_rows_seconds
+        speeds["ray_over_local"] = speeds["ray"] / speeds["local"]
+        speeds["ray_over_local_steady"] = speeds["ray_steady"] / speeds["local_steady"]
+        rounds.append(speeds)
+        print(f"round: local {speeds['local']:.0f} ({speeds['local_steady']:.0f} after the first batch), ray "
+              f"{speeds['ray']:.0f} ({speeds['ray_steady']:.0f} after the first batch, which came after "
+              f"{speeds['ray_first_rows_seconds']:.1f} s) images/s", file=sys.stderr)
+    return {"images": min(args.round_n, args.n), "rounds": rounds,
+            "median_ray_over_local": float(np.median([r["ray_over_local"] for r in rounds])),
+            "median_ray_over_local_steady": float(np.median([r["ray_over_local_steady"] for r in rounds]))}
+
+
 def run(args: argparse.Namespace) -> int:
     from core.scoring import EngineOptions, read_results, score_files
 
@@ -308,6 +351,7 @@ def run(args: argparse.Namespace) -> int:
         report["bare_images_per_s"] = (report["bare_images_per_s"] + bare_after) / 2
         report["local"] = {
             "images_per_s": summary.images_per_s, "seconds": summary.seconds, "scored": summary.scored,
+            "steady_images_per_s": summary.steady_images_per_s, "first_rows_seconds": summary.first_rows_seconds,
             "model_share_of_wall_time": summary.model_seconds / summary.seconds if summary.seconds else None,
             "errors": summary.errors, "rss_before_mb": before["rss"], "memory_mb": trace.points,
             "rss_growth_10_to_100_mb": trace.points[100]["rss"] - trace.points[10]["rss"],
@@ -339,14 +383,17 @@ def run(args: argparse.Namespace) -> int:
                      for r in rows if not r["error"]), default=0.0)
         report["ray"] = {
             "images_per_s": summary.images_per_s, "seconds": summary.seconds, "scored": summary.scored,
+            "steady_images_per_s": summary.steady_images_per_s, "first_rows_seconds": summary.first_rows_seconds,
             "workers": args.ray_workers, "cluster": describe_cluster(), "max_relative_score_difference": worst,
             "relative_to_local": summary.images_per_s / report["local"]["images_per_s"],
             "driver_peak_mb": memory_mb()["peak"],
         }
-        shutdown()
         print(f"ray ({args.ray_workers} workers): {summary.images_per_s:.0f} images/s "
               f"({report['ray']['relative_to_local']:.2f} x local), max relative score difference {worst:.2e}",
               file=sys.stderr)
+        if args.rounds:
+            report["alternating"] = alternate(model, folder, out, args)
+        shutdown()
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

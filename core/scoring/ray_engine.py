@@ -185,14 +185,8 @@ def run_ray(
         for batch in stream:
             rows = [json.loads(text) for text in batch["row"]]
             write(rows)
-            for row in rows:
-                if row.get("error"):
-                    summary.errors += 1
-                else:
-                    summary.scored += 1
-                    summary.anomalous += int(bool(row.get("anomalous")))
+            summary.note_rows(rows, time.perf_counter() - start)
             finished += len(rows)
-            summary.seconds = time.perf_counter() - start
             if progress is not None:
                 progress(summary.skipped + finished, max(total or 0, summary.skipped + finished))
             check_cancel(cancel)

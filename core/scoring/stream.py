@@ -121,10 +121,31 @@ class StreamSummary:
     seconds: float = 0.0
     anomalous: int = 0
     model_seconds: float = 0.0
+    first_rows_seconds: float | None = None  # when the first batch was scored (start-up: model, workers)
+    first_rows: int = 0
 
     @property
     def images_per_s(self) -> float:
         return self.scored / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_images_per_s(self) -> float | None:
+        """Rows per second after the first batch: the rate without the start-up cost (Ray starts its workers)."""
+        if self.first_rows_seconds is None or self.seconds <= self.first_rows_seconds:
+            return None
+        return (self.scored + self.errors - self.first_rows) / (self.seconds - self.first_rows_seconds)
+
+    def note_rows(self, rows: list[dict], elapsed: float) -> None:
+        """Count a batch of written rows (``elapsed``: seconds since the run started)."""
+        for row in rows:
+            if row.get("error"):
+                self.errors += 1
+            else:
+                self.scored += 1
+                self.anomalous += int(bool(row.get("anomalous")))
+        if self.first_rows_seconds is None:
+            self.first_rows_seconds, self.first_rows = elapsed, len(rows)
+        self.seconds = elapsed
 
 
 class _BackgroundWriter:
@@ -204,14 +225,8 @@ def score_stream(
             rows = process(batch)
             summary.model_seconds += time.perf_counter() - handed_over
             writer.put(rows)
-            for row in rows:
-                if row.get("error"):
-                    summary.errors += 1
-                else:
-                    summary.scored += 1
-                    summary.anomalous += int(bool(row.get("anomalous")))
+            summary.note_rows(rows, time.perf_counter() - start)
             finished += len(batch)
-            summary.seconds = time.perf_counter() - start
             if progress is not None:
                 progress(summary.skipped + finished, max(total or 0, summary.skipped + finished))
             check_cancel(cancel)
