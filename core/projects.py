@@ -422,17 +422,16 @@ def adapt(workspace: Workspace, project_id: int, settings: Any, run_id: int,
         raise
 
 
-def explain_pixel(detector: Any, image_index: int, y: int, x: int, stages: Sequence[str], exact: bool = False) -> Any:
+def explain_pixel(detector: Any, image_index: int, y: int, x: int, stages: Sequence[str],
+                  normal: Any = None, exact: bool = True) -> Any:
     """The nearest normal patch to pixel (y, x) of image ``image_index``, searched in the ticked ``stages`` only.
 
-    Among the ticked stages, the one where the pixel stands out most from
-    normal pixels (score in units of that stage's normal spread) explains it.
-    ``exact=False``: the heatmap's own match, from cached numbers (no backbone
-    pass); ``exact=True``: the nearest real normal pixel, proven
-    (``SpadeDetector.explain``: one backbone pass over the image, and for
-    K-means / IVF-PQ galleries a few over training images); ``approximate``
-    on the result says which one the user sees.
+    Of the ticked stages, the one that flags the pixel most explains it (the
+    detector's rule). ``exact``: search every real normal pixel of that stage
+    (``normal``: the project's normal images, which a model loaded from its
+    file may have to re-read: backbone work); False: the heatmap's own match,
+    no backbone (``Explanation.approximate`` says which one it is).
     """
     if not stages:
         raise ValueError("tick at least one layer to explain")
-    return detector.explain(image_index, y, x, stages=tuple(stages), exact=exact)
+    return detector.explain(image_index, y, x, stages=tuple(stages), normal=normal, exact=exact)

@@ -13,7 +13,7 @@ on the same project see it running and stop it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 import time
 from typing import Any
@@ -295,6 +295,11 @@ class SegmentationCache:
     detector: Any = None
     image_ids: list[int] | None = None
     ready: bool = False
+    # Fitted in this process: the detector still holds its normal pixels, so an exact nearest-normal
+    # search costs no backbone pass (a model loaded from its file would re-read normal images).
+    fitted_here: bool = False
+    # (image index, stages, y, x, exact) -> Explanation: a σ or opacity move that keeps the peak costs nothing.
+    explanations: dict = field(default_factory=dict)
     default_peaks: Any = None  # (N,) peak of each image's default heatmap: the page's stable ordering
 
 
@@ -308,10 +313,12 @@ def segmentation(workspace_folder: str, project: int, model_id: int) -> Segmenta
     return SegmentationCache()
 
 
-def segmentation_ready(workspace_folder: str, project: int, model_id: int, detector: Any, image_ids: list[int]) -> None:
+def segmentation_ready(workspace_folder: str, project: int, model_id: int, detector: Any, image_ids: list[int],
+                       fitted_here: bool = False) -> None:
     """Called by the fitting/computing job (in its thread) when a detector's maps are ready."""
     holder = segmentation(workspace_folder, project, model_id)
     holder.detector, holder.image_ids, holder.default_peaks = detector, list(image_ids), None
+    holder.fitted_here, holder.explanations = fitted_here, {}
     holder.ready = True  # last: a page reading the holder meanwhile sees it whole or not at all
 
 
@@ -341,7 +348,7 @@ def start_segmentation_fit(workspace_: Workspace, project: int, backbone: str) -
         FIT, f"Fitting SPADE ({backbone}): image scores and heatmaps",
         lambda job: tasks.fit_segmentation(
             workspace_, project, settings, job,
-            on_ready=lambda model_id, found, ids: segmentation_ready(folder, project, model_id, found, ids),
+            on_ready=lambda model_id, found, ids: segmentation_ready(folder, project, model_id, found, ids, True),
         ),
         project, topic=SEGMENT,
     )

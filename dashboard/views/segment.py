@@ -119,8 +119,17 @@ def viewer() -> None:
     middle.image(crop if mask is None else view.overlay_panel(crop, np.zeros_like(heatmap), scale, 0.0, threshold,
                                                               False, mask),
                  caption="input" + (" with ground truth" if mask is not None else " (no mask)"), width="stretch")
+    # Exact by default when it is free (fitted in this process: the normal pixels are in memory); a model
+    # loaded from its file must re-read normal images for it, which the user asks for.
+    exact = right.toggle("Exact nearest-normal search", holder.fitted_here, key=f"seg-exact-{model.id}",
+                         help="Compare the peak with every normal pixel of the layer. Off: the heatmap's own "
+                              "match (instant). After a restart, on re-reads normal images (seconds).")
+    key = (index, tuple(stages), y, x, exact)
     try:
-        explanation = projects.explain_pixel(detector, index, y, x, stages)  # only the ticked layers
+        if key not in holder.explanations:
+            normal = None if holder.fitted_here or not exact else workspace.image_set(project.id, "normal").images
+            holder.explanations[key] = projects.explain_pixel(detector, index, y, x, stages, normal, exact)
+        explanation = holder.explanations[key]  # only the ticked layers, at the peak
     except Exception as error:  # noqa: BLE001 - an explanation is a bonus, never a reason to fail
         right.caption(f"No nearest-normal explanation: {error}")
     else:
@@ -132,7 +141,8 @@ def viewer() -> None:
             normal_crop = state.model_view(str(normal_row.path), size.resize, size.crop)
             right.image(view.with_box(normal_crop, explanation.box, size.crop), width="stretch",
                         caption=f"nearest normal patch to the peak ({explanation.stage}): {normal_row.name}"
-                        + (" (approximate: K-means gallery)" if explanation.approximate else ""))
+                        + (" (approximate: the heatmap's match, not searched exhaustively)"
+                           if explanation.approximate else " (exact)"))
     st.caption(f"Peak score {heatmap[y, x]:.4g} at x={x}, y={y}; {len(stages)} layer(s), σ={sigma:g}. "
                "Every control recombines cached per-layer maps: the network does not run again.")
 
