@@ -51,7 +51,7 @@ import torch
 
 from core import config
 from core.backbones import Features, get_spec
-from core.config import FeatureSettings
+from core.config import FeatureSettings, SpadeSettings
 from core.datasets import (
     FASHION_MNIST_CLASSES,
     ImageSet,
@@ -72,6 +72,7 @@ from core.features import (
     image_size_for,
     select_features,
 )
+from core.images import ImageSize, crop_box, map_to_original, probe_size
 from core.metrics import image_auroc, segmentation_metrics
 from core.npz_io import NpzFileError, open_npz, write_npz
 from core.progress import CancelFn, ProgressFn, check_cancel
@@ -354,10 +355,27 @@ def _renamed(item, index: int):
 # --------------------------------------------------------------------------- the run
 
 
+def _tuned(detector: Detector, task: BenchTask, entry: dict[str, Any], cancel: CancelFn | None) -> Detector:
+    """A detector of the same method with settings tuned on ``task.train`` alone; the table goes in ``entry``."""
+    from core.tuning import tune_spade
+
+    result = tune_spade(task.train, base=detector.settings, seed=detector.settings.seed, cancel=cancel)
+    entry["tuning"] = result.summary()
+    entry["tune_s"] = result.seconds
+    tuned = type(detector)(result.settings)
+    tuned.tuning_ = result.summary()
+    return tuned
+
+
 def _segmentation(
     detector: SegmentationDetector, task: BenchTask, phase: PhaseProgress, cancel: CancelFn | None
 ) -> tuple[np.ndarray, dict[str, Any], float]:
-    """Image scores, pixel metrics (with per-stage ablation) and seconds for a segmentation detector."""
+    """Image scores, pixel metrics (with per-stage ablation) and seconds for a segmentation detector.
+
+    ``pixel_auroc``/``pro`` compare each map, resampled to its image's original
+    size, with the original mask; the per-stage ``ablation`` is computed at the
+    map's own resolution (cheaper, and only compared within itself).
+    """
     start = time.perf_counter()
     scores, maps = detector.score_and_maps(task.test, phase(f"score {task.name}"), cancel)
     seconds = time.perf_counter() - start
@@ -365,8 +383,9 @@ def _segmentation(
     masks = task.test.masks(size)
     result: dict[str, Any] = {}
     if masks.any():
-        overall = segmentation_metrics(masks, maps)
-        result.update(pixel_auroc=overall.pixel_auroc, pro=overall.pro)
+        originals, original_maps = _at_original_size(task.test, maps, size)
+        overall = segmentation_metrics(originals, original_maps)
+        result.update(pixel_auroc=overall.pixel_auroc, pro=overall.pro, pixel_resolution="original")
         ablation = {}
         for stage in detector.map_stages:
             metrics = segmentation_metrics(masks, detector.combined_maps(stages=(stage,)))
@@ -374,8 +393,36 @@ def _segmentation(
         all_maps = segmentation_metrics(masks, detector.combined_maps(stages=None))
         ablation["all"] = {"pixel_auroc": all_maps.pixel_auroc, "pro": all_maps.pro}
         result["ablation"] = ablation
+        result["ablation_resolution"] = f"{size.crop}x{size.crop} map"
     result["seconds_per_image"] = seconds / len(task.test)
     return np.asarray(scores, dtype=np.float64), result, seconds
+
+
+def _at_original_size(
+    images: ImageSet, maps: np.ndarray, size: ImageSize
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per image: its original-resolution mask and its map resampled onto it, both cut to what the model saw.
+
+    (N, crop, crop) maps -> lists of (H_i', W_i') bool masks and float32 maps,
+    where (H_i', W_i') is the part of the original image the crop covers (all
+    of it unless the geometry centre-crops).
+    """
+    masks, resampled = [], []
+    for index, item in enumerate(images):
+        mask = item.load_mask() if item.has_mask else None
+        if mask is not None:
+            hw = mask.shape
+        elif item.array is not None:
+            hw = item.array.shape[:2]
+        else:
+            hw = probe_size(item.path if item.path is not None else item.data, name=item.name)
+        if mask is None:
+            mask = np.zeros(hw, dtype=bool)
+        top, left, bottom, right = crop_box(hw, size)
+        full = map_to_original(maps[index], hw, size)
+        masks.append(mask[top:bottom, left:right])
+        resampled.append(full[top:bottom, left:right])
+    return masks, resampled
 
 
 def run_bench(
@@ -395,6 +442,8 @@ def run_bench(
     phase = phase or (lambda name: None)
     factory = BENCH_METHODS[method]
     template = factory(options)  # validates params before any data is read
+    if options.tune and not isinstance(template.settings, SpadeSettings):
+        raise ValueError(f"--tune chooses SPADE's settings; method {method!r} has none to tune")
     tasks = load_tasks(dataset, classes, max_train, max_test, options.seed)
     settings = template.settings
     feature_settings: FeatureSettings | None = getattr(settings, "features", None)
@@ -429,6 +478,8 @@ def run_bench(
             scores = detector.score_features(test_features)
             score_s += time.perf_counter() - start
         else:
+            if options.tune:
+                detector = _tuned(detector, task, entry, cancel)
             start = time.perf_counter()
             if adapting:  # PANDA: the labelled test set only feeds its per-epoch curves
                 detector.fit(task.train, phase(f"fit {task.name}"), cancel, test=task.test)

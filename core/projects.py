@@ -284,7 +284,7 @@ def roc_summary(test: ScoredTest, threshold: float) -> RocSummary | None:
 
 # ---------------------------------------------------------------------- segmentation (SPADE)
 def fit_segmentation(workspace: Workspace, project_id: int, settings: Any, progress: StageProgress | None = None,
-                     cancel: CancelFn | None = None) -> FitResult:
+                     cancel: CancelFn | None = None, tuning: dict[str, Any] | None = None) -> FitResult:
     """Fit a segmentation model on the normal images; compute the test set's raw maps once; save both.
 
     The backbone runs once over the normal images and once over the test
@@ -299,6 +299,7 @@ def fit_segmentation(workspace: Workspace, project_id: int, settings: Any, progr
         raise ValueError("segmentation needs normal images to learn from and test images to draw heatmaps on")
     method = "spade"
     detector = make_detector(method, settings)
+    detector.tuning_ = tuning  # saved in the model: how its settings were chosen
     detector.fit(normal.images, progress=_stage(progress, f"learning {len(normal)} normal images"), cancel=cancel)
     detector.anomaly_maps(test.images, progress=_stage(progress, f"heatmaps of {len(test)} test images"),
                           cancel=cancel)
@@ -308,6 +309,29 @@ def fit_segmentation(workspace: Workspace, project_id: int, settings: Any, progr
                    _summary(len(normal), labels, scores, detector.threshold_), test.ids, scores)
     keep_maps(detector, test.images, result.model.maps_path)
     return result
+
+
+def tune_segmentation(workspace: Workspace, project_id: int, base: Any, progress: StageProgress | None = None,
+                      cancel: CancelFn | None = None) -> FitResult:
+    """Choose SPADE's settings from the project's normal images alone (``core.tuning``), then fit with them.
+
+    The test images are not read until the chosen model is fitted; the
+    candidate table and the reason are saved in the model (``tuning_``).
+    """
+    from core.tuning import tune_spade
+
+    normal = workspace.image_set(project_id, "normal")
+    report = _stage(progress, "choosing settings on synthetic defects in held-out normal images")
+    steps = {"done": 0}
+
+    def log(message: str) -> None:
+        # One line per input geometry tried: enough to show the job is alive.
+        steps["done"] += 1
+        if report is not None:
+            report(steps["done"], steps["done"] + 1)
+
+    result = tune_spade(normal.images, base=base, log=log, cancel=cancel)
+    return fit_segmentation(workspace, project_id, result.settings, progress, cancel, tuning=result.summary())
 
 
 def keep_maps(detector: Any, images: Any, path: Any) -> bool:

@@ -333,23 +333,33 @@ def backbone_offline(name: str) -> bool:
         return False
 
 
-def start_segmentation_fit(workspace_: Workspace, project: int, backbone: str) -> Job | None:
+def start_segmentation_fit(workspace_: Workspace, project: int, backbone: str, settings: Any = None,
+                           tune: bool = False) -> Job | None:
     """Fit SPADE in the background; its heatmaps land in :func:`segmentation` the moment they exist.
 
     One backbone pass over the normal and the test images gives both the
-    image scores (SPADE's image score is DN2's pooled-feature kNN) and the
-    raw maps every slider recombines.
+    image scores and the raw maps every slider recombines. ``settings`` (None =
+    the defaults for ``backbone``) are used as given, or with ``tune`` only as
+    the base the tuner starts from: it chooses input size, aspect handling,
+    stages, σ and the image score from the normal images first.
     """
     from dashboard import tasks
 
     folder = str(workspace_.root)
-    settings = tasks.settings_for("spade", backbone)
+    settings = settings if settings is not None else tasks.settings_for("spade", backbone)
+
+    def on_ready(model_id: int, found: Any, ids: list[int]) -> None:
+        segmentation_ready(folder, project, model_id, found, ids, True)  # fitted here: its normal pixels are in memory
+
+    if tune:
+        return start_job(
+            FIT, f"Tuning SPADE ({backbone}) on synthetic defects in normal images, then fitting",
+            lambda job: tasks.tune_segmentation(workspace_, project, settings, job, on_ready=on_ready),
+            project, topic=SEGMENT,
+        )
     return start_job(
         FIT, f"Fitting SPADE ({backbone}): image scores and heatmaps",
-        lambda job: tasks.fit_segmentation(
-            workspace_, project, settings, job,
-            on_ready=lambda model_id, found, ids: segmentation_ready(folder, project, model_id, found, ids, True),
-        ),
+        lambda job: tasks.fit_segmentation(workspace_, project, settings, job, on_ready=on_ready),
         project, topic=SEGMENT,
     )
 

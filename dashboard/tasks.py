@@ -118,6 +118,14 @@ def fit_segmentation(workspace: Workspace, project_id: int, settings: Any, job: 
     return result.model.id
 
 
+def tune_segmentation(workspace: Workspace, project_id: int, base: Any, job: Job, on_ready: Any = None) -> int:
+    """Choose SPADE's settings from the normal images, fit with them; as :func:`fit_segmentation` otherwise."""
+    result = projects.tune_segmentation(workspace, project_id, base, job_progress(job), job.cancelled)
+    if on_ready is not None:
+        on_ready(result.model.id, result.detector, result.image_ids)
+    return result.model.id
+
+
 def restore_maps(workspace: Workspace, project_id: int, model_id: int, job: Job) -> tuple[Any, list[int]]:
     """A saved SPADE model with its test maps (from its maps file, else one backbone pass)."""
     return projects.restore_maps(workspace, model_id, job_progress(job), job.cancelled)

@@ -90,3 +90,37 @@ def test_explanation_searches_only_the_ticked_layers(tiny_bottle):
         at.run()
         assert not at.exception, at.exception
         assert f"({only})" in explanation_caption(at), (only, explanation_caption(at))
+
+
+def test_tune_button_fits_with_settings_chosen_from_normal_images_and_says_why(tiny_bottle, monkeypatch):
+    """'Tune and fit' saves the tuned settings and their table in the model; the page shows them and lets the
+    user override them with a new fit."""
+    import core.tuning.search as search
+    from core.detectors import load_detector
+
+    monkeypatch.setattr(search, "RESOLUTIONS", (128,))  # a quick tune on the tiny set
+    monkeypatch.setattr(search, "SIGMAS", (2.0, 4.0))
+    workspace, project = tiny_bottle
+    at = new_app(project.id, page="views/segment.py")
+    next(button for button in at.button if button.label == "Tune and fit").click().run()
+    finish_jobs(at, timeout=300)
+    assert not at.exception, at.exception
+    (model,) = workspace.models(project.id, "spade")
+    tuned = load_detector(model.path)
+    assert tuned.tuning_ is not None and tuned.settings.features.resize == 128
+    assert tuned.settings.sigma in (2.0, 4.0)
+    captions = " ".join(str(caption.value) for caption in at.caption)
+    assert "Chosen from your normal images alone" in captions
+    assert tuned.tuning_["reason"] in captions
+
+    # Override: another σ and image score -> a second model with exactly those settings.
+    at.number_input(key=f"segment-{model.id}-sigma").set_value(6.0)
+    at.selectbox(key=f"segment-{model.id}-rule").set_value("max")
+    next(button for button in at.button if button.label == "Fit with these settings").click().run()
+    finish_jobs(at, timeout=300)
+    assert not at.exception, at.exception
+    newest = max(workspace.models(project.id, "spade"), key=lambda m: m.id)
+    assert newest.id != model.id
+    overridden = load_detector(newest.path)
+    assert overridden.settings.sigma == 6.0 and overridden.settings.image_score == "max"
+    assert overridden.settings.features.resize == 128  # the rest kept from the tuned model
