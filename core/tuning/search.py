@@ -43,6 +43,10 @@ from core.tuning.synthetic import KINDS, paint
 GAIN_FOR_COST = 0.01
 """A dearer geometry must beat a cheaper one by this much of (pixel AUROC + PRO + image AUROC)/3."""
 
+DEVIATION_COST = 0.002
+"""Charged per setting (stage set, σ) that differs from the base settings: synthetic defects are only a
+proxy, so a near-tie keeps the measured defaults (on bottle the candidates at 256² lie within 0.001)."""
+
 RESOLUTIONS = (256, 384, 512, 640)
 """Input sides tried, up to the images' own size (never enlarged beyond the native long side)."""
 
@@ -284,7 +288,7 @@ def tune_spade(
         say(f"  {resolution}² {aspect}: best {best.objective:.4f} (pixel {best.pixel_auroc:.4f}, PRO {best.pro:.4f}, "
             f"image {best.image_auroc:.4f}; strides {best.strides}, σ {best.sigma}, {best.image_score}) in {spent:.0f} s")
         candidates.extend(rows)
-    chosen, reason = _choose(candidates)
+    chosen, reason = _choose(candidates, base)
     chosen_stride_set = tuple(sorted(chosen.strides))
     settings = dataclasses.replace(
         base,
@@ -303,12 +307,18 @@ def tune_spade(
     )
 
 
-def _choose(candidates: Sequence[Candidate]) -> tuple[Candidate, str]:
-    """Best candidate per geometry; a dearer geometry must win by GAIN_FOR_COST over the cheapest good one."""
+def _choose(candidates: Sequence[Candidate], base: SpadeSettings) -> tuple[Candidate, str]:
+    """Best candidate per geometry (charged :data:`DEVIATION_COST` per setting changed from ``base``);
+    a dearer geometry must win by :data:`GAIN_FOR_COST` over the cheapest good one."""
+
+    def merit(c: Candidate) -> float:
+        changed = (tuple(sorted(c.strides)) != tuple(sorted(base.strides))) + (c.sigma != base.sigma)
+        return c.objective - DEVIATION_COST * changed
+
     by_geometry: dict[tuple[int, str], Candidate] = {}
     for c in candidates:
         key = (c.resolution, c.aspect)
-        if key not in by_geometry or c.objective > by_geometry[key].objective:
+        if key not in by_geometry or merit(c) > merit(by_geometry[key]):
             by_geometry[key] = c
     ranked = sorted(by_geometry.values(), key=lambda c: (c.resolution, c.seconds_per_image))
     chosen = ranked[0]
