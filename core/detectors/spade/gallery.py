@@ -40,8 +40,11 @@ class GalleryTooLargeError(ValueError):
 GALLERY_KINDS = ("exact", "kmeans", "ivf-flat", "ivf-pq")
 """Gallery kinds a fitted model can have (``SpadeSettings.gallery`` "auto" resolves to one of them)."""
 
-# Exact galleries are stored in float16 and searched in float32 chunks of this many values (64 MiB).
+# Exact galleries are stored in float16 and searched in float32 chunks of at most this many values
+# (64 MiB) and rows: on bottle's 209-image gallery, unbounded 700k-row chunks made a leave-one-out
+# calibration search peak at several GB (transient memory inside the matrix product), 65,536 rows do not.
 _CHUNK_VALUES = 1 << 24
+_CHUNK_ROWS = 1 << 16
 # IVF training sample: enough points per coarse list and for the 256 PQ codewords, bounded.
 _IVF_POINTS_PER_LIST = 50
 _IVF_MIN_SAMPLE = 20_000
@@ -156,7 +159,7 @@ class ExactGallery(StageGallery):
         if exclude is not None:
             # Every other image: the rows before and after the excluded image's block.
             spans = [(0, exclude * per), ((exclude + 1) * per, self.features.shape[0])]
-        step = max(1, _CHUNK_VALUES // max(1, self.features.shape[1]))
+        step = max(1, min(_CHUNK_ROWS, _CHUNK_VALUES // max(1, self.features.shape[1])))
         parts = []
         for start, stop in spans:
             for first in range(start, stop, step):
