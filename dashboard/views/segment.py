@@ -24,6 +24,7 @@ folder = str(workspace.root)
 
 
 busy = state.job_running(state.FIT, project.id)
+EXACT_BY_DEFAULT = 64  # normal images up to which the exact nearest-normal search runs unasked
 with st.expander("Fit a segmentation model", expanded=not workspace.models(project.id, "spade")):
     columns = st.columns([2, 1, 1])
     missing_images = not counts["normal"] or not counts["test"]
@@ -135,11 +136,13 @@ def viewer() -> None:
     middle.image(crop if mask is None else view.overlay_panel(crop, np.zeros_like(heatmap), scale, 0.0, threshold,
                                                               False, mask),
                  caption="input" + (" with ground truth" if mask is not None else " (no mask)"), width="stretch")
-    # Exact by default when it is free (fitted in this process: the normal pixels are in memory); a model
-    # loaded from its file must re-read normal images for it, which the user asks for.
-    exact = right.toggle("Exact nearest-normal search", holder.fitted_here, key=f"seg-exact-{model.id}",
-                         help="Compare the peak with every normal pixel of the layer. Off: the heatmap's own "
-                              "match (instant). After a restart, on re-reads normal images (seconds).")
+    # Exact by default only when it is cheap: fitted in this process (the normal pixels are in memory) on a
+    # small normal set. On the full bottle set (209 images) under load the page waited minutes for it, so
+    # there the user asks for it; a model loaded from its file must also re-read normal images.
+    exact = right.toggle("Exact nearest-normal search", holder.fitted_here and counts["normal"] <= EXACT_BY_DEFAULT,
+                         key=f"seg-exact-{model.id}",
+                         help="Compare the peak with every normal pixel of the layer (can take a while on large "
+                              "normal sets). Off: the heatmap's own match, instant.")
     key = (index, tuple(stages), y, x, exact)
     try:
         if key not in holder.explanations:
