@@ -86,6 +86,19 @@ def tiny_bottle(workspace_dir):
     return workspace, project
 
 
+@pytest.fixture
+def fitted(tiny_bottle):
+    """The tiny bottle project with one DN2 model fitted directly (not through the page): (workspace, project, model)."""
+    from dashboard import tasks
+    from dashboard.jobs import Job
+
+    workspace, project = tiny_bottle
+    settings = tasks.settings_for("dn2", "efficientnet_lite0")
+    job = Job("fit", lambda j: tasks.fit_and_score(workspace, project.id, "dn2", settings, j))
+    assert job.wait(120) and job.status == "finished", job.error
+    return workspace, project, workspace.model(job.result)
+
+
 def new_app(project_id=None, page=None, timeout=120):
     """An AppTest of the whole app (a fresh browser session), optionally on a project and page."""
     from streamlit.testing.v1 import AppTest

@@ -7,18 +7,6 @@ import json
 import pytest
 
 from conftest import finish_jobs, new_app
-from dashboard import tasks
-from dashboard.jobs import Job
-
-
-@pytest.fixture
-def fitted(tiny_bottle):
-    """The tiny project with one DN2 model fitted (directly, not through the page)."""
-    workspace, project = tiny_bottle
-    settings = tasks.settings_for("dn2", "efficientnet_lite0")
-    job = Job("fit", lambda j: tasks.fit_and_score(workspace, project.id, "dn2", settings, j))
-    assert job.wait(120) and job.status == "finished", job.error
-    return workspace, project, workspace.model(job.result)
 
 
 def test_detect_page_fits_and_shows_threshold_histogram_roc_and_gallery(tiny_bottle):

@@ -9,20 +9,8 @@ from PIL import Image
 from conftest import finish_jobs, new_app
 from core.scoring import read_results
 from core.scoring.runs import list_runs, load_run, new_run, run_scoring
-from dashboard import tasks
-from dashboard.jobs import Job
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture
-def fitted(tiny_bottle):
-    """The tiny bottle project with a DN2 model fitted directly (not through the page)."""
-    workspace, project = tiny_bottle
-    settings = tasks.settings_for("dn2", "efficientnet_lite0")
-    job = Job("fit", lambda j: tasks.fit_and_score(workspace, project.id, "dn2", settings, j))
-    assert job.wait(120) and job.status == "finished", job.error
-    return workspace, project, workspace.model(job.result)
 
 
 @pytest.fixture

@@ -241,15 +241,10 @@ def _score_command(model: Path, listing: Path, out: Path, batch_size: int, threa
 def resume_check(model: Path, folder: Path, reference: dict[str, dict], n: int, out: Path, batch_size: int,
                  threads: int) -> dict:
     """SIGKILL a ``score`` subprocess half-way through ``n`` images, ``--resume`` it, compare with ``reference``."""
-    from core.scoring import iter_sources, read_results
+    from core.scoring import read_results
 
     listing = out / "resume-list.txt"
-    files = []
-    for source in iter_sources([folder]):
-        if source.problem is None:
-            files.append(source.file)
-        if len(files) >= n:
-            break
+    files = _first_files(folder, n)
     listing.write_text("\n".join(files) + "\n")
     result_file = out / "resume.csv"
     result_file.unlink(missing_ok=True)
