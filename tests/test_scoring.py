@@ -261,3 +261,48 @@ def test_command_line_errors_are_one_line(data, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)
     assert main(["score", "--model", str(data["model"]), str(data["test"]), "--engine", "ray", "--quiet"]) == 2
     assert "pip install -r requirements-ray.txt" in capsys.readouterr().err
+
+
+def test_decoding_in_processes_gives_the_rows_of_decoding_in_threads(data, tmp_path):
+    by_mode = {}
+    for mode in ("threads", "processes"):
+        out = tmp_path / f"{mode}.csv"
+        summary = score_files(data["model"], [data["test"]], out,
+                              engine=EngineOptions(batch_size=5, workers=2, decode=mode))
+        assert (summary.scored, summary.errors) == (12, 1)
+        by_mode[mode] = read_results(out)
+    assert [r["file"] for r in by_mode["threads"]] == [r["file"] for r in by_mode["processes"]]
+    for threaded, spawned in zip(by_mode["threads"], by_mode["processes"]):
+        assert threaded["error"] == spawned["error"]
+        if not threaded["error"]:
+            assert float(spawned["score"]) == pytest.approx(float(threaded["score"]), rel=1e-6)
+
+
+def test_auto_decoding_uses_processes_only_for_long_runs(monkeypatch):
+    from core.scoring import stream
+
+    monkeypatch.setattr(stream.os, "cpu_count", lambda: 2)
+    assert not stream.use_processes("auto", 50) and not stream.use_processes("auto", None)
+    assert stream.use_processes("auto", stream.PROCESS_DECODING_MIN_IMAGES)
+    monkeypatch.setattr(stream.os, "cpu_count", lambda: 1)
+    assert not stream.use_processes("auto", 10**6)
+    assert stream.use_processes("processes", 1) and not stream.use_processes("threads", 10**6)
+    with pytest.raises(ValueError, match="decode must be one of"):
+        EngineOptions(decode="fibers")
+
+
+def test_a_file_that_kills_its_decoding_process_costs_only_its_own_row(data, tmp_path):
+    from _crash_decoder import decode_or_die
+
+    from core.images import ImageSize
+    from core.scoring.decode_processes import WORKER_CRASHED, process_decoded_batches
+
+    good = str(data["test"] / "dark0.png")
+    crash = _save(tmp_path, "crash.png", _noise(np.random.default_rng(1), 20))
+    files = [good] * 5 + [str(crash)] + [good] * 4
+    sources = [Source(f"{name}#{i}", name, key=str(i)) for i, name in enumerate(files)]
+    batches = list(process_decoded_batches(sources, ImageSize(32, 32), batch_size=4, workers=1,
+                                           decode=decode_or_die))
+    decoded = [d for batch in batches for d in batch]
+    assert [d.source.file for d in decoded] == [s.file for s in sources]  # every file, in order, once
+    assert [d.error for d in decoded] == [""] * 5 + [WORKER_CRASHED] + [""] * 4

@@ -59,7 +59,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "'random' for a quick try)")
     parser.add_argument("--normal", type=int, default=1000, help="normal images the DN2 model is fitted on")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2, help="decoding threads (local engine)")
+    parser.add_argument("--workers", type=int, default=2, help="decoding threads or processes (local engine)")
+    parser.add_argument("--decode", choices=("auto", "threads", "processes"), default="auto",
+                        help="local engine: decode in threads or worker processes (auto: processes from 2,000 "
+                        "images on, as `score` does)")
     parser.add_argument("--engines", default="local,ray", help="comma-separated: local, ray (default both)")
     parser.add_argument("--ray-workers", type=int, default=2, help="Ray actors (1 torch thread each)")
     parser.add_argument("--bare-n", type=int, default=2048, help="images for the bare scoring speed")
@@ -90,7 +93,29 @@ def memory_mb() -> dict[str, float]:
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         values = {"rss": peak, "peak": peak}
+    values["children_rss"] = children_rss_mb()
     return values
+
+
+def children_rss_mb() -> float:
+    """Resident memory of this process's children (the decoding processes), in MB; 0 where /proc is missing."""
+    total = 0.0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 0.0
+    for task in tasks:
+        try:
+            children = open(f"/proc/self/task/{task}/children", encoding="ascii").read().split()
+        except OSError:
+            continue
+        for pid in children:
+            try:
+                with open(f"/proc/{pid}/status", encoding="ascii") as stream:
+                    total += sum(int(line.split()[1]) / 1024 for line in stream if line.startswith("VmRSS:"))
+            except OSError:
+                continue  # it ended meanwhile
+    return total
 
 
 class MemoryTrace:
@@ -290,13 +315,13 @@ def alternate(model: Path, folder: Path, out: Path, args: argparse.Namespace) ->
 
     listing = out / "round-list.txt"
     listing.write_text("\n".join(_first_files(folder, min(args.round_n, args.n))) + "\n")
-    engines = {"local": EngineOptions(batch_size=args.batch_size, workers=args.workers),
+    engines = {"local": EngineOptions(batch_size=args.batch_size, workers=args.workers, decode=args.decode),
                "ray": EngineOptions("ray", batch_size=args.batch_size, workers=args.ray_workers, threads=1)}
     rounds = []
     for _ in range(args.rounds):
         speeds = {}
         for name, engine in engines.items():
-            summary = score_files(model, [listing], out / f"round-{name}.csv", engine=engine, count=False)
+            summary = score_files(model, [listing], out / f"round-{name}.csv", engine=engine)
             speeds[name] = summary.images_per_s
             speeds[f"{name}_steady"] = summary.steady_images_per_s
             speeds[f"{name}_first_rows_seconds"] = summary.first_rows_seconds
@@ -327,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     report: dict = {"n": args.n, "source": args.source, "size": args.size, "batch_size": args.batch_size,
-                    "torch_threads": torch.get_num_threads(), "decode_workers": args.workers,
+                    "torch_threads": torch.get_num_threads(), "decode_workers": args.workers, "decode": args.decode,
                     "cpus": os.cpu_count(), "weights": args.weights or "pretrained"}
     bare_n = min(args.bare_n, args.n)
     report["bare_images_per_s"] = bare_speed(model, folder, bare_n, args.batch_size)
@@ -338,7 +363,8 @@ def run(args: argparse.Namespace) -> int:
         trace = MemoryTrace()
         before = memory_mb()
         summary = score_files(model, [folder], local_csv, engine=EngineOptions(batch_size=args.batch_size,
-                                                                                workers=args.workers),
+                                                                                workers=args.workers,
+                                                                                decode=args.decode),
                               progress=trace)
         # On a shared machine the speed drifts: measure the bare speed again after the run and use the mean.
         bare_after = bare_speed(model, folder, bare_n, args.batch_size)
@@ -350,12 +376,14 @@ def run(args: argparse.Namespace) -> int:
             "model_share_of_wall_time": summary.model_seconds / summary.seconds if summary.seconds else None,
             "errors": summary.errors, "rss_before_mb": before["rss"], "memory_mb": trace.points,
             "rss_growth_10_to_100_mb": trace.points[100]["rss"] - trace.points[10]["rss"],
+            "children_rss_growth_10_to_100_mb": trace.points[100]["children_rss"] - trace.points[10]["children_rss"],
             "peak_growth_10_to_100_mb": trace.points[100]["peak"] - trace.points[10]["peak"],
             "relative_to_bare": summary.images_per_s / report["bare_images_per_s"],
         }
         print(f"local streaming: {summary.images_per_s:.0f} images/s over {summary.scored} images "
               f"({report['local']['relative_to_bare']:.2f} x bare); RSS at 10/50/100 %: "
-              + " / ".join(f"{trace.points[m]['rss']:.0f}" for m in MemoryTrace.MARKS) + " MB; detector busy "
+              + " / ".join(f"{trace.points[m]['rss']:.0f}" for m in MemoryTrace.MARKS) + " MB (decoding processes: "
+              + " / ".join(f"{trace.points[m]['children_rss']:.0f}" for m in MemoryTrace.MARKS) + " MB); detector busy "
               f"{report['local']['model_share_of_wall_time']:.0%} of the wall time", file=sys.stderr)
     reference = {row["file"]: row for row in read_results(local_csv)}
 

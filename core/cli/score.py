@@ -18,8 +18,12 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                         "pipeline on a local cluster or the one at --ray-address / $RAY_ADDRESS")
     parser.add_argument("--batch-size", type=int, default=32, help="images per backbone batch (default 32)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="decoding threads (local, default 2) or Ray workers, each holding the model (ray, "
+                        help="decoding threads or processes (local, default 2) or Ray workers, each holding the model (ray, "
                         "default 2)")
+    parser.add_argument("--decode", choices=("auto", "threads", "processes"), default="auto",
+                        help="local engine: decode in threads or in worker processes (auto, the default: processes "
+                        "for 2,000 images or more on a multi-core machine, where decoding in threads slows the "
+                        "backbone down through Python's GIL)")
     parser.add_argument("--ray-address", metavar="HOST:PORT",
                         help="join this Ray cluster (default: $RAY_ADDRESS, else start a local one)")
     parser.add_argument("--gpus-per-worker", type=float, default=None,
@@ -32,6 +36,7 @@ def engine_options(args: argparse.Namespace):
     return EngineOptions(
         engine=args.engine, batch_size=args.batch_size, workers=args.workers or 2,
         threads=args.threads or 1, num_gpus=args.gpus_per_worker, address=args.ray_address,
+        decode=args.decode,
     )
 
 

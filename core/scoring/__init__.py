@@ -23,7 +23,7 @@ from core.progress import CancelFn, ProgressFn
 from core.scoring.inputs import Source, count_sources, iter_sources, load_source, numbered
 from core.scoring.outputs import SCORE_COLUMNS, ResultFileError, open_results, read_results
 from core.scoring.scorers import SEGMENT_COLUMNS, BatchScorer, SegmentOptions, SegmentWriter, model_id
-from core.scoring.stream import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, StreamSummary, score_stream
+from core.scoring.stream import DECODE_MODES, DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, StreamSummary, score_stream
 
 ENGINES = ("local", "ray")
 SEGMENT_CSV = "segment.csv"
@@ -31,9 +31,11 @@ SEGMENT_CSV = "segment.csv"
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How to run: ``engine`` "local" (threads in this process) or "ray".
+    """How to run: ``engine`` "local" (this process) or "ray".
 
-    ``workers``: decoding threads (local) or Ray actors (ray); ``threads``:
+    ``workers``: decoding threads or processes (local) or Ray actors (ray);
+    ``decode`` (local): "threads", "processes" or "auto" (processes for runs
+    of 2,000 images or more on a multi-core machine); ``threads``:
     torch threads per Ray actor; ``num_gpus``: GPUs per Ray actor (None =
     share the cluster's); ``address``: Ray cluster to join (None =
     ``$RAY_ADDRESS`` or a new local cluster).
@@ -45,10 +47,13 @@ class EngineOptions:
     threads: int = 1
     num_gpus: float | None = None
     address: str | None = None
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
         if self.batch_size <= 0 or self.workers <= 0 or self.threads <= 0:
             raise ValueError("batch size, workers and threads must be positive")
 
@@ -76,7 +81,7 @@ def _run(detector: Any, model_path: str | os.PathLike, process, columns, inputs:
                            engine.threads, engine.num_gpus, engine.address, segment, out_folder, total,
                            progress, cancel)
         return score_stream(process, sources, write, process.image_size, engine.batch_size, engine.workers,
-                            done, total, progress, cancel, keep_images=process.needs_images)
+                            done, total, progress, cancel, keep_images=process.needs_images, decode=engine.decode)
     finally:
         writer.close()
 

@@ -1,12 +1,14 @@
 """The streaming scoring path: lazy sources -> bounded decode pool -> batches -> detector -> rows.
 
-:func:`decoded_batches` decodes every source exactly once, in a small thread
-pool (Pillow and OpenCV release the GIL) that runs at most ``prefetch``
-images ahead of the consumer, so decoding overlaps the backbone and memory
-stays bounded whatever the number of images. :func:`score_stream` hands each
+:func:`decoded_batches` decodes every source exactly once, at most a few
+batches ahead of the consumer, so decoding overlaps the backbone and memory
+stays bounded whatever the number of images: in a small thread pool for
+short runs, in worker processes (:mod:`~core.scoring.decode_processes`) for
+long ones, where the decoders' Python would otherwise hold the GIL that the
+scoring loop needs. :func:`score_stream` hands each
 batch to a :class:`~core.scoring.scorers.BatchScorer` and passes its rows to
 a writer thread that appends and fsyncs them while the next batch is scored:
-peak memory is one model, ``prefetch`` decoded images and a few batches of rows.
+peak memory is one model, a few batches of decoded images and of rows.
 
 The Ray engine (:mod:`core.scoring.ray_engine`) reuses :func:`decode_one` and
 the scorer on its workers, so both engines compute the same numbers.
@@ -14,6 +16,7 @@ the scorer on its workers, so both engines compute the same numbers.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -30,6 +33,22 @@ from core.scoring.inputs import Source, load_source
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_WORKERS = 2
+DECODE_MODES = ("auto", "threads", "processes")
+PROCESS_DECODING_MIN_IMAGES = 2000
+"""``decode="auto"`` uses worker processes from this many images on: starting them costs about a second."""
+
+
+def use_processes(decode: str, total: int | None) -> bool:
+    """Whether to decode in worker processes: ``decode`` is "threads", "processes" or "auto".
+
+    "auto": processes on a machine with more than one CPU, for a run known
+    to hold at least :data:`PROCESS_DECODING_MIN_IMAGES` images.
+    """
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    if decode != "auto":
+        return decode == "processes"
+    return (os.cpu_count() or 1) > 1 and (total or 0) >= PROCESS_DECODING_MIN_IMAGES
 
 
 @dataclass
@@ -66,15 +85,23 @@ def decoded_batches(
     prefetch: int | None = None,
     keep_images: bool = False,
     cancel: CancelFn | None = None,
+    processes: bool = False,
 ) -> Iterator[list[Decoded]]:
     """Batches of up to ``batch_size`` decoded sources (errors included), in input order.
 
-    At most ``prefetch`` (default: two batches) decodes are queued or running
-    ahead of the consumer; sources are pulled from the (lazy) iterable only as
-    the pool has room, so the listing is never materialised.
+    Threads (default): at most ``prefetch`` (default: two batches) decodes
+    are queued or running ahead of the consumer; sources are pulled from the
+    (lazy) iterable only as the pool has room, so the listing is never
+    materialised. ``processes``: ``workers`` processes decode a batch each
+    (``prefetch`` is not used; ``workers + 1`` batches are in flight).
     """
     if batch_size <= 0 or workers <= 0:
         raise ValueError(f"batch size and workers must be positive, got {batch_size} and {workers}")
+    if processes:
+        from core.scoring.decode_processes import process_decoded_batches
+
+        yield from process_decoded_batches(sources, size, batch_size, workers, keep_images, cancel)
+        return
     ahead = max(1, prefetch if prefetch is not None else 2 * batch_size)
     listing = iter(sources)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
@@ -205,6 +232,7 @@ def score_stream(
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
     keep_images: bool = False,
+    decode: str = "auto",
 ) -> StreamSummary:
     """Decode, batch, ``process`` (batch -> rows) and ``write`` every source; returns a summary.
 
@@ -212,15 +240,18 @@ def score_stream(
     skipped without being decoded. ``total``: number of sources, for
     ``progress(done, total)`` (counts skipped ones as done). ``cancel`` is
     polled between batches; a cancelled run keeps every batch written so far
-    and raises :class:`~core.progress.Cancelled`.
+    and raises :class:`~core.progress.Cancelled`. ``decode``: "threads",
+    "processes" or "auto" (:func:`use_processes`).
     """
+    processes = use_processes(decode, total)
     summary = StreamSummary()
     start = time.perf_counter()
     todo = skip_done(sources, done or set(), summary)
     finished = 0
     writer = _BackgroundWriter(write)
     try:
-        for batch in decoded_batches(todo, size, batch_size, workers, keep_images=keep_images, cancel=cancel):
+        for batch in decoded_batches(todo, size, batch_size, workers, keep_images=keep_images, cancel=cancel,
+                                     processes=processes):
             handed_over = time.perf_counter()
             rows = process(batch)
             summary.model_seconds += time.perf_counter() - handed_over
