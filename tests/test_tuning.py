@@ -171,9 +171,11 @@ def test_mix_standardises_each_score_on_normal_references():
 
 def test_geometry_candidates_follow_the_images():
     assert geometry_candidates([(900, 900)] * 3) == [(256, "stretch"), (384, "stretch"), (512, "stretch"), (640, "stretch")]
-    assert geometry_candidates([(200, 200)] * 3) == [(256, "stretch")]
-    wide = geometry_candidates([(200, 400), (220, 410)])
-    assert (256, "pad") in wide and (384, "pad") in wide and (512, "pad") not in wide
+    # Small images may be enlarged up to twice their long side, never more.
+    assert geometry_candidates([(120, 120)] * 3) == [(256, "stretch")]
+    assert geometry_candidates([(200, 200)] * 3) == [(256, "stretch"), (384, "stretch")]
+    wide = geometry_candidates([(150, 300), (160, 310)])
+    assert (256, "pad") in wide and (512, "pad") in wide and (640, "pad") not in wide
 
 
 def _write_mvtec(root: Path, poisoned: bool) -> Path:
@@ -243,6 +245,19 @@ def test_tuned_settings_are_saved_in_the_model(tmp_path):
     loaded = load_detector(path)
     assert loaded.settings == result.settings
     assert loaded.tuning_["chosen"] == result.summary()["chosen"]
+
+
+def test_letterbox_or_squash_is_decided_at_the_smallest_input_and_kept_for_larger_ones():
+    features = FeatureSettings(weights="random", device="cpu", batch_size=8)
+    base = SpadeSettings(features=features, gallery="exact", top_images=3, calibration_images=3)
+    normal = ImageSet([ImageItem(f"n{i}.png", array=stripes(i, 40, 96)) for i in range(10)])
+    result = tune_spade(normal, base=base, max_fit=8, max_holdout=3, resolutions=(64, 96))
+    at_64 = {c.aspect for c in result.candidates if c.resolution == 64}
+    at_96 = {c.aspect for c in result.candidates if c.resolution == 96}
+    assert at_64 == {"pad", "stretch"}
+    best_at_64 = max((c for c in result.candidates if c.resolution == 64), key=lambda c: c.objective)
+    assert at_96 == {best_at_64.aspect}
+    assert set(result.geometry_seconds) == {"64/pad", "64/stretch", f"96/{best_at_64.aspect}"}
 
 
 def test_choice_keeps_the_base_settings_on_a_near_tie_and_cheap_geometry_unless_beaten_clearly():

@@ -8,8 +8,9 @@ do not carry over (bottle's 256² squash loses a 640² board's small defects).
    (:mod:`core.tuning.synthetic`), keeping a clean copy of each as the
    normal side of the evaluation;
 2. for each input geometry (resolution; letterbox or squash for non-square
-   images) fits SPADE on the remaining normal images and scores the
-   synthetic set once (the expensive part: backbone + kNN);
+   images, decided at the smallest resolution) fits SPADE on the remaining
+   normal images and scores the synthetic set once (the expensive part:
+   backbone + kNN);
 3. from those cached raw maps, evaluates every stage subset, smoothing σ and
    image-score rule (cheap: no backbone, no kNN) by pixel AUROC + PRO +
    image AUROC, with every map compared at the images' own aspect ratio;
@@ -51,7 +52,13 @@ defects; on DeepPCB σ 2 beat σ 4 by 0.001 on synthetic defects and by 4 image-
 so one octave costs less than that."""
 
 RESOLUTIONS = (256, 384, 512, 640)
-"""Input sides tried, up to the images' own size (never enlarged beyond the native long side)."""
+"""Input sides tried, up to :data:`UPSCALE_LIMIT` times the images' median long side."""
+
+UPSCALE_LIMIT = 2.0
+"""Small images may be enlarged up to this factor: the backbone's stride-4 cells then cover fewer image
+pixels, so small defects span more of them. On random non-square crops (140-640 px) of DeepPCB boards,
+512² stretch beat the native-size 384² by 0.03 on synthetic defects and by 10 image-AUROC points on the
+real ones (90.3 against 80.4; pixel AUROC 85.7 both)."""
 
 SIGMAS = (1.0, 2.0, 4.0, 8.0)
 IMAGE_RULES = ("dn2", "max", "topk", "mix")
@@ -132,11 +139,12 @@ def _sizes(normal: ImageSet) -> list[tuple[int, int]]:
 def geometry_candidates(sizes: Sequence[tuple[int, int]]) -> list[tuple[int, str]]:
     """(resolution, aspect) pairs to try, cheapest first.
 
-    Resolutions up to the median native long side (at least 256); non-square
-    images (any aspect ratio off by more than 5 %) also try the letterbox.
+    Resolutions up to :data:`UPSCALE_LIMIT` times the median native long side
+    (at least 256); non-square images (any aspect ratio off by more than 5 %)
+    also try the letterbox.
     """
     longest = float(np.median([max(h, w) for h, w in sizes]))
-    resolutions = [r for r in RESOLUTIONS if r == RESOLUTIONS[0] or r <= longest * 1.05]
+    resolutions = [r for r in RESOLUTIONS if r == RESOLUTIONS[0] or r <= longest * UPSCALE_LIMIT]
     non_square = any(abs(h / w - 1.0) > 0.05 for h, w in sizes)
     aspects = ("pad", "stretch") if non_square else ("stretch",)
     return [(r, a) for r in resolutions for a in aspects]
@@ -278,8 +286,15 @@ def tune_spade(
         f"({len(synthetic) - len(holdout)} with defects); geometries {geometries}")
     candidates: list[Candidate] = []
     geometry_seconds = {}
+    kept_aspect = None  # letterbox or squash: decided at the cheapest resolution, kept for the dearer ones
     for resolution, aspect in geometries:
         check_cancel(cancel)
+        if resolution != geometries[0][0] and kept_aspect is None:
+            at_first = [c for c in candidates if c.resolution == geometries[0][0]]
+            kept_aspect = max(at_first, key=lambda c: c.objective).aspect
+            say(f"  {kept_aspect} kept for the larger inputs (it won at {geometries[0][0]}²)")
+        if kept_aspect is not None and aspect != kept_aspect:
+            continue
         features = dataclasses.replace(
             base.features, resize=resolution, crop=resolution, aspect=aspect,
             tile=512 if resolution > 768 else base.features.tile,
