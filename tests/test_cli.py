@@ -129,3 +129,30 @@ def test_progress_bar_and_params_helpers(capsys):
     assert parse_params(["a=1", "features.crop = 224"]) == {"a": "1", "features.crop": "224"}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_params(["oops"])
+
+
+def test_crops_cut_non_square_images_whose_masks_stay_on_the_defect(tmp_path):
+    """`crops`: a many-sized, non-square set from a square category; each mask still covers its defect's pixels."""
+    root = tmp_path / "square"
+    rng = np.random.default_rng(0)
+    for folder in ("train/good", "test/good", "test/hole", "ground_truth/hole"):
+        (root / folder).mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 100, (400, 400, 3), dtype=np.uint8)).save(root / "train/good" / f"{i}.png")
+        Image.fromarray(rng.integers(0, 100, (400, 400, 3), dtype=np.uint8)).save(root / "test/good" / f"{i}.png")
+        image = rng.integers(0, 100, (400, 400, 3), dtype=np.uint8)
+        mask = np.zeros((400, 400), np.uint8)
+        top, left = rng.integers(0, 380, 2)
+        image[top:top + 20, left:left + 20] = 255
+        mask[top:top + 20, left:left + 20] = 255
+        Image.fromarray(image).save(root / "test/hole" / f"{i}.png")
+        Image.fromarray(mask).save(root / "ground_truth/hole" / f"{i}_mask.png")
+    out = tmp_path / "crops"
+    assert main(["crops", "--source", str(root), "--out", str(out), "--train", "3", "--test", "4"]) == 0
+    assert len(list((out / "train/good").iterdir())) == 3 and len(list((out / "test/good").iterdir())) == 4
+    for path in sorted((out / "test/defect").iterdir()):
+        image = np.asarray(Image.open(path))
+        mask = np.asarray(Image.open(out / "ground_truth/defect" / f"{path.stem}_mask.png")) > 0
+        assert image.shape[:2] == mask.shape and image.shape[0] != image.shape[1]
+        assert mask.any() and (image[mask] == 255).all() and not (image[~mask] == 255).all(axis=-1).any()
+    assert main(["crops", "--source", str(root), "--out", str(out)]) == 2  # never overwrites
