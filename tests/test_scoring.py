@@ -306,3 +306,26 @@ def test_a_file_that_kills_its_decoding_process_costs_only_its_own_row(data, tmp
     decoded = [d for batch in batches for d in batch]
     assert [d.source.file for d in decoded] == [s.file for s in sources]  # every file, in order, once
     assert [d.error for d in decoded] == [""] * 5 + [WORKER_CRASHED] + [""] * 4
+
+
+def test_decoding_processes_do_not_run_the_parents_main_script_again(data, tmp_path, monkeypatch):
+    """Under Streamlit the dashboard page is ``__main__``; spawned decoders must not execute it again."""
+    import types
+
+    from core.images import ImageSize
+    from core.scoring.decode_processes import process_decoded_batches
+
+    marker = tmp_path / "main-ran"
+    script = tmp_path / "page.py"
+    script.write_text(f"open({str(marker)!r}, 'a').write('ran\\n')\n")
+    page = types.ModuleType("__main__")
+    page.__file__ = str(script)  # what Streamlit's script module looks like: a file, no import spec
+    page.__spec__ = None
+    monkeypatch.setitem(sys.modules, "__main__", page)
+    good = str(data["test"] / "dark0.png")
+    sources = [Source(f"{good}#{i}", good, key=str(i)) for i in range(6)]
+    decoded = [d for batch in process_decoded_batches(sources, ImageSize(32, 32), batch_size=2, workers=2)
+               for d in batch]
+    assert len(decoded) == 6 and all(d.ok for d in decoded)
+    assert not marker.exists()
+    assert sys.modules["__main__"] is page  # put back

@@ -74,6 +74,34 @@ def test_detect_page_scores_a_folder_in_the_background_and_offers_to_resume(fitt
     assert len({r["file"] for r in read_results(done.results)}) == 41
 
 
+def test_a_run_that_failed_or_was_cut_by_the_app_exiting_is_offered_for_resume(fitted, shift, monkeypatch):
+    from dataclasses import replace
+
+    import core.scoring.runs as runs
+    from core.scoring.decode_processes import SHUTTING_DOWN, DecodingShutDown
+
+    workspace, project, model = fitted
+    # The app exits mid-run: the decoding pool refuses work. The run is left "running" (= interrupted), not failed.
+    def exiting(*args, **kwargs):
+        raise DecodingShutDown(SHUTTING_DOWN)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(runs, "score_files", exiting)
+        cut = runs.run_scoring(new_run(workspace.root / "scoring", model.id, model.path, [str(shift)], "cut shift"))
+    assert load_run(cut.folder).status == "running"
+    # A run that failed (here: a full disk) keeps its rows and can be resumed too.
+    failed = new_run(workspace.root / "scoring", model.id, model.path, [str(shift)], "failed shift")
+    replace(failed, status="failed", error="OSError: [Errno 28] No space left on device").save()
+    at = new_app(project.id, page="views/detect.py")
+    assert any("failed after" in m.value and "No space left" in m.value for m in at.markdown)
+    assert len([button for button in at.button if button.label == "Resume"]) == 2
+    for folder in (failed.folder, cut.folder):
+        at = new_app(project.id, page="views/detect.py")
+        at.button(key=f"resume-{folder}").click().run()
+        finish_jobs(at)
+        assert load_run(folder).status == "finished" and load_run(folder).rows_written() == 41
+
+
 def test_uploads_are_saved_once_and_scored_from_the_workspace(fitted, tmp_path):
     import io
     import zipfile

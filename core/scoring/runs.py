@@ -21,6 +21,7 @@ from pathlib import Path
 
 from core.progress import CancelFn, Cancelled
 from core.scoring import EngineOptions, count_sources, read_results, score_files
+from core.scoring.decode_processes import DecodingShutDown
 
 MANIFEST = "run.json"
 RESULTS = "results.csv"
@@ -144,6 +145,8 @@ def run_scoring(run: ScoringRun, resume: bool = False, status: StatusFn | None =
     try:
         score_files(run.model_path, run.inputs, run.results, resume=resume, engine=engine, count=True,
                     progress=_Rate(status) if status is not None else None, cancel=cancel, detector=detector)
+    except DecodingShutDown:
+        return run  # the program is exiting: the run stays "running", i.e. interrupted, and is offered for resume
     except Cancelled:
         return replace(run, status="stopped").save()
     except Exception as error:

@@ -92,11 +92,14 @@ def _past_runs(workspace, model, project_id: int) -> None:
             label = f"**{run.title}** · {time.strftime('%Y-%m-%d %H:%M', time.localtime(run.started))}"
             if run.status == "finished":
                 st.markdown(f"{label} · done, {written:,} files")
-            elif run.status == "failed":
-                st.markdown(f"{label} · failed after {written:,} of {run.total:,} files: {run.error}")
             else:
-                why = "stopped" if run.status == "stopped" else "interrupted (the app stopped while it ran)"
-                st.markdown(f"{label} · {why} after {written:,} of {run.total:,} files; they are kept")
+                if run.status == "failed":
+                    st.markdown(f"{label} · failed after {written:,} of {run.total:,} files (they are kept): "
+                                f"{run.error}")
+                else:
+                    why = "stopped" if run.status == "stopped" else "interrupted (the app stopped while it ran)"
+                    st.markdown(f"{label} · {why} after {written:,} of {run.total:,} files; they are kept")
+                # Whatever ended it (a full disk, a moved model), the rows written are good: offer to go on.
                 if st.button("Resume", key=f"resume-{run.folder}", disabled=state.job_running(SCORE_JOB, project_id),
                              help="Scores the remaining files; rows already written are kept, none is written twice."):
                     _start(run, project_id, resume=True)
