@@ -260,6 +260,29 @@ def test_letterbox_or_squash_is_decided_at_the_smallest_input_and_kept_for_large
     assert set(result.geometry_seconds) == {"64/pad", "64/stretch", f"96/{best_at_64.aspect}"}
 
 
+@pytest.mark.parametrize("objectives, tried", [
+    ({256: 0.90, 384: 0.901, 512: 0.902, 640: 0.99}, [256, 384, 512]),  # two larger sizes lost: 640² is skipped
+    ({256: 0.90, 384: 0.95, 512: 0.951, 640: 0.952}, [256, 384, 512, 640]),  # 384² won: two more are tried
+])
+def test_larger_inputs_stop_after_two_in_a_row_do_not_win(monkeypatch, objectives, tried):
+    import core.tuning.search as search
+
+    evaluated = []
+
+    def fake_geometry(settings, fit_set, synthetic, masks, eval_side, cancel):
+        side = settings.features.resize
+        evaluated.append(side)
+        value = objectives[side]
+        return [search.Candidate(side, "stretch", (4, 8, 16), 4.0, "dn2", value, value, value, side / 1000)], 0.0
+
+    monkeypatch.setattr(search, "_evaluate_geometry", fake_geometry)
+    normal = ImageSet([ImageItem(f"n{i}.png", array=stripes(i, 48, 48)) for i in range(10)])
+    monkeypatch.setattr(search, "_sizes", lambda images: [(900, 900)] * len(images))
+    result = search.tune_spade(normal, base=SpadeSettings(features=FeatureSettings(weights="random")), max_holdout=3)
+    assert evaluated == tried
+    assert result.chosen.resolution == (256 if tried[-1] == 512 else 384)
+
+
 def test_choice_keeps_the_base_settings_on_a_near_tie_and_cheap_geometry_unless_beaten_clearly():
     from core.tuning.search import DEVIATION_COST, GAIN_FOR_COST, Candidate, _choose
 
