@@ -407,6 +407,23 @@ def test_image_score_max_and_holdout_calibration():
     assert scores[1] > scores[0]
 
 
+def test_the_image_score_reads_its_own_sigma_and_its_threshold_is_set_on_that_heatmap(tmp_path):
+    detector = SpadeDetector(settings(image_score="max", sigma=4.0, image_sigma=1.0)).fit(normal_set(8))
+    scores = detector.score(probe_set())
+    np.testing.assert_allclose(scores, detector.combined_maps(sigma=1.0).reshape(2, -1).max(axis=1))
+    assert not np.allclose(scores, detector.combined_maps().reshape(2, -1).max(axis=1))  # the shown map is σ 4
+    calibration_peaks = detector.combine(detector.calibration_, None, 1.0).reshape(len(detector.calibration_names_), -1)
+    assert detector.threshold_ <= calibration_peaks.max(axis=1).max()  # the working point is on σ-1 peaks
+    assert detector.threshold_ >= calibration_peaks.max(axis=1).min()
+    from core.detectors import load_detector
+
+    loaded = load_detector(detector.save(tmp_path / "own-sigma.npz"))
+    assert loaded.settings.image_sigma == 1.0
+    np.testing.assert_allclose(loaded.score(probe_set()), scores, rtol=1e-5)
+    with pytest.raises(ValueError, match="image_sigma"):
+        settings(image_sigma=-1.0)
+
+
 # --------------------------------------------------------------------------- real data
 
 

@@ -283,6 +283,23 @@ def test_larger_inputs_stop_after_two_in_a_row_do_not_win(monkeypatch, objective
     assert result.chosen.resolution == (256 if tried[-1] == 512 else 384)
 
 
+def test_the_image_score_may_read_another_sigma_when_that_ranks_images_clearly_better():
+    from dataclasses import replace
+
+    from core.tuning.search import Candidate, _choose
+
+    base = SpadeSettings(strides=(4, 16), sigma=4.0)
+    # DeepPCB's 640² table, rounded: σ 4 locates best, σ 2 ranks the boards best.
+    sigma4 = Candidate(640, "stretch", (4, 16), 4.0, "topk", 0.9035, 0.8662, 0.8342, 0.3)
+    sigma2 = Candidate(640, "stretch", (4, 16), 2.0, "topk", 0.8934, 0.8610, 0.8528, 0.3)
+    both = replace(sigma4, image_auroc=0.8528, image_sigma=2.0)
+    chosen, reason = _choose([sigma4, sigma2, both], base)
+    assert chosen == both and "on the σ 2 heatmap" in reason
+    # A gain in image AUROC smaller than the cost of one octave keeps the score on the shown heatmap.
+    marginal = replace(sigma4, image_auroc=sigma4.image_auroc + 0.002, image_sigma=2.0)
+    assert _choose([sigma4, marginal], base)[0] == sigma4
+
+
 def test_choice_keeps_the_base_settings_on_a_near_tie_and_cheap_geometry_unless_beaten_clearly():
     from core.tuning.search import DEVIATION_COST, GAIN_FOR_COST, Candidate, _choose
 

@@ -32,13 +32,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def table(summary: dict, rows: int = 12) -> str:
     """The best candidates of a tuning summary as aligned text."""
-    lines = [f"{'input':>9} {'aspect':>7} {'strides':>10} {'σ':>4} {'image rule':>10} {'pixel':>7} {'PRO':>7} "
+    lines = [f"{'input':>9} {'aspect':>7} {'strides':>10} {'σ':>4} {'image rule':>10} {'its σ':>5} {'pixel':>7} {'PRO':>7} "
              f"{'image':>7} {'mean':>7} {'s/img':>6}"]
     best = sorted(summary["candidates"], key=lambda c: -c["objective"])[:rows]
     for c in best:
         lines.append(
             f"{c['resolution']:>8}² {c['aspect']:>7} {'+'.join(map(str, c['strides'])):>10} {c['sigma']:>4g} "
-            f"{c['image_score']:>10} {c['pixel_auroc']:>7.4f} {c['pro']:>7.4f} {c['image_auroc']:>7.4f} "
+            f"{c['image_score']:>10} {c['sigma'] if c.get('image_sigma') is None else c['image_sigma']:>5g} "
+            f"{c['pixel_auroc']:>7.4f} {c['pro']:>7.4f} {c['image_auroc']:>7.4f} "
             f"{c['objective']:>7.4f} {c['seconds_per_image']:>6.3f}"
         )
     return "\n".join(lines)

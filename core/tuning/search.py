@@ -47,7 +47,7 @@ GAIN_FOR_COST = 0.01
 
 DEVIATION_COST = 0.002
 """Charged for a stage set other than the base settings', and per octave σ moves from the base's (half
-this): synthetic defects are only a proxy, so a near-tie keeps the measured defaults. On bottle the 256²
+this; the image score's σ likewise per octave from the heatmap's): synthetic defects are only a proxy, so a near-tie keeps the measured defaults. On bottle the 256²
 candidates lie within 0.001 and the noise had dropped stride 8 for a 0.2-point PRO loss on the real
 defects; on DeepPCB σ 2 beat σ 4 by 0.001 on synthetic defects and by 4 image-AUROC points on the real ones,
 so one octave costs less than that."""
@@ -86,6 +86,11 @@ class Candidate:
     pro: float
     image_auroc: float
     seconds_per_image: float
+    image_sigma: float | None = None  # σ of the heatmap the image score reads; None = ``sigma``
+
+    @property
+    def score_sigma(self) -> float:
+        return self.sigma if self.image_sigma is None else self.image_sigma
 
     @property
     def objective(self) -> float:
@@ -222,24 +227,29 @@ def _evaluate_geometry(
     spec_strides = {stage: spec.stage(stage).stride for stage in detector.map_stages}
     rows = []
     for stages in _stage_subsets(detector.map_stages):
+        pixel, image = {}, {}
         for sigma in SIGMAS:
             check_cancel(cancel)
             heat = detector.combined_maps(stages=stages, sigma=sigma)
             resampled = [map_to_original(heat[i], hw, detector.image_size) for i, hw in enumerate(eval_hws)]
-            pixel = _pixel_metrics(eval_masks, resampled)
+            pixel[sigma] = _pixel_metrics(eval_masks, resampled)
             for rule in IMAGE_RULES:
-                scores = detector.image_scores(rule, stages=stages, sigma=sigma)
-                rows.append(Candidate(
-                    resolution=settings.features.resize or 0,
-                    aspect=settings.features.aspect,
-                    strides=tuple(sorted(spec_strides[s] for s in stages)),
-                    sigma=sigma,
-                    image_score=rule,
-                    pixel_auroc=pixel[0],
-                    pro=pixel[1],
-                    image_auroc=image_auroc(labels, scores),
-                    seconds_per_image=seconds_per_image,
-                ))
+                if rule != "dn2" or sigma == SIGMAS[0]:  # DN2 does not read the heatmap
+                    image[rule, sigma] = image_auroc(labels, detector.image_scores(rule, stages=stages, sigma=sigma))
+        # The heatmap's σ (pixel metrics) and the σ the image score reads may differ: every pair is a candidate.
+        for sigma, (rule, score_sigma) in itertools.product(SIGMAS, image):
+            rows.append(Candidate(
+                resolution=settings.features.resize or 0,
+                aspect=settings.features.aspect,
+                strides=tuple(sorted(spec_strides[s] for s in stages)),
+                sigma=sigma,
+                image_score=rule,
+                pixel_auroc=pixel[sigma][0],
+                pro=pixel[sigma][1],
+                image_auroc=image[rule, score_sigma],
+                seconds_per_image=seconds_per_image,
+                image_sigma=None if rule == "dn2" or score_sigma == sigma else score_sigma,
+            ))
     return rows, spent
 
 
@@ -328,6 +338,7 @@ def tune_spade(
         strides=chosen_stride_set,
         sigma=chosen.sigma,
         image_score=chosen.image_score,
+        image_sigma=chosen.image_sigma,
     )
     return TuneResult(
         settings=settings, candidates=candidates, chosen=chosen, reason=reason,
@@ -336,18 +347,22 @@ def tune_spade(
     )
 
 
+def _octaves(sigma: float, reference: float) -> float:
+    """How far σ moved from ``reference``, in octaves (2 when smoothing is switched on or off)."""
+    if sigma == reference:
+        return 0.0
+    if sigma > 0 and reference > 0:
+        return abs(math.log2(sigma / reference))
+    return 2.0
+
+
 def _choose(candidates: Sequence[Candidate], base: SpadeSettings) -> tuple[Candidate, str]:
     """Best candidate per geometry (charged :data:`DEVIATION_COST` for changes from ``base``);
     a dearer geometry must win by :data:`GAIN_FOR_COST` over the cheapest good one."""
 
     def merit(c: Candidate) -> float:
         strides_changed = tuple(sorted(c.strides)) != tuple(sorted(base.strides))
-        if c.sigma == base.sigma:
-            octaves = 0.0
-        elif c.sigma > 0 and base.sigma > 0:
-            octaves = abs(math.log2(c.sigma / base.sigma))
-        else:
-            octaves = 2.0  # smoothing switched on or off
+        octaves = _octaves(c.sigma, base.sigma) + _octaves(c.score_sigma, c.sigma)
         return c.objective - DEVIATION_COST * (strides_changed + octaves / 2)
 
     by_geometry: dict[tuple[int, str], Candidate] = {}
@@ -364,9 +379,10 @@ def _choose(candidates: Sequence[Candidate], base: SpadeSettings) -> tuple[Candi
         elif challenger.objective > chosen.objective + GAIN_FOR_COST:
             chosen = challenger
     best_overall = max(by_geometry.values(), key=lambda c: c.objective)
+    score_sigma = "" if chosen.image_sigma is None else f" on the σ {chosen.image_sigma:g} heatmap"
     reason = (
         f"{chosen.resolution}² {chosen.aspect}, strides {list(chosen.strides)}, σ {chosen.sigma}, image score "
-        f"{chosen.image_score}: mean of pixel AUROC {chosen.pixel_auroc:.4f}, PRO {chosen.pro:.4f} and image AUROC "
+        f"{chosen.image_score}{score_sigma}: mean of pixel AUROC {chosen.pixel_auroc:.4f}, PRO {chosen.pro:.4f} and image AUROC "
         f"{chosen.image_auroc:.4f} on synthetic defects = {chosen.objective:.4f}"
     )
     if best_overall is not chosen:

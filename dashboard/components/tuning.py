@@ -19,8 +19,9 @@ def describe(settings: SpadeSettings) -> str:
     features = settings.features
     side = features.resize or "backbone default"
     aspect = "aspect kept (letterbox)" if features.aspect == "pad" else "squashed to a square"
+    score_sigma = "" if settings.image_sigma is None else f" (read at σ {settings.image_sigma:g})"
     return (f"input {side}², {aspect}; strides {'+'.join(map(str, settings.strides))}; σ {settings.sigma:g}; "
-            f"image score {settings.image_score}")
+            f"image score {settings.image_score}{score_sigma}")
 
 
 def tuning_table(summary: dict[str, Any], rows: int = 12) -> pd.DataFrame:
@@ -28,7 +29,9 @@ def tuning_table(summary: dict[str, Any], rows: int = 12) -> pd.DataFrame:
     best = sorted(summary.get("candidates", []), key=lambda c: -c["objective"])[:rows]
     return pd.DataFrame([
         {"input": f"{c['resolution']}²", "aspect": c["aspect"], "strides": "+".join(map(str, c["strides"])),
-         "σ": c["sigma"], "image score": c["image_score"], "pixel AUROC": round(c["pixel_auroc"], 4),
+         "σ": c["sigma"], "image score": c["image_score"],
+         "its σ": c["sigma"] if c.get("image_sigma") is None else c["image_sigma"],
+         "pixel AUROC": round(c["pixel_auroc"], 4),
          "PRO": round(c["pro"], 4), "image AUROC": round(c["image_auroc"], 4), "mean": round(c["objective"], 4),
          "s / image": round(c["seconds_per_image"], 3)}
         for c in best
@@ -51,7 +54,7 @@ def override_form(settings: SpadeSettings, key: str) -> SpadeSettings | None:
     """Widgets prefilled with ``settings``; returns the edited settings when the user submits, else None."""
     with st.form(key=f"{key}-override"):
         st.caption("Override the settings (a new fit: the backbone runs again).")
-        columns = st.columns(5)
+        columns = st.columns(6)
         side = settings.features.resize or 256
         sides = sorted(set(RESOLUTION_CHOICES) | {side})
         resolution = columns[0].selectbox("Input size", sides, index=sides.index(side), key=f"{key}-res")
@@ -63,6 +66,9 @@ def override_form(settings: SpadeSettings, key: str) -> SpadeSettings | None:
         sigma = columns[3].number_input("σ", 0.0, 16.0, float(settings.sigma), 0.5, key=f"{key}-sigma")
         rule = columns[4].selectbox("Image score", SPADE_IMAGE_SCORES, index=SPADE_IMAGE_SCORES.index(settings.image_score),
                                     key=f"{key}-rule")
+        score_sigma = columns[5].number_input(
+            "Image score's σ", 0.0, 16.0, float(settings.sigma if settings.image_sigma is None else settings.image_sigma),
+            0.5, key=f"{key}-image-sigma", help="Smoothing of the heatmap the max / top-k / mix image scores read.")
         if not st.form_submit_button("Fit with these settings"):
             return None
     if not strides:
@@ -70,4 +76,5 @@ def override_form(settings: SpadeSettings, key: str) -> SpadeSettings | None:
         return None
     features = dataclasses.replace(settings.features, resize=int(resolution), crop=int(resolution), aspect=aspect)
     return dataclasses.replace(settings, features=features, strides=tuple(sorted(strides)), sigma=float(sigma),
-                               image_score=rule)
+                               image_score=rule,
+                               image_sigma=None if float(score_sigma) == float(sigma) else float(score_sigma))

@@ -319,7 +319,8 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
         else:
             # The calibration images' own scores under the chosen rule set the working point.
             calibration_dn2 = held_scores if held is not None else dn2_train[np.asarray(builder.calibration_ids, dtype=np.int64)]
-            reference = self._calibration_image_scores(self.settings.image_score, calibration_dn2, None, None)
+            reference = self._calibration_image_scores(self.settings.image_score, calibration_dn2, None,
+                                                       self.settings.image_sigma)
             self._set_threshold(reference, reference if held is not None else None)
 
     # ------------------------------------------------------------------ per-image search
@@ -431,8 +432,11 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
         """(N,) image scores of the last scored set by rule ``kind`` (see :mod:`.image_score`).
 
         ``kind`` None = ``settings.image_score``, the score the image threshold was set for;
-        ``stages``/``sigma`` choose the heatmap the map-based rules read (None = the settings').
+        ``stages``/``sigma`` choose the heatmap the map-based rules read (None = the settings':
+        ``image_sigma``, or ``sigma`` when that is None).
         """
+        if sigma is None:
+            sigma = self.settings.image_sigma
         last = self._require_last()
         kind = self.settings.image_score if kind is None else kind
         if kind not in IMAGE_SCORE_RULES:
