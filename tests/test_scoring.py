@@ -299,13 +299,13 @@ def test_a_file_that_kills_its_decoding_process_costs_only_its_own_row(data, tmp
 
     good = str(data["test"] / "dark0.png")
     crash = _save(tmp_path, "crash.png", _noise(np.random.default_rng(1), 20))
-    files = [good] * 5 + [str(crash)] + [good] * 4
+    files = [good] * 5 + [str(crash), good, str(crash)] + [good] * 2  # two crashes in one batch of four
     sources = [Source(f"{name}#{i}", name, key=str(i)) for i, name in enumerate(files)]
     batches = list(process_decoded_batches(sources, ImageSize(32, 32), batch_size=4, workers=1,
                                            decode=decode_or_die))
     decoded = [d for batch in batches for d in batch]
     assert [d.source.file for d in decoded] == [s.file for s in sources]  # every file, in order, once
-    assert [d.error for d in decoded] == [""] * 5 + [WORKER_CRASHED] + [""] * 4
+    assert [d.error for d in decoded] == [""] * 5 + [WORKER_CRASHED, "", WORKER_CRASHED] + [""] * 2
 
 
 def test_decoding_processes_do_not_run_the_parents_main_script_again(data, tmp_path, monkeypatch):

@@ -91,16 +91,22 @@ def _new_pool(workers: int) -> ProcessPoolExecutor:
 
 
 def _one_by_one(decode: Callable, chunk: list[Source], size: ImageSize, keep_images: bool) -> list:
-    """Decode ``chunk`` one file per fresh worker: the file that kills its worker becomes an error row."""
+    """Decode ``chunk`` one file per task in a single worker: the file that kills it becomes an error row,
+    and only then is a new worker started (each start imports the package: about a second)."""
     from core.scoring.stream import Decoded
 
     decoded = []
-    for source in chunk:
-        with _new_pool(1) as pool:
+    pool = _new_pool(1)
+    try:
+        for source in chunk:
             try:
                 decoded += _submit(pool, decode, [source], size, keep_images).result()
             except BrokenProcessPool:
                 decoded.append(Decoded(source, error=WORKER_CRASHED))
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = _new_pool(1)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     return decoded
 
 

@@ -179,16 +179,12 @@ def run_ray(
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1,
         num_gpus=gpus_per_worker(ray, workers, num_gpus),
     )
-    finished = 0
     stream = results.iter_batches(batch_size=None, batch_format="numpy")
     try:
         for batch in stream:
             rows = [json.loads(text) for text in batch["row"]]
             write(rows)
-            summary.note_rows(rows, time.perf_counter() - start)
-            finished += len(rows)
-            if progress is not None:
-                progress(summary.skipped + finished, max(total or 0, summary.skipped + finished))
+            summary.note_rows(rows, time.perf_counter() - start, total, progress)
             check_cancel(cancel)
     finally:
         close = getattr(stream, "close", None)

@@ -162,8 +162,10 @@ class StreamSummary:
             return None
         return (self.scored + self.errors - self.first_rows) / (self.seconds - self.first_rows_seconds)
 
-    def note_rows(self, rows: list[dict], elapsed: float) -> None:
-        """Count a batch of written rows (``elapsed``: seconds since the run started)."""
+    def note_rows(self, rows: list[dict], elapsed: float, total: int | None = None,
+                  progress: ProgressFn | None = None) -> None:
+        """Count a batch of written rows (``elapsed``: seconds since the run started) and report
+        ``progress(done, total)``, skipped images counted as done (both engines report through here)."""
         for row in rows:
             if row.get("error"):
                 self.errors += 1
@@ -173,6 +175,9 @@ class StreamSummary:
         if self.first_rows_seconds is None:
             self.first_rows_seconds, self.first_rows = elapsed, len(rows)
         self.seconds = elapsed
+        if progress is not None:
+            done = self.skipped + self.scored + self.errors
+            progress(done, max(total or 0, done))
 
 
 class _BackgroundWriter:
@@ -247,7 +252,6 @@ def score_stream(
     summary = StreamSummary()
     start = time.perf_counter()
     todo = skip_done(sources, done or set(), summary)
-    finished = 0
     writer = _BackgroundWriter(write)
     try:
         for batch in decoded_batches(todo, size, batch_size, workers, keep_images=keep_images, cancel=cancel,
@@ -256,10 +260,7 @@ def score_stream(
             rows = process(batch)
             summary.model_seconds += time.perf_counter() - handed_over
             writer.put(rows)
-            summary.note_rows(rows, time.perf_counter() - start)
-            finished += len(batch)
-            if progress is not None:
-                progress(summary.skipped + finished, max(total or 0, summary.skipped + finished))
+            summary.note_rows(rows, time.perf_counter() - start, total, progress)
             check_cancel(cancel)
     finally:
         writer.close()  # a stopped or failed run still writes every batch it scored
