@@ -3,6 +3,9 @@
 Score convention (used everywhere in the project): the anomaly score of a query
 is the **sum of the squared L2 distances to its k nearest gallery points**.
 This is what the PANDA authors' code computes; higher = more anomalous.
+With ``metric="cosine"`` the gallery and the queries are first scaled to unit
+length, so the squared distance is 2 - 2 cos(angle): only the direction of a
+feature vector counts, not its length.
 
 Backends, chosen automatically:
 
@@ -41,6 +44,24 @@ def as_float32(features: np.ndarray | torch.Tensor, name: str = "features") -> n
     return array
 
 
+KNN_METRICS = ("euclidean", "cosine")
+"""``euclidean``: the papers' distance. ``cosine``: the same search on unit-length vectors."""
+
+
+def unit_rows(features: np.ndarray) -> np.ndarray:
+    """(N, D) float32 -> (N, D) float32 rows scaled to unit L2 length (all-zero rows stay zero)."""
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    return np.ascontiguousarray(features / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+def in_metric_space(features: np.ndarray | torch.Tensor, metric: str, name: str = "features") -> np.ndarray:
+    """(N, D) -> C-contiguous float32 (N, D) in the space ``metric`` measures: unchanged, or unit rows for cosine."""
+    if metric not in KNN_METRICS:
+        raise ValueError(f"metric must be one of {', '.join(KNN_METRICS)}; got {metric!r}")
+    array = as_float32(features, name)
+    return unit_rows(array) if metric == "cosine" else array
+
+
 def faiss_gpu_available() -> bool:
     return faiss is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
@@ -69,12 +90,18 @@ class KnnIndex:
     ``fit(gallery)`` stores the (N, D) gallery; ``search(queries, k)`` returns
     squared distances and indices; ``score(queries)`` returns (M,) scores;
     ``train_scores()`` returns leave-one-out scores of the gallery itself.
+    ``metric``: "euclidean" or "cosine" (both gallery and queries scaled to unit
+    length first; ``gallery_`` then holds the unit vectors).
     """
 
-    def __init__(self, k: int = 2, backend: str | None = None, device: str | torch.device | None = None) -> None:
+    def __init__(self, k: int = 2, backend: str | None = None, device: str | torch.device | None = None,
+                 metric: str = "euclidean") -> None:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if metric not in KNN_METRICS:
+            raise ValueError(f"metric must be one of {', '.join(KNN_METRICS)}; got {metric!r}")
         self.k = k
+        self.metric = metric
         self.backend = backend or choose_backend(device)
         if self.backend not in ("faiss", "faiss-gpu", "torch"):
             raise ValueError(f"unknown kNN backend {self.backend!r}")
@@ -86,7 +113,7 @@ class KnnIndex:
     # ------------------------------------------------------------------ fit
     def fit(self, gallery: np.ndarray | torch.Tensor) -> "KnnIndex":
         """Store the (N, D) gallery. N must exceed k for leave-one-out scores to exist."""
-        gallery = as_float32(gallery, "gallery")
+        gallery = in_metric_space(gallery, self.metric, "gallery")
         if gallery.shape[0] == 0:
             raise ValueError("the gallery is empty: fit needs at least one normal feature vector")
         self.gallery_ = gallery
@@ -112,7 +139,7 @@ class KnnIndex:
         """(M, D) queries -> their k nearest gallery points (k defaults to ``self.k``)."""
         gallery = self._require_fitted()
         k = self.k if k is None else k
-        queries = as_float32(queries, "queries")
+        queries = in_metric_space(queries, self.metric, "queries")
         if queries.shape[1] != gallery.shape[1]:
             raise ValueError(f"queries have {queries.shape[1]} dimensions, the gallery {gallery.shape[1]}")
         k_eff = min(k, gallery.shape[0])

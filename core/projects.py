@@ -120,11 +120,11 @@ class RocSummary:
 
 # ---------------------------------------------------------------------- settings
 def settings_for(method: str, backbone: str, k: int = 2, target_fpr: float = 0.05,
-                 weights: str | None = None) -> Any:
+                 weights: str | None = None, metric: str = "euclidean") -> Any:
     """A method's settings from the few choices the pages offer; everything else the method's defaults.
 
-    Only the backbone (and DN2's k, the target FPR) are the user's: SPADE
-    keeps its measured input geometry.
+    Only the backbone (and DN2's k and distance, the target FPR) are the user's:
+    SPADE keeps its measured input geometry.
     """
     from core import config
     from core.detectors import method_info
@@ -135,7 +135,7 @@ def settings_for(method: str, backbone: str, k: int = 2, target_fpr: float = 0.0
     if hasattr(defaults, "target_fpr"):
         changes["target_fpr"] = target_fpr
     if isinstance(defaults, config.DN2Settings):
-        changes["k"] = k
+        changes.update(k=k, metric=metric)
     return dataclasses.replace(defaults, **changes)
 
 

@@ -78,6 +78,10 @@ settings_for = projects.settings_for
 stored_settings = projects.stored_settings
 
 
+DISTANCES = {"euclidean": "Euclidean (paper)", "cosine": "Cosine (direction only)"}
+"""The kNN distances DN2 and PANDA offer (``metric`` of their settings), as the pages label them."""
+
+
 def job_progress(job: Job) -> projects.StageProgress:
     return lambda stage, done, total: job.report(done, total, stage)
 

@@ -385,6 +385,29 @@ def test_compare_can_leave_strategies_out(normal, test_set):
     assert set(result.curves) == {"unregularised"}
 
 
+def test_compare_scores_every_row_with_the_settings_metric(normal, test_set, monkeypatch):
+    import core.adaptation.compare as compare_module
+    import core.adaptation.ses as ses_module
+    import core.adaptation.strategies as strategies_module
+    from core.knn import KnnIndex
+
+    metrics: list[str] = []
+
+    class RecordingIndex(KnnIndex):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            metrics.append(self.metric)
+
+    for module in (compare_module, ses_module, strategies_module):
+        monkeypatch.setattr(module, "KnnIndex", RecordingIndex)
+    result = compare_strategies(normal, test_set, settings(grad_clip=1.0, lr=0.05, metric="cosine", ewc_step="proximal"),
+                                epochs=2, early_epoch=1, ewc_epochs=1, strategies=("early", "ses", "ewc"),
+                                ewc_curves=False)
+    # Per-epoch curves (3 records), two SES snapshots, the EWC end score: all cosine.
+    assert len(metrics) >= 6 and set(metrics) == {"cosine"}
+    assert result.auroc("PANDA-EWC") is not None
+
+
 # ---------------------------------------------------------------------- automatic Early (normal images only)
 @pytest.fixture(autouse=True)
 def _private_fisher_cache(tmp_path, monkeypatch):

@@ -127,3 +127,19 @@ def test_early_with_the_automatic_stop_marks_its_epoch(tiny_bottle):
     marked = [record["epoch"] for record in run.curves if record.get("auto_stop")]
     assert run.stop_epoch == (marked[0] if marked else run.curves[-1]["epoch"])
     assert "auto stop" in at.dataframe[0].value["strategy"].iloc[0]
+
+
+def test_a_run_with_the_cosine_distance_records_it(tiny_bottle):
+    workspace, project = tiny_bottle
+    at = new_app(project.id, page="views/adapt.py")
+    at.selectbox(key="panda-metric").set_value("cosine").run()
+    at.number_input(key="panda-crop").set_value(32).run()
+    at.number_input(key="panda-epochs").set_value(1).run()
+    next(b for b in at.button if b.label == "Start training").click().run()
+    finish_jobs(at, timeout=150)
+    (run,) = workspace.runs(project.id)
+    assert run.status == "finished" and run.settings["metric"] == "cosine"
+    assert at.dataframe[0].value.set_index("run").loc[run.id, "distance"] == "cosine"
+    from core.projects import stored_settings
+
+    assert stored_settings("panda", workspace.model(run.model_id).settings).metric == "cosine"

@@ -35,6 +35,21 @@ def test_detect_page_fits_and_shows_threshold_histogram_roc_and_gallery(tiny_bot
     assert labels["FPR on normal training images"] == "0.0%"
 
 
+def test_dn2_fitted_with_the_cosine_distance_keeps_it(tiny_bottle):
+    workspace, project = tiny_bottle
+    at = new_app(project.id, page="views/detect.py")
+    assert at.selectbox(key="fit-metric").value == "euclidean"  # the paper's, unless asked
+    at.selectbox(key="fit-metric").set_value("cosine").run()
+    next(button for button in at.button if button.label == "Fit and score").click().run()
+    finish_jobs(at)
+    assert not at.exception
+    (model,) = workspace.models(project.id)
+    assert model.settings["metric"] == "cosine"
+    from core.projects import stored_settings
+
+    assert stored_settings("dn2", model.settings).metric == "cosine"
+
+
 def test_stop_button_stops_a_fit(tiny_bottle):
     workspace, project = tiny_bottle
     at = new_app(project.id, page="views/detect.py")

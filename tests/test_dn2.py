@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -128,6 +129,26 @@ def test_other_galleries(normal, test_set, gallery, tmp_path):
     assert detector.train_scores_.shape == (20,) and (detector.train_scores_ > 0).all()
     loaded = load_detector(detector.save(tmp_path / f"{gallery}.npz"))
     np.testing.assert_array_equal(loaded.score(test_set), scores)
+
+
+@pytest.mark.parametrize("gallery", ["exact", "kmeans", "centre"])
+def test_cosine_metric_scores_unit_vectors_with_every_gallery(normal, test_set, gallery, tmp_path):
+    settings = DN2Settings(features=FEATURES, gallery=gallery, n_means=4, metric="cosine")
+    detector = DN2Detector(settings).fit(normal)
+    np.testing.assert_allclose(np.linalg.norm(detector.features_, axis=1), 1.0, rtol=1e-5)
+    scores = detector.score(test_set)
+    raw = DN2Detector(dataclasses.replace(settings, metric="euclidean")).fit(normal)
+    raw.score(test_set)
+    unit = raw.last_features_ / np.linalg.norm(raw.last_features_, axis=1, keepdims=True)
+    np.testing.assert_allclose(detector.last_features_, unit, rtol=1e-5, atol=1e-6)
+    if gallery == "exact":  # the plain kNN on unit vectors, computed by hand
+        np.testing.assert_allclose(scores, brute_force_scores(detector.features_, unit, 2, False), rtol=1e-4, atol=1e-6)
+    assert scores.max() <= 2 * 2 * settings.k  # squared chord lengths of unit vectors are at most 4 each
+    loaded = load_detector(detector.save(tmp_path / f"cosine-{gallery}.npz"))
+    assert loaded.settings.metric == "cosine"
+    np.testing.assert_array_equal(loaded.score(test_set), scores)
+    with pytest.raises(ValueError, match="metric"):
+        DN2Settings(metric="angular")
 
 
 def test_centre_train_scores_are_exact_leave_one_out(normal):

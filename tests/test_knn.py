@@ -197,3 +197,36 @@ def test_pq_subquantizers_divide_the_dimension():
     assert knn.pq_subquantizers(24, 4) == 6 and knn.pq_subquantizers(112, 4) == 28
     assert knn.pq_subquantizers(40, 3) in (10, 20) and 40 % knn.pq_subquantizers(40, 3) == 0
     assert knn.pq_subquantizers(7, 4) in (1, 7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cosine_metric_searches_unit_vectors_and_ignores_length(data, backend):
+    gallery, queries = data
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    index = KnnIndex(k=2, backend=backend, device="cpu", metric="cosine").fit(gallery)
+    expected_d, expected_i = brute_force(unit(gallery), unit(queries), 2)
+    found = index.search(queries)
+    np.testing.assert_allclose(found.sq_distances, expected_d, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(found.indices, expected_i)
+    # Squared distance of unit vectors = 2 - 2 cos: the score reads angles only.
+    cosines = (unit(queries)[:, None] * unit(gallery)[expected_i]).sum(-1)
+    np.testing.assert_allclose(found.sq_distances, 2 - 2 * cosines, atol=1e-5)
+    scaled = queries * np.linspace(0.1, 50, len(queries), dtype=np.float32)[:, None]
+    np.testing.assert_allclose(index.score(scaled), index.score(queries), rtol=1e-4, atol=1e-5)
+    # Euclidean keeps the length: the same scaling changes its scores.
+    plain = KnnIndex(k=2, backend=backend, device="cpu").fit(gallery)
+    assert not np.allclose(plain.score(scaled), plain.score(queries))
+
+
+def test_cosine_leave_one_out_and_bad_metric(data):
+    gallery, _ = data
+    unit = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    cosine = KnnIndex(k=2, backend="torch", device="cpu", metric="cosine").fit(gallery * 3.0)
+    np.testing.assert_allclose(cosine.train_scores(), KnnIndex(k=2, backend="torch", device="cpu").fit(unit).train_scores(),
+                               rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="metric must be one of euclidean, cosine"):
+        KnnIndex(k=2, metric="manhattan")
+    with pytest.raises(ValueError, match="metric"):
+        knn.in_metric_space(gallery, "dot")
+    zero = knn.unit_rows(np.zeros((2, 3), dtype=np.float32))
+    assert np.isfinite(zero).all() and not zero.any()  # an all-zero vector stays zero, no NaN

@@ -19,6 +19,7 @@ from core.datasets import ImageItem, ImageSet
 from core.detectors import NotFittedError, load_detector, make_detector
 from core.detectors.base import ModelFileError
 from core.detectors.panda import PandaDetector
+from core.knn import KnnIndex
 from core.metrics import image_auroc
 
 FEATURES = FeatureSettings(weights="random", resize=32, crop=32, device="cpu", batch_size=16)
@@ -81,6 +82,22 @@ def test_fit_score_save_load_round_trip(strategy, normal, test_set, tmp_path):
     np.testing.assert_array_equal(loaded.train_scores_, detector.train_scores_)
     assert [r.to_dict() for r in loaded.curves_] == [r.to_dict() for r in detector.curves_]
     assert loaded.summary_["strategy"] == strategy
+
+
+@pytest.mark.parametrize("strategy", ["early", "ses"])
+def test_cosine_metric_reaches_every_knn_score_and_survives_saving(strategy, normal, test_set, tmp_path):
+    detector = PandaDetector(settings(strategy, metric="cosine")).fit(normal, test=test_set)
+    features = detector.query_features(test_set)
+    scores = detector.score(test_set)
+    if strategy == "early":
+        unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+        expected = KnnIndex(2).fit(unit(detector.gallery_)).score(unit(features[0]))
+        np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-6)
+    else:
+        assert all(index.metric == "cosine" for index in detector.ses_.indexes_)
+    loaded = load_detector(detector.save(tmp_path / f"cos-{strategy}.npz"))
+    assert loaded.settings.metric == "cosine"
+    np.testing.assert_allclose(loaded.score(test_set), scores, rtol=1e-5, atol=1e-6)
 
 
 def test_saved_model_refuses_another_backbone(normal, tmp_path):

@@ -172,7 +172,7 @@ def compare_strategies(
     kept = [e for e in ses_epochs if e in unregularised.result.snapshots]
     if "ses" in strategies and kept:
         snaps = [unregularised.result.snapshots[e] for e in kept]
-        scorer = SesScorer(settings.k, settings.ses_holdout, settings.seed).fit([s.train_features for s in snaps])
+        scorer = SesScorer(settings.k, settings.ses_holdout, settings.seed, settings.metric).fit([s.train_features for s in snaps])
         found = scorer.score([s.test_features for s in snaps])
         choice_counts = np.bincount(found.choice, minlength=len(kept)).tolist()
         last = records[kept[-1]]
@@ -198,7 +198,7 @@ def compare_strategies(
         r = ewc.result.records[-1]
         auroc = r.auroc
         if auroc is None and labels is not None:  # evaluated only at the end: score the final features
-            auroc = image_auroc(labels, KnnIndex(settings.k).fit(ewc.result.final_train_features)
+            auroc = image_auroc(labels, KnnIndex(settings.k, metric=settings.metric).fit(ewc.result.final_train_features)
                                 .score(ewc.result.final_test_features))
         note = f"lambda={settings.ewc_lambda:g}, Fisher: {ewc.fisher.source}" if ewc.fisher else ""
         rows.append(ComparisonRow("PANDA-EWC", auroc, r.epoch, r.minibatches, note))

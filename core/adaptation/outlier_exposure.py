@@ -69,7 +69,9 @@ class OutlierExposureObjective(Objective):
         loss = outlier_exposure_loss(self.head(features.float()), self.head(outlier_features.float()))
         return loss, {}
 
-    def test_scores(self, network: TrainableNetwork, train_features: np.ndarray, test_features: np.ndarray, k: int) -> np.ndarray:
+    def test_scores(self, network: TrainableNetwork, train_features: np.ndarray, test_features: np.ndarray, k: int,
+                    metric: str = "euclidean") -> np.ndarray:
+        # The OE head scores features directly: no kNN, so no metric.
         return head_scores(self.head_state(), test_features)
 
     def head_state(self) -> dict[str, np.ndarray]:

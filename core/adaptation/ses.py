@@ -43,8 +43,9 @@ def holdout_split(n: int, fraction: float, k: int, seed: int) -> tuple[np.ndarra
 class SesScorer:
     """kNN galleries and normalisers of T snapshots; scores are max-over-snapshots of kNN / s_t."""
 
-    def __init__(self, k: int = 2, holdout: float = 0.1, seed: int = 0) -> None:
+    def __init__(self, k: int = 2, holdout: float = 0.1, seed: int = 0, metric: str = "euclidean") -> None:
         self.k = k
+        self.metric = metric
         self.holdout = holdout
         self.seed = seed
         self.indexes_: list[KnnIndex] = []
@@ -65,7 +66,7 @@ class SesScorer:
         self.indexes_, normalisers, ratios = [], [], []
         for features in train_features:
             features = as_float32(features)
-            index = KnnIndex(self.k).fit(features[gallery])
+            index = KnnIndex(self.k, metric=self.metric).fit(features[gallery])
             held = index.score(features[holdout])
             s = float(held.mean())
             if not s > 0:
@@ -116,9 +117,10 @@ class SesScorer:
         }
 
     @classmethod
-    def from_state(cls, arrays: dict[str, np.ndarray], k: int, holdout: float, seed: int) -> "SesScorer":
-        scorer = cls(k, holdout, seed)
-        scorer.indexes_ = [KnnIndex(k).fit(gallery) for gallery in arrays["galleries"]]
+    def from_state(cls, arrays: dict[str, np.ndarray], k: int, holdout: float, seed: int,
+                   metric: str = "euclidean") -> "SesScorer":
+        scorer = cls(k, holdout, seed, metric)
+        scorer.indexes_ = [KnnIndex(k, metric=metric).fit(gallery) for gallery in arrays["galleries"]]
         scorer.normalisers_ = np.asarray(arrays["normalisers"], dtype=np.float64)
         scorer.gallery_positions_ = np.asarray(arrays["gallery_positions"])
         scorer.holdout_positions_ = np.asarray(arrays["holdout_positions"])

@@ -37,9 +37,10 @@ class Objective(ABC):
     def after_step(self, network: TrainableNetwork, lr: float) -> None:
         """Called after every optimiser step with its learning rate (nothing by default)."""
 
-    def test_scores(self, network: TrainableNetwork, train_features: np.ndarray, test_features: np.ndarray, k: int) -> np.ndarray:
+    def test_scores(self, network: TrainableNetwork, train_features: np.ndarray, test_features: np.ndarray, k: int,
+                    metric: str = "euclidean") -> np.ndarray:
         """(M,) anomaly scores of test features (M, D) at this point of training: kNN to the normal features."""
-        return KnnIndex(k).fit(train_features).score(test_features)
+        return KnnIndex(k, metric=metric).fit(train_features).score(test_features)
 
 
 class CompactnessObjective(Objective):

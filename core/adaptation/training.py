@@ -48,6 +48,7 @@ class OptimiserSettings:
     grad_clip: float = 1e-3
     batch_size: int = 32
     k: int = 2
+    metric: str = "euclidean"
     dtype: torch.dtype = torch.float32
     seed: int = 0
     eval_batch_size: int = 64
@@ -176,7 +177,7 @@ def train(
                 summary.update(holdout_statistics(train_f, held_f, centre, optimiser.k))
                 gallery = np.concatenate([train_f, held_f])
             if with_auroc and test_f is not None:
-                auroc = image_auroc(labels, objective.test_scores(network, gallery, test_f, optimiser.k))
+                auroc = image_auroc(labels, objective.test_scores(network, gallery, test_f, optimiser.k, optimiser.metric))
         record = EpochRecord(
             epoch=epoch,
             minibatches=minibatches,

@@ -18,6 +18,10 @@ Galleries (``DN2Settings.gallery``):
 
 ``features_`` keeps every normal image's vector (N, D), whatever the gallery,
 so :meth:`DN2Detector.nearest_normal` can show the closest normal images.
+
+``DN2Settings.metric = "cosine"`` scales every pooled vector to unit length
+before anything else, so galleries, K-means centres, the centre and the stored
+``features_`` all live on the unit sphere.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from core.config import DN2Settings
 from core.detectors.base import ModelFileError
 from core.detectors.features import FeatureDetector
 from core.features import POOLED, FeatureRequest, pooled_stage
-from core.knn import KnnIndex, Neighbours, as_float32, centre_distance, kmeans_summary
+from core.knn import KnnIndex, Neighbours, as_float32, centre_distance, in_metric_space, kmeans_summary
 
 
 class DN2Detector(FeatureDetector):
@@ -55,7 +59,7 @@ class DN2Detector(FeatureDetector):
     def fit_features(self, features: Features, holdout: Features | None = None) -> "DN2Detector":
         """Fit on pooled features of N normal images; ``holdout`` features set the threshold when given."""
         s = self.settings
-        vectors = pooled_stage(features, POOLED)
+        vectors = self._vectors(features)
         if vectors.shape[0] <= s.k:
             raise ValueError(f"DN2 with k={s.k} needs more than {s.k} normal images, got {vectors.shape[0]}")
         self.features_ = vectors
@@ -70,9 +74,13 @@ class DN2Detector(FeatureDetector):
             self._use_gallery(vectors.mean(axis=0, keepdims=True))
             n = vectors.shape[0]
             train = (n / (n - 1.0)) ** 2 * centre_distance(vectors, self.gallery_[0]).astype(np.float64)
-        holdout_scores = self._gallery_scores(pooled_stage(holdout, POOLED)) if holdout is not None else None
+        holdout_scores = self._gallery_scores(self._vectors(holdout)) if holdout is not None else None
         self._set_threshold(train, holdout_scores)
         return self
+
+    def _vectors(self, features: Features) -> np.ndarray:
+        """(N, D) float32 pooled vectors in the space of ``settings.metric``."""
+        return in_metric_space(pooled_stage(features, POOLED), self.settings.metric)
 
     def _use_gallery(self, gallery: np.ndarray) -> None:
         self.gallery_ = as_float32(gallery, "gallery")
@@ -106,7 +114,7 @@ class DN2Detector(FeatureDetector):
     def score_features(self, features: Features) -> np.ndarray:
         """Pooled features of M images -> (M,) kNN scores; remembers them in ``last_features_``."""
         self._require_fitted()
-        vectors = as_float32(pooled_stage(features, POOLED), "features")
+        vectors = self._vectors(features)
         if vectors.shape[1] != self.features_.shape[1]:
             raise ValueError(f"features have {vectors.shape[1]} dimensions, the model {self.features_.shape[1]}")
         self.last_features_ = vectors
@@ -126,6 +134,8 @@ class DN2Detector(FeatureDetector):
             features = self.last_features_
         if self._all_index is None:
             self._all_index = KnnIndex(1, device=self.settings.features.device).fit(self.features_)
+        # Scaling unit vectors again changes nothing; raw vectors given by a caller need it.
+        features = in_metric_space(features, self.settings.metric)
         return self._all_index.search(features, min(k, self.features_.shape[0]))
 
     # ------------------------------------------------------------------ persistence

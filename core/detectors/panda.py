@@ -134,7 +134,7 @@ class PandaDetector(BackboneUser, Detector):
                 self.state_epochs_ = epochs
                 trains = [result.snapshots[e].train_features for e in epochs]
             s = self.settings
-            self.ses_ = SesScorer(s.k, s.ses_holdout, s.seed).fit(trains)
+            self.ses_ = SesScorer(s.k, s.ses_holdout, s.seed, s.metric).fit(trains)
             train_scores = self.ses_.train_scores()
             train, self.train_choice_ = train_scores.scores, train_scores.choice
         else:
@@ -167,7 +167,8 @@ class PandaDetector(BackboneUser, Detector):
     # ------------------------------------------------------------------ score
     def _knn(self) -> KnnIndex:
         if self._index is None:
-            self._index = KnnIndex(self.settings.k, device=self.settings.features.device).fit(self.gallery_)
+            self._index = KnnIndex(self.settings.k, device=self.settings.features.device,
+                                   metric=self.settings.metric).fit(self.gallery_)
         return self._index
 
     def network(self) -> TrainableNetwork:
@@ -245,7 +246,7 @@ class PandaDetector(BackboneUser, Detector):
         self.gallery_ = as_float32(arrays["gallery"], "gallery") if "gallery" in arrays else None
         ses = {key[len(_SES):]: value for key, value in arrays.items() if key.startswith(_SES)}
         s = self.settings
-        self.ses_ = SesScorer.from_state(ses, s.k, s.ses_holdout, s.seed) if ses else None
+        self.ses_ = SesScorer.from_state(ses, s.k, s.ses_holdout, s.seed, s.metric) if ses else None
         self.head_ = ({"weight": arrays["head/weight"], "bias": arrays["head/bias"]} if "head/weight" in arrays else None)
         if self.gallery_ is None and self.ses_ is None and self.head_ is None:
             raise ModelFileError("PANDA model file has neither a gallery, SES snapshots nor an OE head")
