@@ -48,6 +48,9 @@ def test_dn2_fitted_with_the_cosine_distance_keeps_it(tiny_bottle):
     from core.projects import stored_settings
 
     assert stored_settings("dn2", model.settings).metric == "cosine"
+    from dashboard.components.models import model_label
+
+    assert "cosine" in model_label(model)
 
 
 def test_stop_button_stops_a_fit(tiny_bottle):

@@ -221,6 +221,32 @@ def test_adapt_compare_over_fashion_mnist_classes_writes_table6(tmp_path, capsys
     printed = capsys.readouterr().out
     assert "mean" in printed and "paper (ResNet152)" in printed
 
+    # Classes run in two processes are merged into the same table (in Fashion-MNIST's class order).
+    parts = []
+    for name in ("Bag", "Trouser"):
+        part = tmp_path / f"{name}.json"
+        part.write_text(json.dumps({"settings": written["settings"], "command": ["x"], "wall_seconds": 1.0,
+                                    "classes": [name], "per_class": {name: written["per_class"][name]}}))
+        parts.append(str(part))
+    merged_path = tmp_path / "merged.json"
+    assert adapt_cli.run(_adapt_parser().parse_args(["--merge", *parts, "--table", str(merged_path)])) == 0
+    merged = json.loads(merged_path.read_text())
+    assert merged["classes"] == ["Trouser", "Bag"]
+    assert merged["table"] == written["table"] and merged["mean"] == pytest.approx(written["mean"])
+    assert "Trouser" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="repeats class"):
+        adapt_cli.merge_tables([parts[0], parts[0]], None)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"settings": {**written["settings"], "lr": 9.0},
+                                 "per_class": {"Coat": written["per_class"]["Bag"]}}))
+    with pytest.raises(ValueError, match="other.json: run with other settings .*lr"):
+        adapt_cli.merge_tables([parts[0], str(other)], None)
+    with pytest.raises(SystemExit, match="--normal is required"):
+        adapt_cli.run(_adapt_parser().parse_args(["--compare"]))
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="broken.json: not a table"):
+        adapt_cli.merge_tables([str(tmp_path / "broken.json")], None)
+
 
 def test_adapt_command_times_the_prefix_cache(tmp_path, capsys):
     from core.cli import adapt as adapt_cli

@@ -10,6 +10,7 @@ Examples::
     python -m core adapt --normal data/mvtec_ad/bottle --time-cache
     python -m core adapt --compare --normal fashion-mnist:all:1000 --test fashion-mnist:all:10000 \\
         --table table6.json            # the paper's Table 6: every class in turn, a mean row
+    python -m core adapt --merge t6_a.json t6_b.json --table t6.json   # classes run in separate processes
 
 ``--normal`` / ``--test`` / ``--outliers`` take a folder of images, an MVTec
 category folder (its ``train/good`` for normal images, its labelled ``test/``
@@ -18,7 +19,9 @@ for testing) or ``fashion-mnist:CLASS[:COUNT]`` (COUNT images, seeded).
 strategy (the paper's Table 6) and writes the table and both curves. With
 ``fashion-mnist:all`` (or ``fashion-mnist:Bag,Dress``) it runs every named
 class in turn as the normal class and prints one row per class and the mean
-(``--table`` writes them, with timings, as JSON).
+(``--table`` writes them, with timings, as JSON). ``--merge`` joins such JSON
+files, written by processes that each ran some of the classes with the same
+settings, into one table.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from core.config import PANDA_STRATEGIES, FeatureSettings, PandaSettings, apply_
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("adapt", help="train PANDA (feature adaptation) and save the model and curves",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--normal", required=True, help="normal training images (folder, MVTec category, fashion-mnist:CLASS[:N])")
+    parser.add_argument("--normal", help="normal training images (folder, MVTec category, fashion-mnist:CLASS[:N]); "
+                                         "required except with --merge")
     parser.add_argument("--test", help="labelled test images for the curves (MVTec category or fashion-mnist:CLASS[:N])")
     parser.add_argument("--outliers", help="outlier exposure images (strategy oe)")
     parser.add_argument("--strategy", choices=PANDA_STRATEGIES, default="early")
@@ -61,6 +65,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="with --compare: evaluate the EWC run only at its end (faster; no EWC curve)")
     parser.add_argument("--table", default=None,
                         help="with --compare over several Fashion-MNIST classes: JSON file for the per-class table")
+    parser.add_argument("--merge", nargs="+", metavar="TABLE.json", default=None,
+                        help="join --table files of processes that ran different classes with the same settings, "
+                             "print the whole table (and write it to --table)")
     parser.add_argument("--time-cache", action="store_true",
                         help="only time one training epoch with and without the frozen-prefix cache, and exit")
     parser.add_argument("--rounds", type=int, default=3, help="with --time-cache: alternating repetitions (fastest kept)")
@@ -161,8 +168,6 @@ def _table6(args: argparse.Namespace, settings: PandaSettings, classes: list[str
     """Table 6 over several Fashion-MNIST classes: one comparison per normal class, a mean row, a JSON file."""
     import time
 
-    import numpy as np
-
     from core.adaptation.compare import compare_strategies
 
     if not args.test or not args.test.startswith("fashion-mnist:"):
@@ -185,6 +190,18 @@ def _table6(args: argparse.Namespace, settings: PandaSettings, classes: list[str
         if args.table:  # after every class: a long run that is stopped keeps what it measured
             Path(args.table).write_text(json.dumps({"settings": dataclasses.asdict(settings), "command": sys.argv,
                                                     "classes": classes, "per_class": per_class}, indent=1))
+    wall = time.perf_counter() - started
+    print(f"wall time {wall / 60:.1f} min for {len(classes)} classes")
+    _write_table6(per_class, classes, dataclasses.asdict(settings), {"command": sys.argv, "wall_seconds": wall},
+                  args.table)
+    return 0
+
+
+def _write_table6(per_class: dict[str, Any], classes: list[str], settings: dict[str, Any],
+                  extra: dict[str, Any], path: str | None) -> dict[str, Any]:
+    """Print one row per class, the mean and the paper's row; write everything to ``path`` as JSON."""
+    import numpy as np
+
     methods = [row["method"] for row in next(iter(per_class.values()))["rows"]]
     table = {name: {row["method"]: row["auroc"] for row in entry["rows"]} for name, entry in per_class.items()}
     means = {m: float(np.mean([table[c][m] for c in table]))
@@ -199,17 +216,52 @@ def _table6(args: argparse.Namespace, settings: PandaSettings, classes: list[str
         print(name.ljust(width) + "".join(cell(table[name].get(m)) for m in methods))
     print("mean".ljust(width) + "".join(cell(means.get(m)) for m in methods))
     print("paper (ResNet152)".ljust(width) + "".join(cell(PAPER_TABLE6_FMNIST.get(m)) for m in methods))
-    wall = time.perf_counter() - started
-    print(f"wall time {wall / 60:.1f} min for {len(classes)} classes")
-    if args.table:
-        Path(args.table).write_text(json.dumps({
-            "settings": dataclasses.asdict(settings), "command": sys.argv, "classes": classes,
-            "table": table, "mean": means, "paper_fmnist": PAPER_TABLE6_FMNIST, "wall_seconds": wall,
-            "per_class": per_class}, indent=1))
-    return 0
+    document = {"settings": settings, **extra, "classes": classes, "table": table, "mean": means,
+                "paper_fmnist": PAPER_TABLE6_FMNIST, "per_class": per_class}
+    if path:
+        Path(path).write_text(json.dumps(document, indent=1))
+    return document
+
+
+def merge_tables(paths: list[str], out: str | None) -> dict[str, Any]:
+    """Join Table 6 JSON files of processes that ran different classes with the same settings.
+
+    Raises ``ValueError`` naming the file when one cannot be read, was run with
+    other settings, or repeats a class another file has.
+    """
+    from core.datasets.fashion_mnist import FASHION_MNIST_CLASSES
+
+    per_class: dict[str, Any] = {}
+    settings: dict[str, Any] | None = None
+    commands, walls = [], []
+    for path in paths:
+        try:
+            document = json.loads(Path(path).read_text())
+            part, part_settings = document["per_class"], document["settings"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}: not a table written by adapt --compare --table ({error})") from None
+        if settings is not None and part_settings != settings:
+            changed = sorted(k for k in set(settings) | set(part_settings) if settings.get(k) != part_settings.get(k))
+            raise ValueError(f"{path}: run with other settings than {paths[0]} ({', '.join(changed)})")
+        settings = part_settings
+        repeated = sorted(set(part) & set(per_class))
+        if repeated:
+            raise ValueError(f"{path}: repeats class(es) {', '.join(repeated)} of an earlier file")
+        per_class.update(part)
+        commands.append(document.get("command"))
+        walls.append(document.get("wall_seconds"))
+    order = {name: i for i, name in enumerate(FASHION_MNIST_CLASSES)}
+    classes = sorted(per_class, key=lambda name: order.get(name, len(order)))
+    extra = {"merged_from": list(paths), "commands": commands, "wall_seconds_per_file": walls}
+    return _write_table6(per_class, classes, settings, extra, out)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.merge:
+        merge_tables(args.merge, args.table)
+        return 0
+    if not args.normal:
+        raise SystemExit("--normal is required (except with --merge)")
     apply_threads(args.threads)
     settings = settings_from_args(args)
     if args.compare and fashion_classes(args.normal):

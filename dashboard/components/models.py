@@ -23,6 +23,8 @@ def model_label(model: StoredModel) -> str:
     if extra:
         parts.append(extra)
     parts.append(backbone)
+    if model.settings.get("metric") == "cosine":  # the paper's Euclidean goes unsaid
+        parts.append("cosine")
     if auroc is not None:
         parts.append(f"AUROC {auroc:.3f}")
     return " · ".join(part for part in parts if part)
