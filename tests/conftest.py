@@ -112,6 +112,12 @@ def new_app(project_id=None, page=None, timeout=120):
     return at
 
 
+def model_picker(at, key):
+    """The model picker ``key`` (detect-model, review-model, segment-model): its widget key ends in the newest model's id."""
+    (box,) = [box for box in at.selectbox if (box.key or "").startswith(f"{key}-")]
+    return box
+
+
 def finish_jobs(at, timeout=120.0):
     """Wait for the session's background jobs, then rerun the page so it shows their results."""
     import time

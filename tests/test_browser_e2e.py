@@ -210,8 +210,11 @@ def body_text(driver) -> str:
 
 
 def picked(driver, key: str) -> str:
-    """What a selectbox shows as chosen (its text, or its input's value: it depends on the Streamlit version)."""
-    box = keyed(driver, key)
+    """What a selectbox shows as chosen (its text, or its input's value: it depends on the Streamlit version).
+
+    A key ending in "-" matches the widget whose key starts so (model pickers end in the newest model's id).
+    """
+    box = (driver.find_element(By.CSS_SELECTOR, f"[class*='st-key-{key}']") if key.endswith("-") else keyed(driver, key))
     values = [field.get_attribute("value") or "" for field in box.find_elements(By.TAG_NAME, "input")]
     return " ".join([box.get_attribute("textContent") or "", *values])
 
@@ -318,7 +321,7 @@ def test_qa_walk_upload_fit_threshold_restart_explain_review_refit(restartable_s
         except Exception:  # noqa: BLE001 - the page did not take the click; the next try clicks again
             continue
     wait_for_text(driver, "done in", 240)
-    WebDriverWait(driver, 30).until(lambda d: "#3 · SPADE" in picked(d, "review-model"))
+    WebDriverWait(driver, 30).until(lambda d: "#3 · SPADE" in picked(d, "review-model-"))
     screenshot(driver, tmp_path, "qa-4-refit")
     took = time.time() - began
     print(f"QA walk: {took:.0f} s")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import finish_jobs, new_app
+from conftest import finish_jobs, new_app, model_picker
 
 
 def test_adapt_page_trains_streams_curves_and_keeps_the_run(tiny_bottle):
@@ -45,7 +45,7 @@ def test_adapt_page_trains_streams_curves_and_keeps_the_run(tiny_bottle):
 
     # The PANDA model is offered on the Detect page.
     at.switch_page("views/detect.py").run()
-    assert "PANDA" in at.selectbox(key="detect-model").format_func(at.selectbox(key="detect-model").value)
+    assert "PANDA" in model_picker(at, "detect-model").format_func(model_picker(at, "detect-model").value)
 
 
 def test_another_session_sees_a_running_job_and_can_stop_it(tiny_bottle):

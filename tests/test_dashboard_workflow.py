@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from conftest import finish_jobs, new_app
+from conftest import finish_jobs, new_app, model_picker
 from core import projects
 from dashboard import state, tasks
 from dashboard.jobs import Job
@@ -32,12 +32,12 @@ def test_detect_shows_the_model_just_fitted(tiny_bottle):
     click(at, "Fit and score")
     finish_jobs(at)
     (dn2,) = workspace.models(project.id)
-    assert at.selectbox(key="detect-model").value == dn2.id
+    assert model_picker(at, "detect-model").value == dn2.id
     at.selectbox(key="fit-method").set_value("gaussian").run()
     click(at, "Fit and score")
     finish_jobs(at)
     gaussian = workspace.models(project.id, "gaussian")[0]
-    assert at.selectbox(key="detect-model").value == gaussian.id
+    assert model_picker(at, "detect-model").value == gaussian.id
     assert any(f"model #{gaussian.id}" in caption.value for caption in at.caption)
 
 
@@ -93,7 +93,7 @@ def test_review_refit_ends_on_the_new_model_with_a_done_message(tiny_bottle):
     assert not at.exception
     newest = workspace.models(project.id)[0]
     assert newest.id != first.id
-    assert at.selectbox(key="review-model").value == newest.id
+    assert model_picker(at, "review-model").value == newest.id
     assert any("done" in success.value for success in at.success)
     # The confirmed normal is in the normal set now: nothing is left to add.
     assert next(button for button in at.button if button.label.startswith("Add")).disabled
@@ -132,9 +132,9 @@ def test_review_opens_on_the_model_last_used(tiny_bottle):
     older = fit(workspace, project, "dn2")
     fit(workspace, project, "gaussian")
     at = new_app(project.id, page="views/detect.py")
-    at.selectbox(key="detect-model").set_value(older.id).run()
+    model_picker(at, "detect-model").set_value(older.id).run()
     other = new_app(project.id, page="views/review.py")  # another browser, later
-    assert other.selectbox(key="review-model").value == older.id
+    assert model_picker(other, "review-model").value == older.id
 
 
 def test_clopper_pearson_interval():

@@ -30,6 +30,10 @@ def model_label(model: StoredModel) -> str:
     return " · ".join(part for part in parts if part)
 
 
+DRAWN_PICKERS = "model_picker_widgets"
+"""Session key: picker name -> the widget key it was last drawn with."""
+
+
 def pick_model(workspace: Workspace, project: Project, methods: Sequence[str], key: str,
                label: str = "Model") -> StoredModel | None:
     """A selectbox of the project's models of these methods, newest first (None when there is none).
@@ -43,20 +47,32 @@ def pick_model(workspace: Workspace, project: Project, methods: Sequence[str], k
     if not models:
         return None
     ids = [model.id for model in models]
+    # One widget per model list, and only the one drawn last may change the current model: when a fit adds
+    # a model, a real browser still sent the previous widget's choice back once, and its on_change made the
+    # old model current again (so a restart opened on it). AppTest does not reproduce this; a browser walk did.
+    widget = picker_key(key, ids)
+    st.session_state.setdefault(DRAWN_PICKERS, {})[key] = widget
     current = projects.last_model(workspace, project.id)
     if current in ids and state.model_seen(key) != current:
-        st.session_state[key] = current  # before the widget exists: allowed, and it wins over the old choice
-    elif st.session_state.get(key) not in ids:
-        st.session_state[key] = current if current in ids else ids[0]
+        st.session_state[widget] = current  # before the widget exists: allowed, and it wins over the old choice
+    elif st.session_state.get(widget) not in ids:
+        st.session_state[widget] = current if current in ids else ids[0]
     state.set_model_seen(key, current)
 
     def picked() -> None:
-        projects.remember_model(workspace, project.id, st.session_state[key])
-        state.set_model_seen(key, st.session_state[key])
+        if st.session_state.get(DRAWN_PICKERS, {}).get(key) != widget:
+            return  # a stale widget's late callback: not the user's choice
+        projects.remember_model(workspace, project.id, st.session_state[widget])
+        state.set_model_seen(key, st.session_state[widget])
 
     chosen = st.selectbox(label, ids, format_func=lambda i: model_label(next(m for m in models if m.id == i)),
-                          key=key, on_change=picked)
+                          key=widget, on_change=picked)
     return next(model for model in models if model.id == chosen)
+
+
+def picker_key(key: str, ids: Sequence[int]) -> str:
+    """The widget key of a model picker (``key``) over models ``ids`` (newest first): it changes with each new model."""
+    return f"{key}-{max(ids)}"
 
 
 def scored_test(workspace: Workspace, model: StoredModel) -> ScoredTest:

@@ -57,7 +57,7 @@ def apply_preset() -> None:
 
 # ---------------------------------------------------------------------- configure and run
 with st.container(border=True):
-    top = st.columns([3, 2, 2, 2])
+    top = st.columns([3, 2, 2, 3])
     strategy = top[0].selectbox("Strategy", list(STRATEGIES), format_func=STRATEGIES.get, key="panda-strategy")
     backbones = list(list_backbones())
     backbone = top[1].selectbox("Backbone", backbones, index=backbones.index("efficientnet_lite0"),
