@@ -111,16 +111,23 @@ def test_preset_snapshots_one_auroc_fisher_source_and_overlay(tiny_bottle, tmp_p
     assert at.multiselect(key="compare-runs").value == [ewc.id, ses.id]
 
 
+def train_one_run(at, workspace, project, choices: dict, epochs: int):
+    """Pick ``choices`` (selectbox key -> value), train 32² for ``epochs`` and return the project's only run."""
+    for key, value in choices.items():
+        at.selectbox(key=key).set_value(value).run()
+    at.number_input(key="panda-crop").set_value(32).run()
+    at.number_input(key="panda-epochs").set_value(epochs).run()
+    next(b for b in at.button if b.label == "Start training").click().run()
+    finish_jobs(at, timeout=150)
+    (run,) = workspace.runs(project.id)
+    return run
+
+
 def test_early_with_the_automatic_stop_marks_its_epoch(tiny_bottle):
     workspace, project = tiny_bottle
     at = new_app(project.id, page="views/adapt.py")
     assert at.selectbox(key="panda-early-rule").value == "fixed"  # the paper's, unless asked
-    at.selectbox(key="panda-early-rule").set_value("auto").run()
-    at.number_input(key="panda-crop").set_value(32).run()
-    at.number_input(key="panda-epochs").set_value(3).run()
-    next(b for b in at.button if b.label == "Start training").click().run()
-    finish_jobs(at, timeout=150)
-    (run,) = workspace.runs(project.id)
+    run = train_one_run(at, workspace, project, {"panda-early-rule": "auto"}, epochs=3)
     assert run.settings["early_rule"] == "auto" and run.status == "finished"
     # Each epoch measured the held-out normal images; the model comes from the marked epoch (or the last).
     assert all(record["holdout_distance"] is not None for record in run.curves)
@@ -132,12 +139,7 @@ def test_early_with_the_automatic_stop_marks_its_epoch(tiny_bottle):
 def test_a_run_with_the_cosine_distance_records_it(tiny_bottle):
     workspace, project = tiny_bottle
     at = new_app(project.id, page="views/adapt.py")
-    at.selectbox(key="panda-metric").set_value("cosine").run()
-    at.number_input(key="panda-crop").set_value(32).run()
-    at.number_input(key="panda-epochs").set_value(1).run()
-    next(b for b in at.button if b.label == "Start training").click().run()
-    finish_jobs(at, timeout=150)
-    (run,) = workspace.runs(project.id)
+    run = train_one_run(at, workspace, project, {"panda-metric": "cosine"}, epochs=1)
     assert run.status == "finished" and run.settings["metric"] == "cosine"
     assert at.dataframe[0].value.set_index("run").loc[run.id, "distance"] == "cosine"
     from core.projects import stored_settings
