@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.backbones import DEFAULT_BACKBONE
+from core.knn import KNN_METRICS
 
 
 @dataclass(frozen=True)
@@ -89,12 +90,12 @@ class DN2Settings:
     cv_folds: int = 5
     # "euclidean" (the paper's) or "cosine": pooled vectors scaled to unit length before
     # the gallery is built. Cosine helped Fashion-MNIST (+0.8 mean ROC AUC, Lite2 224²) and
-    # bottle, and cost DeepPCB 0.4-1.8 and its crops 3.3 (README, DN2's distance), so it is a choice.
+    # bottle, and cost DeepPCB 0.4-1.8 and its crops 3.0-3.3 (README, DN2's distance), so it is a choice.
     metric: str = "euclidean"
 
     def __post_init__(self) -> None:
         _check_choice("gallery", self.gallery, ("exact", "kmeans", "centre"))
-        _check_choice("metric", self.metric, ("euclidean", "cosine"))
+        _check_choice("metric", self.metric, KNN_METRICS)
         _check_positive("k", self.k)
         _check_positive("n_means", self.n_means)
         _check_fraction("target_fpr", self.target_fpr)
@@ -213,7 +214,7 @@ class PandaSettings:
         _check_choice("ewc_step", self.ewc_step, ("gradient", "proximal"))
         _check_choice("early_rule", self.early_rule, ("fixed", "auto"))
         _check_choice("fisher_source", self.fisher_source, ("pool", "normal"))
-        _check_choice("metric", self.metric, ("euclidean", "cosine"))
+        _check_choice("metric", self.metric, KNN_METRICS)
         _check_fraction("stop_holdout", self.stop_holdout)
         _check_fraction("stop_fraction", self.stop_fraction)
         for name in ("k", "batch_size", "fisher_batches", "cache_budget_mb"):

@@ -48,6 +48,13 @@ KNN_METRICS = ("euclidean", "cosine")
 """``euclidean``: the papers' distance. ``cosine``: the same search on unit-length vectors."""
 
 
+def check_metric(metric: str) -> str:
+    """``metric`` if it is one of :data:`KNN_METRICS`; else ``ValueError`` naming the choices."""
+    if metric not in KNN_METRICS:
+        raise ValueError(f"metric must be one of {', '.join(KNN_METRICS)}; got {metric!r}")
+    return metric
+
+
 def unit_rows(features: np.ndarray) -> np.ndarray:
     """(N, D) float32 -> (N, D) float32 rows scaled to unit L2 length (all-zero rows stay zero)."""
     norms = np.linalg.norm(features, axis=1, keepdims=True)
@@ -56,8 +63,7 @@ def unit_rows(features: np.ndarray) -> np.ndarray:
 
 def in_metric_space(features: np.ndarray | torch.Tensor, metric: str, name: str = "features") -> np.ndarray:
     """(N, D) -> C-contiguous float32 (N, D) in the space ``metric`` measures: unchanged, or unit rows for cosine."""
-    if metric not in KNN_METRICS:
-        raise ValueError(f"metric must be one of {', '.join(KNN_METRICS)}; got {metric!r}")
+    check_metric(metric)
     array = as_float32(features, name)
     return unit_rows(array) if metric == "cosine" else array
 
@@ -98,10 +104,8 @@ class KnnIndex:
                  metric: str = "euclidean") -> None:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        if metric not in KNN_METRICS:
-            raise ValueError(f"metric must be one of {', '.join(KNN_METRICS)}; got {metric!r}")
         self.k = k
-        self.metric = metric
+        self.metric = check_metric(metric)
         self.backend = backend or choose_backend(device)
         if self.backend not in ("faiss", "faiss-gpu", "torch"):
             raise ValueError(f"unknown kNN backend {self.backend!r}")
