@@ -318,3 +318,23 @@ def test_choice_keeps_the_base_settings_on_a_near_tie_and_cheap_geometry_unless_
     much_better = candidate(512, (4, 8, 16), 4.0, 0.950 + 2 * GAIN_FOR_COST, seconds=0.4)
     chosen, reason = _choose([default, much_better], base)
     assert chosen == much_better and "512²" in reason
+
+
+def test_best_candidates_are_the_rows_both_the_cli_and_the_page_show():
+    from core.cli.tune import table
+    from core.tuning import best_candidates
+
+    def candidate(objective, image_sigma=None):
+        return {"resolution": 256, "aspect": "stretch", "strides": [4, 8, 16], "sigma": 4.0, "image_score": "max",
+                "image_sigma": image_sigma, "pixel_auroc": 0.981234, "pro": 0.9, "image_auroc": 1.0,
+                "objective": objective, "seconds_per_image": 0.0404}
+
+    summary = {"candidates": [candidate(0.5), candidate(0.9, image_sigma=2.0), candidate(0.7)]}
+    rows = best_candidates(summary, rows=2)
+    assert [row["mean"] for row in rows] == [0.9, 0.7]  # best first, cut at rows
+    assert [row["its σ"] for row in rows] == [2.0, 4.0]  # its own σ, else the heatmap's
+    assert rows[0]["pixel AUROC"] == 0.9812 and rows[0]["s / image"] == 0.04
+    lines = table(summary, rows=2).splitlines()
+    assert len(lines) == 3 and lines[0].split()[:2] == ["input", "aspect"]
+    assert "0.9812" in lines[1] and lines[1].split()[5] == "2"
+    assert best_candidates({}, rows=3) == [] and table({}) == "(no candidates)"

@@ -31,17 +31,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def table(summary: dict, rows: int = 12) -> str:
-    """The best candidates of a tuning summary as aligned text."""
-    lines = [f"{'input':>9} {'aspect':>7} {'strides':>10} {'σ':>4} {'image rule':>10} {'its σ':>5} {'pixel':>7} {'PRO':>7} "
-             f"{'image':>7} {'mean':>7} {'s/img':>6}"]
-    best = sorted(summary["candidates"], key=lambda c: -c["objective"])[:rows]
-    for c in best:
-        lines.append(
-            f"{c['resolution']:>8}² {c['aspect']:>7} {'+'.join(map(str, c['strides'])):>10} {c['sigma']:>4g} "
-            f"{c['image_score']:>10} {c['sigma'] if c.get('image_sigma') is None else c['image_sigma']:>5g} "
-            f"{c['pixel_auroc']:>7.4f} {c['pro']:>7.4f} {c['image_auroc']:>7.4f} "
-            f"{c['objective']:>7.4f} {c['seconds_per_image']:>6.3f}"
-        )
+    """The best candidates of a tuning summary as aligned text (the Segment page shows the same rows)."""
+    from core.tuning import best_candidates
+
+    best = best_candidates(summary, rows)
+    if not best:
+        return "(no candidates)"
+    formats = {"σ": "g", "its σ": "g", "s / image": ".3f"}  # other numbers: 4 decimals
+
+    def cell(name: str, value: object) -> str:
+        return format(value, formats.get(name, ".4f")) if isinstance(value, float) else str(value)
+
+    widths = {name: max(len(name), *(len(cell(name, row[name])) for row in best)) for name in best[0]}
+    lines = [" ".join(f"{name:>{width}}" for name, width in widths.items())]
+    lines += [" ".join(f"{cell(name, row[name]):>{width}}" for name, width in widths.items()) for row in best]
     return "\n".join(lines)
 
 

@@ -347,6 +347,23 @@ def tune_spade(
     )
 
 
+def best_candidates(summary: dict, rows: int = 12) -> list[dict]:
+    """The ``rows`` best candidates of a tuning summary (``candidates`` as dicts), best first, as display rows.
+
+    One row per candidate with the columns the CLI and the Segment page both show; "its σ" is the σ
+    of the heatmap the image score reads.
+    """
+    best = sorted(summary.get("candidates", []), key=lambda c: -c["objective"])[:rows]
+    return [{
+        "input": f"{c['resolution']}²", "aspect": c["aspect"], "strides": "+".join(map(str, c["strides"])),
+        "σ": c["sigma"], "image score": c["image_score"],
+        "its σ": c["sigma"] if c.get("image_sigma") is None else c["image_sigma"],
+        "pixel AUROC": round(c["pixel_auroc"], 4), "PRO": round(c["pro"], 4),
+        "image AUROC": round(c["image_auroc"], 4), "mean": round(c["objective"], 4),
+        "s / image": round(c["seconds_per_image"], 3),
+    } for c in best]
+
+
 def _octaves(sigma: float, reference: float) -> float:
     """How far σ moved from ``reference``, in octaves (2 when smoothing is switched on or off)."""
     if sigma == reference:

@@ -9,6 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from core.config import SPADE_IMAGE_SCORES, SpadeSettings
+from core.tuning import best_candidates
 
 RESOLUTION_CHOICES = (256, 320, 384, 448, 512, 640, 768)
 STRIDE_CHOICES = (4, 8, 16)
@@ -26,16 +27,7 @@ def describe(settings: SpadeSettings) -> str:
 
 def tuning_table(summary: dict[str, Any], rows: int = 12) -> pd.DataFrame:
     """The best candidates of a tuning summary (one per row, best first)."""
-    best = sorted(summary.get("candidates", []), key=lambda c: -c["objective"])[:rows]
-    return pd.DataFrame([
-        {"input": f"{c['resolution']}²", "aspect": c["aspect"], "strides": "+".join(map(str, c["strides"])),
-         "σ": c["sigma"], "image score": c["image_score"],
-         "its σ": c["sigma"] if c.get("image_sigma") is None else c["image_sigma"],
-         "pixel AUROC": round(c["pixel_auroc"], 4),
-         "PRO": round(c["pro"], 4), "image AUROC": round(c["image_auroc"], 4), "mean": round(c["objective"], 4),
-         "s / image": round(c["seconds_per_image"], 3)}
-        for c in best
-    ])
+    return pd.DataFrame(best_candidates(summary, rows))
 
 
 def show_tuning(settings: SpadeSettings, summary: dict[str, Any] | None) -> None:
