@@ -19,7 +19,7 @@ settings fields (:func:`core.config.apply_params`).
 
 Feature reuse: in a one-class protocol the test set is the same for every
 normal class. Detectors that can be fitted from extracted features
-(:class:`~core.detectors.features.FeatureDetector`: DN2, Gaussian) therefore
+(:class:`~core.detectors.mixins.FeatureDetector`: DN2, Gaussian) therefore
 get every distinct image of all tasks extracted **once**, and each task only
 selects rows. Other detectors (SPADE, PANDA) are fitted and scored per task.
 With ``feature_cache`` the extracted features are also kept on disk (npz),
@@ -63,7 +63,7 @@ from core.datasets import (
 )
 from core.detectors import METHODS, MethodInfo, Preset, preset_settings
 from core.detectors.base import Detector, SegmentationDetector
-from core.detectors.features import FeatureDetector
+from core.detectors.mixins import FeatureDetector
 from core.features import (
     ExtractionTiming,
     FeatureRequest,

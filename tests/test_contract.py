@@ -24,7 +24,7 @@ import pytest
 from core.config import DN2Settings, FeatureSettings, GaussianSettings, PandaSettings, SpadeSettings
 from core.datasets import ImageSet
 from core.detectors import METHODS, ModelFileError, SegmentationDetector, load_detector, methods_with
-from core.detectors.features import FeatureDetector
+from core.detectors.mixins import FeatureDetector
 from core.npz_io import NpzFileError, open_npz, read_npz, write_npz
 from tests.conftest import REPO_ROOT, synthetic_images
 

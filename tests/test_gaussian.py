@@ -1,4 +1,4 @@
-"""Gaussian statistics (core.gaussian) and the Gaussian detector (core.detectors.gaussian)."""
+"""Gaussian statistics (core.mahalanobis) and the Gaussian detector (core.detectors.gaussian)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from conftest import synthetic_images as images
 from core.config import FeatureSettings, GaussianSettings
 from core.datasets import ImageSet
 from core.detectors import ModelFileError, NotFittedError, load_detector
-from core.detectors.features import FeatureDetector
+from core.detectors.mixins import FeatureDetector
 from core.features import POOLED, extractor_for
 from core.detectors.gaussian import GaussianDetector
-from core.gaussian import (
+from core.mahalanobis import (
     chi2_expected_fpr,
     chi2_threshold,
     cross_fitted_distances,

@@ -15,7 +15,7 @@ declaration against the class):
 * ``adaptation``: trains a private copy of the backbone (PANDA); its ``fit``
   also takes ``test=``, ``outliers=`` and ``on_epoch=`` and it keeps per-epoch
   ``curves_``. Fitted through ``python -m core adapt``, not ``fit``.
-* ``features``: a :class:`~core.detectors.features.FeatureDetector` that can
+* ``features``: a :class:`~core.detectors.mixins.FeatureDetector` that can
   be fitted from extracted pooled features, so a benchmark extracts a data set
   once for every class.
 """

@@ -33,7 +33,7 @@ import numpy as np
 from core.backbones import Features
 from core.config import DN2Settings
 from core.detectors.base import ModelFileError
-from core.detectors.features import FeatureDetector
+from core.detectors.mixins import FeatureDetector
 from core.features import POOLED, FeatureRequest, pooled_stage
 from core.knn import KnnIndex, Neighbours, as_float32, centre_distance, in_metric_space, kmeans_summary
 

@@ -9,10 +9,10 @@ stage ``"pooled"`` is the backbone's final pooled vector.
 Train scores (for the empirical threshold):
 
 * no reduction — exact leave-one-out in closed form
-  (:func:`core.gaussian.leave_one_out_distances`; only the Ledoit-Wolf
+  (:func:`core.mahalanobis.leave_one_out_distances`; only the Ledoit-Wolf
   intensity is held at its full-data value);
 * PCA / NPCA — ``cv_folds``-fold cross-fitting, projection refitted per fold
-  (:func:`core.gaussian.cross_fitted_distances`).
+  (:func:`core.mahalanobis.cross_fitted_distances`).
 
 Threshold rules (``GaussianSettings.threshold_rule``):
 
@@ -32,9 +32,9 @@ from core.backbones import Features, get_spec
 from core.config import GaussianSettings
 from core.datasets import ImageSet
 from core.detectors.base import ModelFileError
-from core.detectors.features import FeatureDetector
+from core.detectors.mixins import FeatureDetector
 from core.features import POOLED, FeatureRequest, pooled_stage
-from core.gaussian import (
+from core.mahalanobis import (
     GaussianModel,
     chi2_threshold,
     cross_fitted_distances,

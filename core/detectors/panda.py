@@ -41,7 +41,7 @@ from core.adaptation.training import features_of
 from core.config import PandaSettings
 from core.datasets import ImageSet
 from core.detectors.base import Detector, ModelFileError
-from core.detectors.features import BackboneUser
+from core.detectors.mixins import BackboneUser
 from core.features import feature_identity
 from core.knn import KnnIndex, as_float32
 from core.progress import CancelFn, ProgressFn

@@ -72,7 +72,7 @@ class BatchScorer:
     """
 
     def __init__(self, detector: Any, model: str) -> None:
-        from core.detectors.features import FeatureDetector
+        from core.detectors.mixins import FeatureDetector
 
         if not detector.is_fitted:
             raise ValueError("the model is not fitted")

@@ -44,7 +44,7 @@ from core.backbones import get_spec
 from core.config import SpadeSettings
 from core.datasets import ImageItem, ImageSet
 from core.detectors.base import ModelFileError, NotFittedError, SegmentationDetector
-from core.detectors.features import BackboneUser
+from core.detectors.mixins import BackboneUser
 from core.detectors.spade.explain import Explanation, explain
 from core.detectors.spade.gallery import (
     GalleryBuilder, GalleryTooLargeError, StageGallery, gallery_bytes, gallery_from_arrays,
@@ -87,7 +87,7 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
     Not a ``FeatureDetector``: its unit of work is a pixel map, not a pooled
     vector, so it streams images through the backbone itself (bounded memory)
     and benchmarks score it through :meth:`anomaly_maps`. It shares the
-    backbone handling (:class:`~core.detectors.features.BackboneUser`).
+    backbone handling (:class:`~core.detectors.mixins.BackboneUser`).
 
     Fitted attributes: ``stages_`` (keys of the raw maps: stage names, or one
     joined name with ``combine="concat"``; also :attr:`map_stages`),
