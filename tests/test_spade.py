@@ -246,17 +246,18 @@ def test_a_patch_pasted_from_a_normal_image_is_explained_by_that_image_at_its_pl
         assert not boxes_overlap(found.box, pasted_crop)  # the source's place, not where it was pasted
         assert boxes_overlap(found.original_box, mark_original), (found.original_box, mark_original)
         assert found.box[0] <= found.y < found.box[2] and found.box[1] <= found.x < found.box[3]
-    bounds = detector._galleries["block1"].bounds
+    bounds = detector.index_.galleries["block1"].bounds
     if gallery != "exact":
         # A loaded model has no real pixels in memory: it re-reads the images the bounds cannot rule out.
-        detector._real_pixels = None
-        detector._pixel_cache.clear()
+        detector.index_.real_pixels = None
+        detector.pixel_cache_.clear()
         reread = detector.explain(0, y=int(48 * scale), x=int(18 * scale), stages=("block1",))
         assert reread.train_index == source and not reread.approximate and 1 <= reread.searched_images <= 8
         # The bounds the exact search prunes with never exceed an image's true nearest distance.
-        query = detector._pixels_of(detector._last.images[0])["block1"][8, 3]
+        context = detector._explain_context()
+        query = context.read_image(detector._last.images[0])["block1"][8, 3]
         lower = bounds.lower_bounds(query.numpy())
-        true = [float(((detector._pixels_of(normal[i], i)["block1"].reshape(-1, 24) - query) ** 2).sum(1).min().sqrt())
+        true = [float(((context.read_training([i], [normal[i]])[0]["block1"].reshape(-1, 24) - query) ** 2).sum(1).min().sqrt())
                 for i in range(8)]
         assert (lower <= np.array(true) + 1e-5).all(), (lower, true)
     else:
@@ -337,7 +338,7 @@ def test_gallery_memory_cap_fails_early_with_advice():
 
 
 def test_exact_gallery_is_float16(fitted):
-    gallery = fitted._galleries["block1"]
+    gallery = fitted.index_.galleries["block1"]
     assert gallery.features.dtype == torch.float16
     # 10 images x 16 x 16 pixels x (24 float16 channels + one float32 norm).
     assert gallery.nbytes == 10 * 16 * 16 * (2 * 24 + 4) == fitted.gallery_bytes(10) - 10 * (8 * 8 * 84 + 4 * 4 * 228)

@@ -17,15 +17,12 @@ from __future__ import annotations
 import math
 import tempfile
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from core.config import SpadeSettings
 from core.knn import IvfIndex, KnnIndex, blockwise_search, ivf_bytes, ivf_lists_for, kmeans_summary, merge_neighbours
-
-if TYPE_CHECKING:  # the detector builds galleries; importing it here would be a loop
-    from core.detectors.spade.detector import SpadeDetector
 
 # K-means sample per centre: FAISS wants at least 39 points per centre (it warns below);
 # more only lengthens the fit.
@@ -263,7 +260,7 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def gallery_bytes(kind: str, pixels: int, channels: int, settings) -> int:
+def gallery_bytes(kind: str, pixels: int, channels: int, settings: SpadeSettings) -> int:
     """Memory of one stage's gallery of ``pixels`` normal pixels with ``channels`` features (formula).
 
     exact: float16 features + float32 norms = (2C + 4) per pixel; ivf-flat/ivf-pq:
@@ -275,6 +272,38 @@ def gallery_bytes(kind: str, pixels: int, channels: int, settings) -> int:
         return min(pixels, settings.n_means) * (4 * channels + 12)
     lists = settings.ivf_lists or ivf_lists_for(pixels)
     return ivf_bytes(pixels, channels, kind.removeprefix("ivf-"), lists, settings.pq_dims)
+
+
+def total_bytes(settings: SpadeSettings, shapes: dict[str, tuple[int, int, int]], n_images: int, kind: str) -> int:
+    """Memory (formula) of the ``kind`` galleries of ``n_images`` images whose pixel features have
+    ``shapes`` {key: (h, w, C)}, all keys together."""
+    return sum(gallery_bytes(kind, n_images * h * w, c, settings) for h, w, c in shapes.values())
+
+
+def resolve_kind(settings: SpadeSettings, shapes: dict[str, tuple[int, int, int]], n_images: int) -> str:
+    """The gallery kind a fit on ``n_images`` builds ("auto" picks exact, else IVF-PQ, by size).
+
+    Raises :class:`GalleryTooLargeError`, naming the sizes, when the chosen
+    (or, for "auto", even the IVF-PQ) gallery exceeds ``max_gallery_bytes``.
+    """
+    s = settings
+    cap = s.max_gallery_bytes
+    if s.gallery == "kmeans":
+        return "kmeans"
+    candidates = ("exact", "ivf-pq") if s.gallery == "auto" else (s.gallery,)
+    for kind in candidates:
+        if total_bytes(s, shapes, n_images, kind) <= cap:
+            return kind
+    sizes = ", ".join(f"{kind} {total_bytes(s, shapes, n_images, kind) / 2**20:,.0f} MiB"
+                      for kind in ("exact", "ivf-flat", "ivf-pq"))
+    described = ", ".join(f"{key} {h}x{w}x{c}" for key, (h, w, c) in shapes.items())
+    raise GalleryTooLargeError(
+        f"the SPADE pixel gallery of {n_images} normal images ({described} pixels x channels per image) "
+        f"would need {sizes}; gallery={s.gallery!r} does not fit max_gallery_bytes = {cap / 2**20:,.0f} MiB. "
+        f"Use gallery='kmeans' (n_means centres per stage), 'ivf-pq' with a larger pq_dims, fewer normal "
+        f"images, coarser strides than {s.strides}, a smaller crop, or raise max_gallery_bytes if the "
+        f"machine has the memory."
+    )
 
 
 class GalleryBuilder:
@@ -290,11 +319,10 @@ class GalleryBuilder:
     the calibration images' full features.
     """
 
-    def __init__(self, detector: "SpadeDetector", n_images: int, kind: str) -> None:
+    def __init__(self, settings: SpadeSettings, n_images: int, kind: str) -> None:
         if kind not in GALLERY_KINDS:
             raise ValueError(f"gallery kind must be one of {GALLERY_KINDS}, got {kind!r}")
-        self.detector = detector
-        self.settings = detector.settings
+        self.settings = settings
         self.n = n_images
         self.kind = kind
         self.kmeans = kind == "kmeans"

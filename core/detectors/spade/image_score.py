@@ -15,7 +15,7 @@ defects: a large broken part moves the pooled vector (DN2), a thin crack on a
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -55,3 +55,22 @@ def standardise(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
 def mix_scores(dn2: np.ndarray, peaks: np.ndarray, dn2_reference: np.ndarray, peak_reference: np.ndarray) -> np.ndarray:
     """(N,) DN2 scores and (N,) heatmap peaks -> (N,) sum of both, each standardised on normal images."""
     return standardise(dn2, dn2_reference) + standardise(peaks, peak_reference)
+
+
+def rule_scores(kind: str, dn2: np.ndarray, heatmaps: Callable[[], np.ndarray],
+                boxes: Sequence[tuple[int, int, int, int]] | None, dn2_reference: Callable[[], np.ndarray],
+                peak_reference: Callable[[], np.ndarray]) -> np.ndarray:
+    """(N,) image scores by rule ``kind`` from (N,) DN2 scores and ``heatmaps()`` (N, H, W) (not made for "dn2").
+
+    ``boxes``: where each image lies on its map (see :func:`peak_scores`); ``dn2_reference()``: normal
+    images' DN2 scores; ``peak_reference()``: normal images' heatmap peaks (both only read by "mix", to
+    standardise its two parts).
+    """
+    if kind not in IMAGE_SCORE_RULES:
+        raise ValueError(f"image score kind must be one of {', '.join(IMAGE_SCORE_RULES)}, got {kind!r}")
+    if kind == "dn2":
+        return np.asarray(dn2, dtype=np.float64)
+    heat = heatmaps()
+    if kind == "mix":
+        return mix_scores(dn2, peak_scores(heat, boxes, "max"), dn2_reference(), peak_reference())
+    return peak_scores(heat, boxes, kind)
