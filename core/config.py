@@ -234,7 +234,10 @@ class PandaSettings:
 
 SPADE_GALLERIES = ("exact", "kmeans", "ivf-flat", "ivf-pq", "auto")
 SPADE_COMBINATIONS = ("sum", "concat")
-SPADE_IMAGE_SCORES = ("dn2", "max", "topk", "mix")
+SPADE_IMAGE_SCORES = ("dn2", "max", "topk", "mix", "fused")
+"""SPADE's image-level rules (see ``core.detectors.spade.image_score``); the one list the detector, the tuner and
+the pages read."""
+SPADE_POOLED = ("dn2", "model")
 
 
 @dataclass(frozen=True)
@@ -301,6 +304,11 @@ class SpadeSettings:
     # ranking boards (synthetic image AUROC 0.853 against 0.834), so the two may differ.
     image_sigma: float | None = None
     image_k: int = 2
+    # Where the pooled image evidence (the "dn2" rule, the pooled half of "mix" and "fused", and the K nearest
+    # images of an exact gallery) is read: "dn2" = at the backbone's own geometry (256 -> 224 centre crop: the
+    # DN2 detector's score exactly), one more backbone pass per image when the model's input differs;
+    # "model" = pooled over the model's own input (no extra pass; models saved before this setting).
+    pooled: str = "model"
     target_fpr: float = 0.05
     pixel_fpr: float = 0.01
     calibration_images: int = 16
@@ -312,6 +320,7 @@ class SpadeSettings:
         _check_choice("gallery", self.gallery, SPADE_GALLERIES)
         _check_choice("combine", self.combine, SPADE_COMBINATIONS)
         _check_choice("image_score", self.image_score, SPADE_IMAGE_SCORES)
+        _check_choice("pooled", self.pooled, SPADE_POOLED)
         if not self.strides:
             raise ValueError("strides must name at least one stage stride")
         for name in ("k", "n_means", "image_k", "calibration_images", "max_gallery_bytes", "cache_mb",

@@ -20,6 +20,7 @@ class combines them: fit, score, maps, thresholds, save/load.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,7 +45,7 @@ from core.detectors.spade.raw_cache import (
 )
 from core.detectors.spade.training_images import TrainingImages
 from core.features import feature_identity
-from core.progress import CancelFn, ProgressFn, check_cancel
+from core.progress import CancelFn, ProgressFn
 
 _PIXEL_CACHE_IMAGES = 48  # images whose pixel features explanations keep (about 0.7 MB each at the defaults)
 
@@ -164,10 +165,9 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
         total = len(normal) + (len(holdout) if holdout is not None else 0)
         builder = GalleryBuilder(self.settings, len(normal), kind)
         try:
-            for _, images in normal.iter_batches(size, self.settings.features.batch_size, _offset(progress, 0, total), cancel):
-                check_cancel(cancel)
-                out = extractor(images, featurizer.stages)
-                builder.add(featurizer(out.maps), out.pooled)
+            for _, pixels, pooled in featurizer.read(extractor, normal, size, self.settings.features.batch_size,
+                                                     _offset(progress, 0, total), cancel):
+                builder.add(pixels, pooled)
             held = None
             if holdout is not None and len(holdout):
                 held = featurizer.extract(extractor, holdout, size, self.settings.features.batch_size,
@@ -281,18 +281,18 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
         kind = self.settings.image_score if kind is None else kind
         return rule_scores(kind, last.dn2, lambda: self.combined_maps(stages, sigma),
                            self.recombiner.boxes(last.images, len(last.dn2)), self.index_.train_image_scores,
-                           lambda: self._calibration_peaks(stages, sigma))
+                           lambda rule: self._calibration_peaks(stages, sigma, rule))
 
-    def _calibration_peaks(self, stages: Sequence[str] | None, sigma: float | None) -> np.ndarray:
-        """(n_cal,) heatmap peaks of the calibration images (normal, each scored without itself)."""
-        return peak_scores(self._calibration_heatmaps(stages, sigma), None, "max")
+    def _calibration_peaks(self, stages: Sequence[str] | None, sigma: float | None, rule: str = "max") -> np.ndarray:
+        """(n_cal,) heatmap peaks ("max" or "topk") of the calibration images (normal, each scored without itself)."""
+        return peak_scores(self._calibration_heatmaps(stages, sigma), None, rule)
 
     def _calibration_image_scores(
         self, kind: str, calibration_dn2: np.ndarray, stages: Sequence[str] | None, sigma: float | None
     ) -> np.ndarray:
         """(n_cal,) scores of the calibration images under a map-based rule (their reference distribution)."""
         return rule_scores(kind, calibration_dn2, lambda: self._calibration_heatmaps(stages, sigma), None,
-                           self.index_.train_image_scores, lambda: self._calibration_peaks(stages, sigma))
+                           self.index_.train_image_scores, lambda rule: self._calibration_peaks(stages, sigma, rule))
 
     def score_and_maps(
         self, images: ImageSet, progress: ProgressFn | None = None, cancel: CancelFn | None = None
@@ -452,6 +452,9 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
         return fields, arrays
 
     def _restore(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        if "pooled" not in (header.get("settings") or {}):
+            # Saved before the pooled evidence had a geometry of its own: it was read at the model's input.
+            self.settings = dataclasses.replace(self.settings, pooled="model")
         self._restore_identity(header)
         try:
             stages = tuple(header["stages"])

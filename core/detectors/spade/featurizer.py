@@ -10,18 +10,21 @@ explanations that compare one pixel with every normal pixel.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from core.backbones import FeatureExtractor, get_spec
 from core.config import SpadeSettings
 from core.datasets import ImageItem, ImageSet
+from core.features import image_size_for
 from core.images import ImageSize
-from core.progress import check_cancel
+from core.progress import CancelFn, ProgressFn, check_cancel
 
 PixelFeatures = dict[str, torch.Tensor]
 """{key: (..., h, w, C) float32}: one feature vector per map cell, per raw-map key."""
@@ -48,6 +51,15 @@ class PixelFeaturizer:
         ``patch_pixels / stride`` (at least 1)."""
         stride = self.spec.stage(stage).stride
         return max(1, 2 * math.floor((self.settings.patch_pixels / stride - 1) / 2) + 1)
+
+    @property
+    def pooled_size(self) -> ImageSize | None:
+        """The geometry the pooled image evidence is read at: the backbone's own (``pooled="dn2"``), or None
+        for the model's own input."""
+        if self.settings.pooled == "model":
+            return None
+        features = dataclasses.replace(self.settings.features, resize=None, crop=None, aspect="stretch", tile=0)
+        return image_size_for(features)
 
     def reach(self, key: str) -> int:
         """Cells a key's features reach beyond their own on each side (half the widest averaged patch)."""
@@ -84,16 +96,30 @@ class PixelFeaturizer:
             prepared = {self.keys[0]: joined}
         return {key: value.permute(0, 2, 3, 1).contiguous() for key, value in prepared.items()}
 
+    def read(self, extractor: FeatureExtractor, images: ImageSet, size: ImageSize, batch_size: int,
+             progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+             ) -> Iterator[tuple[np.ndarray, PixelFeatures, torch.Tensor]]:
+        """Stream ``images`` through the backbone: per batch, (positions, {key: (B, h, w, C)} pixel features,
+        (B, D) pooled features). Each image is decoded once; the pooled features come from a second pass
+        at :attr:`pooled_size` when that differs from ``size``."""
+        pooled_size = self.pooled_size
+        if pooled_size == size:
+            pooled_size = None
+        sizes = (size,) if pooled_size is None else (size, pooled_size)
+        for indices, batches in images.iter_batches_at(sizes, batch_size, progress, cancel):
+            check_cancel(cancel)
+            out = extractor(batches[0], self.stages)
+            pooled = out.pooled if pooled_size is None else extractor(batches[1]).pooled
+            yield indices, self(out.maps), pooled
+
     def extract(self, extractor: FeatureExtractor, images: ImageSet, size: ImageSize, batch_size: int,
                 progress=None, cancel=None) -> tuple[PixelFeatures, torch.Tensor]:
         """Pixel features {key: (N, h, w, C)} and pooled (N, D) of a (small) set, e.g. a held-out split."""
         parts: list[PixelFeatures] = []
         pooled = []
-        for _, batch in images.iter_batches(size, batch_size, progress, cancel):
-            check_cancel(cancel)
-            out = extractor(batch, self.stages)
-            parts.append({key: value.cpu() for key, value in self(out.maps).items()})
-            pooled.append(out.pooled.float().cpu())
+        for _, pixels, vectors in self.read(extractor, images, size, batch_size, progress, cancel):
+            parts.append({key: value.cpu() for key, value in pixels.items()})
+            pooled.append(vectors.float().cpu())
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}, torch.cat(pooled)
 
 

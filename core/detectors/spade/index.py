@@ -83,15 +83,12 @@ class PixelIndex:
     ) -> Iterator[tuple[int, dict[str, np.ndarray], dict[str, np.ndarray], float]]:
         """Stream ``images`` through the backbone (batches of ``settings.features.batch_size``) and the search:
         per image, (its position, {key: (h, w) raw map}, {key: (h, w) nearest row}, its DN2 score)."""
-        batches = images.iter_batches(size, settings.features.batch_size, progress, cancel)
-        for indices, batch in batches:
-            check_cancel(cancel)
-            out = extractor(batch, featurizer.stages)
-            pixels = featurizer(out.maps)
-            scores = self.image_scores(out.pooled)
+        for indices, pixels, pooled in featurizer.read(extractor, images, size, settings.features.batch_size,
+                                                       progress, cancel):
+            scores = self.image_scores(pooled)
             for j, local in enumerate(indices):
                 check_cancel(cancel)
-                found, rows = self.search({k: v[j] for k, v in pixels.items()}, out.pooled[j], settings)
+                found, rows = self.search({k: v[j] for k, v in pixels.items()}, pooled[j], settings)
                 yield int(local), found, rows, float(scores[j])
 
     def image_scores(self, pooled: torch.Tensor | np.ndarray) -> np.ndarray:
