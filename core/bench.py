@@ -106,6 +106,9 @@ class BenchOptions:
     # Choose the method's settings for each task from its normal images first
     # (``core.tuning``: synthetic defects, no test image read); SPADE only.
     tune: bool = False
+    # With tune: called with each geometry the tuner fitted (the development suite measures the
+    # proxy's fidelity with it); never used to choose.
+    audit: Callable[..., None] | None = None
 
     def settings(self, settings_type: type, base: Any = None) -> Any:
         """Settings of ``settings_type`` (or ``base``) with these options' backbone/weights/device/seed and params."""
@@ -355,11 +358,13 @@ def _renamed(item, index: int):
 # --------------------------------------------------------------------------- the run
 
 
-def _tuned(detector: Detector, task: BenchTask, entry: dict[str, Any], cancel: CancelFn | None) -> Detector:
+def _tuned(detector: Detector, task: BenchTask, entry: dict[str, Any], options: BenchOptions,
+           cancel: CancelFn | None) -> Detector:
     """A detector of the same method with settings tuned on ``task.train`` alone; the table goes in ``entry``."""
     from core.tuning import tune_spade
 
-    result = tune_spade(task.train, base=detector.settings, seed=detector.settings.seed, cancel=cancel)
+    result = tune_spade(task.train, base=detector.settings, seed=detector.settings.seed, cancel=cancel,
+                        audit=options.audit)
     entry["tuning"] = result.summary()
     entry["tune_s"] = result.seconds
     tuned = type(detector)(result.settings)
@@ -479,7 +484,7 @@ def run_bench(
             score_s += time.perf_counter() - start
         else:
             if options.tune:
-                detector = _tuned(detector, task, entry, cancel)
+                detector = _tuned(detector, task, entry, options, cancel)
             start = time.perf_counter()
             if adapting:  # PANDA: the labelled test set only feeds its per-epoch curves
                 detector.fit(task.train, phase(f"fit {task.name}"), cancel, test=task.test)

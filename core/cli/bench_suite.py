@@ -1,0 +1,111 @@
+"""``python -m core bench-suite``: defaults, --tune, DN2 and Gaussian on every development line, the proxy's
+fidelity, and the tuner's rules chosen leave-one-line-out (:mod:`core.tuning.suite`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from core.cli import add_threads_option, apply_threads
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "bench-suite", aliases=["bench_suite"],
+        help="defaults vs --tune vs DN2 vs Gaussian on every development line, with leave-one-line-out rules",
+        description="Runs `bench` for DN2, Gaussian, SPADE defaults and SPADE --tune on each line (bottle, DeepPCB, "
+        "BSData and non-square crops of the last two), measures how well synthetic defects rank the tuner's "
+        "candidates against the real ones, and chooses the tuner's rules leave-one-line-out.",
+    )
+    parser.add_argument("--data", default=str(DEFAULT_DATA), metavar="DIR",
+                        help="folder holding mvtec_ad/bottle, deeppcb/pcb, bsdata/pitting (default ../shared/data)")
+    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "anomaly-detection" / "suite"), metavar="DIR",
+                        help="where the crops stand-ins are cut once")
+    parser.add_argument("--lines", help="comma-separated line names to run (default: all found)")
+    parser.add_argument("--reports", nargs="*", metavar="LINE.json",
+                        help="skip running: read earlier per-line reports and print the tables")
+    parser.add_argument("--out", metavar="DIR", help="write one LINE.json per line here (and read them back)")
+    parser.add_argument("--json", metavar="OUT.json", help="write everything here")
+    parser.add_argument("--seed", type=int, default=0)
+    add_threads_option(parser)
+    return parser
+
+
+def _fmt(value) -> str:
+    return "" if value is None else f"{100 * value:.1f}"
+
+
+def tables(reports: list[dict], loo: list[dict]) -> str:
+    """The three tables of the suite as text: rows per line, fidelity, leave-one-line-out."""
+    lines = ["line            | DN2  | Gauss | defaults img/pix/PRO | tuned img/pix/PRO   | worst loss | tuned choice"]
+    for r in reports:
+        d, t = r["defaults"], r["tuned"]
+        chosen = t.get("chosen") or {}
+        kept = " (kept defaults)" if t.get("kept_base") else ""
+        lines.append(
+            f"{r['line']:<15} | {_fmt(r['dn2']['image_auroc']):>4} | {_fmt(r['gaussian']['image_auroc']):>5} | "
+            f"{_fmt(d['image_auroc'])} / {_fmt(d['pixel_auroc'])} / {_fmt(d['pro'])} | "
+            f"{_fmt(t['image_auroc'])} / {_fmt(t['pixel_auroc'])} / {_fmt(t['pro'])} | {100 * r['loss']['worst']:+.1f} | "
+            f"{chosen.get('resolution')}² {chosen.get('aspect')} {'+'.join(map(str, chosen.get('strides', [])))} "
+            f"σ{chosen.get('sigma')}{kept}, tuned in {t.get('tune_s', 0):.0f} s")
+    lines.append("")
+    lines.append("fidelity (Spearman synthetic vs real over the tuner's candidates; winner's real rank)")
+    metrics = list(reports[0]["fidelity"]) if reports else []
+    lines.append("line            | " + " | ".join(f"{m:>14}" for m in metrics))
+    for r in reports:
+        cells = [f"{r['fidelity'][m]['spearman']:+.2f} (#{r['fidelity'][m]['winner_real_rank']:>2})" for m in metrics]
+        lines.append(f"{r['line']:<15} | " + " | ".join(f"{c:>14}" for c in cells))
+    lines.append("")
+    lines.append("leave one line out (rules chosen on the other lines; change vs the base settings on this line)")
+    lines.append("held-out line   | margin | image rule | pixel AUROC | PRO    | image vs DN2")
+    for row in loo:
+        margin = "never" if math.isinf(row["margin"]) else f"{row['margin']:g} sd"
+        lines.append(f"{row['line']:<15} | {margin:>6} | {row['image_rule']:>10} | {100 * row['pixel_auroc']:+11.1f} | "
+                     f"{100 * row['pro']:+6.1f} | {100 * row['image_auroc']:+.1f}")
+    if loo:
+        worst = min(min(row["pixel_auroc"], row["pro"], row["image_auroc"]) for row in loo)
+        lines.append(f"worst change over held-out lines and metrics: {100 * worst:+.1f}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from core.bench import BenchOptions
+    from core.tuning.suite import development_lines, leave_one_line_out, run_line
+
+    apply_threads(args.threads)
+    reports = []
+    if args.reports:
+        for path in args.reports:
+            reports.append(json.loads(Path(path).read_text(encoding="utf-8")))
+    else:
+        lines = development_lines(Path(args.data), Path(args.cache))
+        if args.lines:
+            wanted = {name.strip() for name in args.lines.split(",")}
+            lines = [line for line in lines if line.name in wanted]
+        if not lines:
+            print(f"no development line found under {args.data}", file=sys.stderr)
+            return 2
+        out = Path(args.out) if args.out else None
+        for line in lines:
+            saved = out / f"{line.name}.json" if out else None
+            if saved is not None and saved.exists():
+                reports.append(json.loads(saved.read_text(encoding="utf-8")))
+                print(f"{line.name}: read {saved}")
+                continue
+            print(f"{line.name}: {line.root}", flush=True)
+            report = run_line(line, BenchOptions(seed=args.seed), lambda text: print(text, flush=True))
+            if saved is not None:
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                saved.write_text(json.dumps(report, indent=1, default=float), encoding="utf-8")
+            reports.append(report)
+    loo = leave_one_line_out(reports) if len(reports) > 1 else []
+    print(tables(reports, loo))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"lines": reports, "leave_one_line_out": loo}, indent=1, default=float),
+                                   encoding="utf-8")
+    return 0
