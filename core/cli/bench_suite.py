@@ -9,7 +9,7 @@ import math
 import sys
 from pathlib import Path
 
-from core.cli import add_threads_option, apply_threads
+from core.cli import add_param_option, add_threads_option, apply_threads, parse_params
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -32,6 +32,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="DIR", help="write one LINE.json per line here (and read them back)")
     parser.add_argument("--json", metavar="OUT.json", help="write everything here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weights", help="local weights file, or 'random' (tests only)")
+    add_param_option(parser)
     add_threads_option(parser)
     return parser
 
@@ -98,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{line.name}: read {saved}")
                 continue
             print(f"{line.name}: {line.root}", flush=True)
-            report = run_line(line, BenchOptions(seed=args.seed), lambda text: print(text, flush=True))
+            options = BenchOptions(seed=args.seed, weights=args.weights, params=parse_params(args.param))
+            report = run_line(line, options, lambda text: print(text, flush=True))
             if saved is not None:
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 saved.write_text(json.dumps(report, indent=1, default=float), encoding="utf-8")

@@ -277,6 +277,16 @@ def _geometry_settings(base: SpadeSettings, resolution: int, aspect: str) -> Spa
     return dataclasses.replace(base, features=features, image_score=IMAGE_RULE, image_sigma=None, pooled=POOLED)
 
 
+def _fit_and_evaluate(settings: SpadeSettings, fit_set: ImageSet, proxy: ProxySet, cancel: CancelFn | None,
+                      ) -> tuple[SpadeDetector, list[tuple[Candidate, Evidence]]]:
+    """Fit SPADE at one geometry, score the proxy set once, evaluate every stage subset x σ from the cache."""
+    detector = SpadeDetector(settings).fit(fit_set, cancel=cancel)
+    start = time.perf_counter()
+    detector.raw_maps(proxy.images, cancel=cancel)
+    per_image = (time.perf_counter() - start) / len(proxy.images)
+    return detector, evaluate_geometry(detector, proxy, IMAGE_RULE, per_image, cancel)
+
+
 def tune_spade(
     normal: ImageSet,
     base: SpadeSettings = SpadeSettings(),
@@ -328,11 +338,7 @@ def tune_spade(
                 say(f"  stopped before {resolution}²: {', '.join(f'{r}²' for r in beaten)} did not beat {leader}²")
                 continue
         geometry_start = time.perf_counter()
-        detector = SpadeDetector(_geometry_settings(base, resolution, aspect)).fit(fit_set, cancel=cancel)
-        score_start = time.perf_counter()
-        detector.raw_maps(proxy.images, cancel=cancel)
-        per_image = (time.perf_counter() - score_start) / len(proxy.images)
-        rows = evaluate_geometry(detector, proxy, IMAGE_RULE, per_image, cancel)
+        detector, rows = _fit_and_evaluate(_geometry_settings(base, resolution, aspect), fit_set, proxy, cancel)
         geometry_seconds[f"{resolution}/{aspect}"] = time.perf_counter() - geometry_start
         for candidate, found in rows:
             candidates.append(candidate)
