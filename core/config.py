@@ -309,6 +309,10 @@ class SpadeSettings:
     # DN2 detector's score exactly), one more backbone pass per image when the model's input differs;
     # "model" = pooled over the model's own input (no extra pass; models saved before this setting).
     pooled: str = "model"
+    # Nuisance copies (core.nuisance: the normal images' own brightness, contrast and focus spread, a small shift
+    # and turn) of each calibration image join the normal scores the image threshold is placed on, so normal
+    # variation the fit set did not show does not raise the false-positive rate; 0 = none.
+    nuisance_copies: int = 0
     target_fpr: float = 0.05
     pixel_fpr: float = 0.01
     calibration_images: int = 16
@@ -328,6 +332,8 @@ class SpadeSettings:
             _check_positive(name, getattr(self, name))
         if self.ivf_lists < 0:
             raise ValueError(f"ivf_lists must be 0 (about √pixels) or positive, got {self.ivf_lists}")
+        if self.nuisance_copies < 0:
+            raise ValueError(f"nuisance_copies must be 0 or more, got {self.nuisance_copies}")
         if self.top_images < 0:
             raise ValueError(f"top_images must be 0 (every normal image) or positive, got {self.top_images}")
         if self.patch_pixels < 0:

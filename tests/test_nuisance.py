@@ -1,11 +1,11 @@
-"""Normal variation for the tuner's proxy set (core.tuning.nuisance)."""
+"""Normal variation for the tuner's proxy set (core.nuisance)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from core.tuning.nuisance import MAX_BRIGHTNESS, Variation, measure_variation, nuisance
+from core.nuisance import MAX_BRIGHTNESS, Variation, measure_variation, nuisance
 
 
 def _image(seed: int, level: float = 120.0) -> np.ndarray:
@@ -37,3 +37,13 @@ def test_a_line_that_never_varies_gets_only_a_small_shift_and_turn():
     image = _image(2)
     copy = nuisance(image, Variation(0.0, 0.0, 0.0), np.random.default_rng(1))
     assert abs(copy.astype(float).mean() - image.astype(float).mean()) < 2.0
+
+
+def test_binarised_images_stay_two_levelled():
+    rng = np.random.default_rng(3)
+    boards = [np.where(rng.random((40, 60, 1)) > 0.5, 255, 0).repeat(3, axis=2).astype(np.uint8) for _ in range(4)]
+    variation = measure_variation(boards)
+    assert variation.binary
+    copy = nuisance(boards[0], Variation(0.3, 0.3, 1.0, binary=True), np.random.default_rng(0))
+    assert set(np.unique(copy)) <= {0, 255}
+    assert not measure_variation([_image(i) for i in range(4)]).binary

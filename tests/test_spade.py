@@ -482,3 +482,29 @@ def test_segment_command_fits_saves_and_reuses_a_model(tmp_path, capsys):
     assert main(["segment", "--model", str(model), str(tmp_path / "test"), "--out", str(tmp_path / "x"),
                  "--stages", "block9", "--quiet"]) == 2
     assert "block9" in capsys.readouterr().err
+
+
+def test_nuisance_copies_keep_the_false_positive_rate_of_normal_variation_at_its_target():
+    """Normal images under their line's own variation (brightness, contrast, a small shift and turn) are not
+    flagged more often than the target FPR promises, when the working point saw such copies."""
+    from core.datasets import read_mvtec
+    from core.nuisance import measure_variation, nuisance
+    from core.projects.working_point import clopper_pearson
+    from tests.conftest import DEMO_BOTTLE
+
+    train, _ = read_mvtec(DEMO_BOTTLE)
+    fit, held = train.subset(range(24)), train.subset(range(24, 40))
+    features = FeatureSettings(resize=96, crop=96, precision="float32", batch_size=8)
+    settings = SpadeSettings(features=features, n_means=64, calibration_images=6, image_score="fused", pooled="dn2",
+                             nuisance_copies=3, target_fpr=0.1)
+    detector = SpadeDetector(settings).fit(fit)
+    originals = [item.load() for item in held]
+    variation = measure_variation(originals)
+    rng = np.random.default_rng(7)
+    copies = ImageSet([ImageItem(f"copy{i}-{j}", array=nuisance(image, variation, rng))
+                       for i, image in enumerate(originals) for j in range(3)])
+    flagged = int(detector.decide(detector.score(copies)).sum())
+    low, _ = clopper_pearson(flagged, len(copies))
+    assert low <= settings.target_fpr, f"{flagged} of {len(copies)} nuisance copies flagged at a {settings.target_fpr:.0%} target"
+    # The calibration images and their copies are what the threshold was placed on.
+    assert len(detector.train_scores_) == 6 * (1 + 3)

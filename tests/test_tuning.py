@@ -18,7 +18,7 @@ from core.detectors.spade.image_score import mix_scores, peak_scores
 from core.images import ImageSize, content_box, map_to_original, preprocess, preprocess_mask
 from core.tiling import TiledExtractor, tile_starts
 from core.tuning import KINDS, paint, tune_spade
-from core.tuning.nuisance import Variation
+from core.nuisance import Variation
 from core.tuning.proxy import CLEAN, NUISANCE, PAINTED, proxy_set
 from core.tuning.search import geometry_candidates
 
@@ -242,6 +242,7 @@ def test_tuned_settings_are_saved_in_the_model(tmp_path):
     assert result.settings.features.resize == 128 and result.settings.features.aspect in ("pad", "stretch")
     # Whatever the synthetic defects say, the image score is the fixed rule, read at DN2's geometry.
     assert result.settings.image_score == IMAGE_RULE and result.settings.pooled == POOLED
+    assert result.settings.nuisance_copies > 0  # the working point saw the line's normal variation
     assert result.reason and result.reference.resolution == 128
     assert result.kept_base == (result.chosen == result.reference)
     detector = SpadeDetector(result.settings)

@@ -25,7 +25,7 @@ from core.detectors.spade import SpadeDetector
 from core.images import map_to_original
 from core.metrics import image_auroc, threshold_at_fpr
 from core.progress import CancelFn, check_cancel
-from core.tuning.nuisance import Variation, nuisance
+from core.nuisance import Variation, nuisance
 from core.tuning.pixel_counts import PixelCounts, pixel_counts
 from core.tuning.synthetic import KINDS, paint
 

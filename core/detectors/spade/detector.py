@@ -45,6 +45,7 @@ from core.detectors.spade.raw_cache import (
 )
 from core.detectors.spade.training_images import TrainingImages
 from core.features import feature_identity
+from core.nuisance import Variation, measure_variation, nuisance
 from core.progress import CancelFn, ProgressFn
 
 _PIXEL_CACHE_IMAGES = 48  # images whose pixel features explanations keep (about 0.7 MB each at the defaults)
@@ -177,7 +178,7 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
             self.index_ = PixelIndex(galleries, pooled, image_index(pooled, self.settings.image_k), builder.kind)
             self._fitted_layout = self._layout()
             self._forget_scored()
-            self._calibrate(builder, held, cancel)
+            self._calibrate(builder, held, cancel, holdout if held is not None else normal)
             # K-means / IVF-PQ: keep the real pixels (float16, when they fit max_gallery_bytes) for exact
             # explanations in this process; a saved model re-reads training images instead.
             self.index_.real_pixels = builder.real_pixels()
@@ -187,9 +188,10 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
         self.pixel_cache_.clear()
         return self
 
-    def _calibrate(self, builder: GalleryBuilder, held, cancel) -> None:
+    def _calibrate(self, builder: GalleryBuilder, held, cancel, images: ImageSet) -> None:
         """Calibration maps of a held-out set, else of up to ``calibration_images`` fitted images (each
-        searched without its own pixels); then the working point of the image score on them."""
+        searched without its own pixels); then the working point of the image score on them (and on their
+        nuisance copies, with ``nuisance_copies``). ``images``: the held-out set, else the fitted one."""
         index = self.index_
         if held is not None:
             held_pixels, held_pooled = held
@@ -201,14 +203,49 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
         self.calibration_set_ = Calibration.measure(index, sources, names, self.settings, cancel)
         dn2_train = index.train_image_scores()
         held_scores = None if held is None else index.image_scores(held[1])
+        ids = list(range(len(images))) if held is not None else builder.calibration_ids
+        extra = None
+        if self.settings.nuisance_copies:
+            # A copy of a fitted image must not be matched with its original: not in the pixel gallery (unless
+            # K-means never saw it), never in DN2's pooled gallery.
+            pixel_owners = [None] * len(ids) if held is not None else [builder.exclusion(i) for i in ids]
+            pooled_owners = [None] * len(ids) if held is not None else list(ids)
+            extra = self._nuisance_scores(images.subset(ids), pixel_owners, pooled_owners, cancel)
         if self.settings.image_score == "dn2":
-            self._set_threshold(dn2_train, held_scores)
+            train = dn2_train if extra is None or held is not None else np.concatenate([dn2_train, extra])
+            held_all = held_scores if extra is None or held is None else np.concatenate([held_scores, extra])
+            self._set_threshold(train, held_all)
         else:
             # The calibration images' own scores under the chosen rule set the working point.
-            calibration_dn2 = held_scores if held is not None else dn2_train[np.asarray(builder.calibration_ids, dtype=np.int64)]
+            calibration_dn2 = held_scores if held is not None else dn2_train[np.asarray(ids, dtype=np.int64)]
             reference = self._calibration_image_scores(self.settings.image_score, calibration_dn2, None,
                                                        self.settings.image_sigma)
+            if extra is not None:
+                reference = np.concatenate([reference, extra])
             self._set_threshold(reference, reference if held is not None else None)
+
+    def _nuisance_scores(self, images: ImageSet, pixel_owners: list[int | None], pooled_owners: list[int | None],
+                         cancel) -> np.ndarray:
+        """Image scores of ``nuisance_copies`` nuisance copies of each of ``images`` (calibration images; a copy
+        is never matched with its owner: ``pixel_owners`` in the pixel galleries, ``pooled_owners`` in DN2's)."""
+        originals = [item.load() for item in images]
+        variation = measure_variation(originals) if len(originals) > 1 else Variation(0.0, 0.0, 0.0)
+        rng = np.random.default_rng(self.settings.seed)
+        copies, owners = [], []
+        for item, image, pixel_owner, pooled_owner in zip(images, originals, pixel_owners, pooled_owners):
+            for number in range(self.settings.nuisance_copies):
+                copies.append(ImageItem(f"{item.name}#nuisance{number}", array=nuisance(image, variation, rng)))
+                owners.append((pixel_owner, pooled_owner))
+        pixels, pooled = self.featurizer.extract(self.extractor(), ImageSet(copies), self.image_size,
+                                                 self.settings.features.batch_size, None, cancel)
+        found = [self.index_.search({k: v[j] for k, v in pixels.items()}, pooled[j], self.settings, owners[j][0])[0]
+                 for j in range(len(copies))]
+        raw = {key: np.stack([f[key] for f in found]) for key in self.stages_}
+        dn2 = self.index_.image_scores_without(pooled, [owner for _, owner in owners])
+        sigma = self.settings.image_sigma
+        return rule_scores(self.settings.image_score, dn2, lambda: self.recombiner(raw, None, sigma),
+                           self.recombiner.boxes(ImageSet(copies), len(copies)), self.index_.train_image_scores,
+                           lambda rule: self._calibration_peaks(None, sigma, rule))
 
     def _forget_scored(self) -> None:
         """Drop every cached result of the previous fit."""

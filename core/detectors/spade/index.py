@@ -96,6 +96,18 @@ class PixelIndex:
         values = pooled.float().cpu().numpy() if isinstance(pooled, torch.Tensor) else pooled
         return self.images.score(values)
 
+    def image_scores_without(self, pooled: torch.Tensor, owners: list[int | None]) -> np.ndarray:
+        """(B, D) pooled features of copies of normal images -> (B,) DN2 scores, each without its ``owners``
+        image (None: nothing to leave out), so a copy is not matched with its own original."""
+        values = pooled.float().cpu().numpy()
+        k = self.images.k
+        found = self.images.search(values, k + 1)
+        scores = np.empty(len(values))
+        for row, owner in enumerate(owners):
+            keep = found.indices[row] != owner if owner is not None else np.ones(k + 1, dtype=bool)
+            scores[row] = found.sq_distances[row][keep][:k].sum()
+        return scores
+
     def train_image_scores(self) -> np.ndarray:
         """(N,) DN2 scores of the normal images, each without itself."""
         return self.images.train_scores()

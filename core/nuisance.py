@@ -4,7 +4,9 @@ Thirty held-out normal images cannot show all of a line's normal variation:
 lighting drifts, parts sit a little off, focus varies. A setting whose image
 score fires on that variation raises false alarms on the line, yet scores
 well against synthetic defects. The tuner therefore adds nuisance copies of
-its held-out normal images to the normal side of its evaluation.
+its held-out normal images to the normal side of its evaluation
+(:mod:`core.tuning.proxy`), and a SPADE model with ``nuisance_copies`` places
+its image threshold on its calibration images and their nuisance copies.
 
 How much of each nuisance is plausible is read off the line's own normal
 images (:func:`measure_variation`): brightness and contrast vary as much as
@@ -32,6 +34,8 @@ BLUR_SIGMA = 0.8
 """Largest Gaussian blur (pixels), applied only when the normal images' sharpness varies by more than
 :data:`SHARPNESS_SPREAD`."""
 SHARPNESS_SPREAD = 0.25
+BINARY_SHARE = 0.98
+"""Images whose two commonest grey levels hold this share of their pixels count as binarised."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,9 @@ class Variation:
     brightness: float
     contrast: float
     sharpness: float
+    binary: bool = False
+    """Whether the images hold (almost) only two grey levels (a binarised line scan): copies are then moved
+    without interpolation, so they stay two-levelled."""
 
 
 def _grey(image: np.ndarray) -> np.ndarray:
@@ -53,21 +60,24 @@ def measure_variation(images: Sequence[np.ndarray]) -> Variation:
     """The :class:`Variation` of (H, W, 3) uint8 normal images (at least two)."""
     if len(images) < 2:
         raise ValueError(f"need at least 2 normal images to measure their variation, got {len(images)}")
-    means, spreads, sharpness = [], [], []
+    means, spreads, sharpness, two_levels = [], [], [], []
     for image in images:
         grey = _grey(image)
         means.append(np.log(grey.mean() + 1.0))
         spreads.append(np.log(grey.std() + 1.0))
         sharpness.append(np.log(cv2.Laplacian(grey, cv2.CV_32F).var() + 1.0))
-    return Variation(float(np.std(means)), float(np.std(spreads)), float(np.std(sharpness)))
+        counts = np.bincount(np.clip(grey, 0, 255).astype(np.int64).ravel(), minlength=256)
+        two_levels.append(np.sort(counts)[-2:].sum() / counts.sum())
+    binary = float(np.median(two_levels)) >= BINARY_SHARE
+    return Variation(float(np.std(means)), float(np.std(spreads)), float(np.std(sharpness)), binary)
 
 
 def nuisance(image: np.ndarray, variation: Variation, rng: np.random.Generator) -> np.ndarray:
     """A copy of an (H, W, 3) uint8 normal image under random, plausible normal variation."""
     height, width = image.shape[:2]
     out = image.astype(np.float32)
-    brightness = min(MAX_BRIGHTNESS, variation.brightness)
-    contrast = min(MAX_CONTRAST, variation.contrast)
+    brightness = 0.0 if variation.binary else min(MAX_BRIGHTNESS, variation.brightness)
+    contrast = 0.0 if variation.binary else min(MAX_CONTRAST, variation.contrast)
     if contrast > 0:
         mean = out.mean()
         out = mean + (out - mean) * float(np.exp(rng.uniform(-contrast, contrast)))
@@ -77,8 +87,9 @@ def nuisance(image: np.ndarray, variation: Variation, rng: np.random.Generator) 
     shift = rng.uniform(-MAX_SHIFT, MAX_SHIFT, size=2) * np.array([width, height])
     matrix = cv2.getRotationMatrix2D((width / 2.0, height / 2.0), angle, 1.0)
     matrix[:, 2] += shift
-    out = cv2.warpAffine(out, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-    if variation.sharpness > SHARPNESS_SPREAD:
+    interpolation = cv2.INTER_NEAREST if variation.binary else cv2.INTER_LINEAR
+    out = cv2.warpAffine(out, matrix, (width, height), flags=interpolation, borderMode=cv2.BORDER_REFLECT_101)
+    if variation.sharpness > SHARPNESS_SPREAD and not variation.binary:
         sigma = rng.uniform(0.0, BLUR_SIGMA)
         if sigma > 0.1:
             out = cv2.GaussianBlur(out, (0, 0), sigma)
