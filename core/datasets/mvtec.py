@@ -10,11 +10,13 @@ from core.datasets.image_set import ImageItem, ImageSet, Problem
 from core.images import ImageError, probe_size
 
 
-def read_mvtec(category_dir: str | os.PathLike) -> tuple[ImageSet, ImageSet]:
+def read_mvtec(category_dir: str | os.PathLike, need_train: bool = True) -> tuple[ImageSet, ImageSet]:
     """Read one MVTec AD category (e.g. ``.../mvtec_ad/bottle``).
 
     Expects ``train/good/``, ``test/<defect type>/`` (``good`` for normal
-    images) and ``ground_truth/<defect type>/<stem>_mask.png``.
+    images) and ``ground_truth/<defect type>/<stem>_mask.png``. With
+    ``need_train=False`` a folder without ``train/`` reads as an empty train
+    set (marked evidence exported from the dashboard, say).
 
     Returns:
         ``(train, test)``. Train holds ``train/good`` (label 0). Test holds
@@ -26,10 +28,11 @@ def read_mvtec(category_dir: str | os.PathLike) -> tuple[ImageSet, ImageSet]:
     root = Path(category_dir)
     _require_folder(root)
     train_folder, test_folder = root / "train" / "good", root / "test"
-    if not train_folder.is_dir() or not test_folder.is_dir():
-        raise ValueError(f"{root}: not an MVTec AD category folder (expected train/good/ and test/ inside)")
+    if (need_train and not train_folder.is_dir()) or not test_folder.is_dir():
+        expected = "train/good/ and test/" if need_train else "test/"
+        raise ValueError(f"{root}: not an MVTec AD category folder (expected {expected} inside)")
 
-    train_found, train_problems = _scan_images(train_folder, root)
+    train_found, train_problems = _scan_images(train_folder, root) if train_folder.is_dir() else ([], [])
     train_items = [ImageItem(name=image.relative, path=image.path, label=0, group="good") for image in train_found]
 
     test_items: list[ImageItem] = []

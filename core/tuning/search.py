@@ -49,6 +49,7 @@ from core.images import ImageError, probe_size
 from core.progress import CancelFn, check_cancel
 from core.nuisance import measure_variation
 from core.tuning.pixel_counts import bootstrap_weights
+from core.tuning.marked import SHORTLIST, MarkedImages, choose_marked, cross_validate, score_marked
 from core.tuning.proxy import NUISANCE, PAINTED, Candidate, Evidence, ProxySet, evaluate_geometry, proxy_set
 
 GAIN_FOR_COST = 0.01
@@ -129,6 +130,9 @@ class TuneResult:
     n_synthetic: int
     n_nuisance: int = 0
     geometry_seconds: dict[str, float] = field(default_factory=dict)
+    marked: dict[str, Any] | None = None
+    """With marked real defects: how many, what the proxy alone chose, what they chose, and the
+    cross-validated figures of that choice (see :mod:`core.tuning.marked`)."""
 
     def summary(self) -> dict[str, Any]:
         """JSON-able record, saved in the model header and printed by ``python -m core tune``."""
@@ -145,6 +149,7 @@ class TuneResult:
             "n_holdout": self.n_holdout,
             "n_synthetic": self.n_synthetic,
             "n_nuisance": self.n_nuisance,
+            "marked": self.marked,
             "candidates": [c.to_dict() for c in self.candidates],
         }
 
@@ -303,9 +308,12 @@ def tune_spade(
     log: Log | None = None,
     cancel: CancelFn | None = None,
     audit: Audit | None = None,
+    marked: ImageSet | None = None,
 ) -> TuneResult:
     """Pick SPADE settings for ``normal`` (see the module docstring); ``base`` gives everything not tuned and
-    is what a departure must beat. ``resolutions`` overrides the input sides tried (e.g. ``(256,)``)."""
+    is what a departure must beat. ``resolutions`` overrides the input sides tried (e.g. ``(256,)``).
+    ``marked``: a few real images, good and defective (masks where known), that check the choice and choose
+    among the best candidates and image scores (:mod:`core.tuning.marked`)."""
     say = log or (lambda message: None)
     start = time.perf_counter()
     sizes = _sizes(normal)
@@ -314,6 +322,8 @@ def tune_spade(
     variation = measure_variation(donors + [item.load() for item in holdout])
     eval_side = int(min(EVAL_SIDE, np.median([max(h, w) for h, w in sizes])))
     proxy = proxy_set(holdout, donors, variation, seed, eval_side)
+    evidence_marked = MarkedImages.of(marked, eval_side) if marked is not None and len(marked) else None
+    marked_scores: dict = {}
     n_painted = int(np.sum(proxy.roles == PAINTED))
     n_nuisance = int(np.sum(proxy.roles == NUISANCE))
     geometries = geometry_candidates(sizes)
@@ -349,6 +359,8 @@ def tune_spade(
         for candidate, found in rows:
             candidates.append(candidate)
             evidence[candidate] = found
+        if evidence_marked is not None:
+            marked_scores.update(score_marked(detector, evidence_marked, [c for c, _ in rows]))
         if audit is not None:
             audit(detector, proxy, [candidate for candidate, _ in rows])
         best = max((c for c, _ in rows), key=lambda c: c.objective)
@@ -356,17 +368,47 @@ def tune_spade(
             f"strides {best.strides}, σ {best.sigma}; image {best.image_auroc:.4f}) in "
             f"{geometry_seconds[f'{resolution}/{aspect}']:.0f} s")
     chosen, reference, margin, reason = choose(candidates, base, evidence, proxy)
+    rule, marked_summary = IMAGE_RULE, None
+    if evidence_marked is not None:
+        chosen, rule, marked_summary, reason = _with_marked(candidates, chosen, reference, base, marked_scores,
+                                                            evidence_marked, reason)
     settings = dataclasses.replace(_geometry_settings(base, chosen.resolution, chosen.aspect),
                                    strides=tuple(sorted(chosen.strides)), sigma=chosen.sigma)
     if chosen is reference or chosen == reference:
         settings = dataclasses.replace(base, image_score=IMAGE_RULE, image_sigma=None, pooled=POOLED,
                                        nuisance_copies=NUISANCE_COPIES)
+    settings = dataclasses.replace(settings, image_score=rule)
     return TuneResult(
         settings=settings, candidates=candidates, chosen=chosen, reference=reference, reason=reason,
         kept_base=chosen == reference, margin=margin, seconds=time.perf_counter() - start, n_fit=len(fit_set),
         n_holdout=len(holdout), n_synthetic=len(proxy.images), n_nuisance=n_nuisance,
-        geometry_seconds=geometry_seconds,
+        geometry_seconds=geometry_seconds, marked=marked_summary,
     )
+
+
+def _with_marked(candidates: Sequence[Candidate], proxy_choice: Candidate, reference: Candidate, base: SpadeSettings,
+                 scores: dict, marked: MarkedImages, reason: str) -> tuple[Candidate, str, dict[str, Any], str]:
+    """The marked images' choice among the proxy's best (see :mod:`core.tuning.marked`), and what it says."""
+    ranked = sorted(candidates, key=lambda c: -_merit(c, base))
+    shortlist = [proxy_choice] + [c for c in ranked if c != proxy_choice][: SHORTLIST - 1]
+    if reference not in shortlist:
+        shortlist.append(reference)
+    labels = marked.labels
+    found = choose_marked(shortlist, scores, labels, IMAGE_RULE)
+    validated = cross_validate(shortlist, scores, labels, IMAGE_RULE)
+    summary = {
+        "n_defective": int(labels.sum()), "n_good": int((labels == 0).sum()), "with_masks": marked.has_masks,
+        "proxy_choice": proxy_choice.to_dict(), "chosen": found.candidate.to_dict(), "image_rule": found.rule,
+        "marked_pixel_objective": found.pixel_objective, "marked_image_auroc": found.image_auroc,
+        "cross_validated": validated,
+    }
+    changed = found.candidate != proxy_choice or found.rule != IMAGE_RULE
+    said = (f"; {int(labels.sum())} marked defects and {int((labels == 0).sum())} good images "
+            f"{'changed' if changed else 'confirmed'} it: {_describe(found.candidate)}, image score {found.rule} "
+            f"(cross-validated over {validated['folds']} folds of the marked images: image AUROC "
+            f"{validated['image_auroc']:.3f}" + ("" if np.isnan(validated["pixel_objective"]) else
+                                                  f", pixel AUROC + PRO over 2 {validated['pixel_objective']:.3f}") + ")")
+    return found.candidate, found.rule, summary, reason + said
 
 
 def best_candidates(summary: dict, rows: int = 12) -> list[dict]:
