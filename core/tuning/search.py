@@ -104,13 +104,14 @@ class Margin:
     gain: float
     spread: float
     wins: float
+    resamples: int = BOOTSTRAP_RESAMPLES
 
     @property
     def z(self) -> float:
         return self.gain / self.spread if self.spread > 0 else (math.inf if self.gain > 0 else 0.0)
 
     def to_dict(self) -> dict[str, float]:
-        return {"gain": self.gain, "spread": self.spread, "wins": self.wins, "z": self.z}
+        return {"gain": self.gain, "spread": self.spread, "wins": self.wins, "z": self.z, "resamples": self.resamples}
 
 
 @dataclass
@@ -247,7 +248,7 @@ def paired_margin(challenger: Evidence, reference: Evidence, proxy: ProxySet, re
     for row, w in enumerate(weights):
         a, b = challenger.counts.metrics(w), reference.counts.metrics(w)
         gains[row] = (a[0] + a[1]) / 2 - (b[0] + b[1]) / 2
-    return Margin(float(gains.mean()), float(gains.std(ddof=1)), float(np.mean(gains > 0)))
+    return Margin(float(gains.mean()), float(gains.std(ddof=1)), float(np.mean(gains > 0)), resamples)
 
 
 def _describe(c: Candidate) -> str:
