@@ -66,6 +66,12 @@ def test_the_suite_prints_every_row_fidelity_and_the_leave_one_line_out_table(tm
     assert [row["line"] for row in loo] == ["bottle", "deeppcb"]
     assert all(row["image_rule"] in ("dn2", "topk", "fused") and (row["margin"] >= 0 or math.isinf(row["margin"]))
                for row in loo)
-    # Reports written per line are read back instead of being run again.
+    # Reports written per line are read back instead of being run again ...
     assert main(["bench-suite", "--data", str(data), "--lines", "bottle,deeppcb", "--out", str(out)]) == 0
     assert "read" in capsys.readouterr().out
+    # ... and after a tuner change only the tuned row (and its audit) is run again.
+    before = json.loads((out / "bottle.json").read_text())
+    assert main(args[:-2] + ["--lines", "bottle", "--rows", "tuned"]) == 0
+    after = json.loads((out / "bottle.json").read_text())
+    assert after["dn2"] == before["dn2"] and after["defaults"] == before["defaults"]
+    assert after["tuned"]["seconds"] != before["tuned"]["seconds"]

@@ -30,6 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--reports", nargs="*", metavar="LINE.json",
                         help="skip running: read earlier per-line reports and print the tables")
     parser.add_argument("--out", metavar="DIR", help="write one LINE.json per line here (and read them back)")
+    parser.add_argument("--rows", help="with --out: recompute only these rows of lines already there "
+                        "(comma-separated of dn2, gaussian, defaults, tuned), e.g. tuned after a tuner change")
     parser.add_argument("--json", metavar="OUT.json", help="write everything here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weights", help="local weights file, or 'random' (tests only)")
@@ -77,7 +79,7 @@ def tables(reports: list[dict], loo: list[dict]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from core.bench import BenchOptions
-    from core.tuning.suite import development_lines, leave_one_line_out, run_line
+    from core.tuning.suite import ROWS, development_lines, leave_one_line_out, run_line
 
     apply_threads(args.threads)
     reports = []
@@ -93,15 +95,18 @@ def run(args: argparse.Namespace) -> int:
             print(f"no development line found under {args.data}", file=sys.stderr)
             return 2
         out = Path(args.out) if args.out else None
+        rows = [r.strip() for r in args.rows.split(",")] if args.rows else None
         for line in lines:
             saved = out / f"{line.name}.json" if out else None
-            if saved is not None and saved.exists():
-                reports.append(json.loads(saved.read_text(encoding="utf-8")))
+            earlier = json.loads(saved.read_text(encoding="utf-8")) if saved is not None and saved.exists() else None
+            if earlier is not None and rows is None:
+                reports.append(earlier)
                 print(f"{line.name}: read {saved}")
                 continue
             print(f"{line.name}: {line.root}", flush=True)
             options = BenchOptions(seed=args.seed, weights=args.weights, params=parse_params(args.param))
-            report = run_line(line, options, lambda text: print(text, flush=True))
+            report = run_line(line, options, lambda text: print(text, flush=True), earlier=earlier,
+                              rows=rows if earlier is not None else ROWS)
             if saved is not None:
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 saved.write_text(json.dumps(report, indent=1, default=float), encoding="utf-8")

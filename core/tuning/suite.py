@@ -146,8 +146,13 @@ def _bench_row(report: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def run_line(line: Line, options: BenchOptions, say: Say, audit_test: int = AUDIT_TEST) -> dict[str, Any]:
-    """Every row, the audit and the fidelity of one line (see the module docstring)."""
+ROWS = ("dn2", "gaussian", "defaults", "tuned")
+
+
+def run_line(line: Line, options: BenchOptions, say: Say, audit_test: int = AUDIT_TEST,
+             earlier: dict[str, Any] | None = None, rows: Sequence[str] = ROWS) -> dict[str, Any]:
+    """Every row, the audit and the fidelity of one line (see the module docstring). Rows not in ``rows`` are
+    taken from an ``earlier`` report of the same line (the baselines do not change when the tuner does)."""
     task = load_tasks(f"mvtec:{line.root}", seed=options.seed)[0]
     test = task.test
     if len(test) > audit_test:
@@ -162,6 +167,13 @@ def run_line(line: Line, options: BenchOptions, say: Say, audit_test: int = AUDI
     spec = f"mvtec:{line.root}"
     for name, method, extra in (("dn2", "dn2", {}), ("gaussian", "gaussian", {}), ("defaults", "spade", {}),
                                 ("tuned", "spade", {"tune": True, "audit": audit})):
+        if name not in rows:
+            if earlier is None or name not in earlier:
+                raise ValueError(f"line {line.name}: no earlier report holds the {name!r} row")
+            report[name] = earlier[name]
+            if name == "tuned":
+                audit.rows = earlier["audit"]
+            continue
         start = time.perf_counter()
         report[name] = _bench_row(run_bench(method, spec, dataclasses.replace(options, **extra)))
         report[name]["seconds"] = time.perf_counter() - start
