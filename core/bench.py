@@ -361,9 +361,9 @@ def _renamed(item, index: int):
 # --------------------------------------------------------------------------- the run
 
 
-def split_marked(test: ImageSet, n: int, seed: int) -> tuple[ImageSet, ImageSet]:
-    """(evidence, rest): ``n`` defective and ``n`` good test images drawn at random (``seed``) as marked evidence,
-    and every other test image, which alone is evaluated."""
+def marked_positions(test: ImageSet, n: int, seed: int) -> list[int]:
+    """Positions of ``n`` defective and ``n`` good test images drawn at random (``seed``), sorted. The draws are
+    nested: the images marked for a smaller ``n`` are among those for a larger one."""
     rng = np.random.default_rng([seed, 3])
     labels = test.labels
     chosen = []
@@ -372,9 +372,16 @@ def split_marked(test: ImageSet, n: int, seed: int) -> tuple[ImageSet, ImageSet]
         if len(members) <= n:
             raise ValueError(f"--labelled {n} needs more than {n} {'defective' if label else 'good'} test images, "
                              f"the test set has {len(members)}")
-        chosen.extend(int(i) for i in rng.choice(members, size=n, replace=False))
+        chosen.extend(int(i) for i in rng.permutation(members)[:n])
+    return sorted(chosen)
+
+
+def split_marked(test: ImageSet, n: int, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(evidence, rest): the :func:`marked_positions` images as marked evidence, and every other test image,
+    which alone is evaluated."""
+    chosen = marked_positions(test, n, seed)
     rest = sorted(set(range(len(test))) - set(chosen))
-    return test.subset(sorted(chosen)), test.subset(rest)
+    return test.subset(chosen), test.subset(rest)
 
 
 def _tuned(detector: Detector, task: BenchTask, entry: dict[str, Any], options: BenchOptions,
@@ -421,6 +428,20 @@ def _segmentation(
         result["ablation_resolution"] = f"{size.crop}x{size.crop} map"
     result["seconds_per_image"] = seconds / len(task.test)
     return np.asarray(scores, dtype=np.float64), result, seconds
+
+
+def segmentation_figures(images: ImageSet, scores: np.ndarray, maps: np.ndarray, size: ImageSize,
+                         keep: Sequence[int] | None = None) -> dict[str, float]:
+    """Image AUROC, and pixel AUROC and PRO at the images' original resolution, of the images at positions
+    ``keep`` (None = all) from (N,) scores and (N, crop, crop) maps of ``images`` (as ``bench`` reports them)."""
+    keep = list(range(len(images))) if keep is None else list(keep)
+    subset = images.subset(keep)
+    figures = {"image_auroc": image_auroc(subset.labels, np.asarray(scores)[keep])}
+    if any(item.has_mask for item in subset):
+        originals, resampled = _at_original_size(subset, maps[keep], size)
+        found = segmentation_metrics(originals, resampled)
+        figures.update(pixel_auroc=found.pixel_auroc, pro=found.pro)
+    return figures
 
 
 def _at_original_size(

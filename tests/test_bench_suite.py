@@ -50,7 +50,7 @@ def test_the_suite_prints_every_row_fidelity_and_the_leave_one_line_out_table(tm
     out = tmp_path / "reports"
     args = ["bench-suite", "--data", str(data), "--cache", str(tmp_path / "cache"), "--lines", "bottle,deeppcb",
             "--weights", "random", "--param", "features.resize=64", "--param", "features.crop=64",
-            "--param", "features.batch_size=8", "--out", str(out), "--json", str(tmp_path / "suite.json")]
+            "--param", "features.batch_size=8", "--labelled", "0,1", "--out", str(out), "--json", str(tmp_path / "suite.json")]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "leave one line out" in printed and "fidelity" in printed
@@ -62,6 +62,12 @@ def test_the_suite_prints_every_row_fidelity_and_the_leave_one_line_out_table(tm
         assert set(report["fidelity"]) >= {"pixel_auroc", "pro", "image_fused"}
         assert report["audit"] and all("real_pro" in row and "synthetic_pro" in row for row in report["audit"])
         assert report["loss"]["worst"] == min(v for k, v in report["loss"].items() if k != "worst")
+        # One marked defect and one good image: evaluated on the other test images, beside the oracle.
+        marked = report["labelled"]["1"]
+        assert marked["n_marked"] == 2 and marked["n_evaluated"] == report["labelled"]["0"]["n_evaluated"] - 2
+        assert 0.0 <= marked["oracle"]["image_auroc"] <= 1.0 and marked["image_rule"] in ("dn2", "topk", "fused")
+        assert report["tuned"]["image_auroc"] == report["labelled"]["0"]["image_auroc"]
+    assert "marked defects" in printed
     loo = suite["leave_one_line_out"]
     assert [row["line"] for row in loo] == ["bottle", "deeppcb"]
     assert all(row["image_rule"] in ("dn2", "topk", "fused") and (row["margin"] >= 0 or math.isinf(row["margin"]))
@@ -71,7 +77,7 @@ def test_the_suite_prints_every_row_fidelity_and_the_leave_one_line_out_table(tm
     assert "read" in capsys.readouterr().out
     # ... and after a tuner change only the tuned row (and its audit) is run again.
     before = json.loads((out / "bottle.json").read_text())
-    assert main(args[:-2] + ["--lines", "bottle", "--rows", "tuned"]) == 0
+    assert main(args[:-2] + ["--lines", "bottle", "--rows", "tuned", "--labelled", "0"]) == 0
     after = json.loads((out / "bottle.json").read_text())
     assert after["dn2"] == before["dn2"] and after["defaults"] == before["defaults"]
     assert after["tuned"]["seconds"] != before["tuned"]["seconds"]

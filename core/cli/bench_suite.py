@@ -33,6 +33,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--rows", help="with --out: recompute only these rows of lines already there "
                         "(comma-separated of dn2, gaussian, defaults, tuned), e.g. tuned after a tuner change")
     parser.add_argument("--json", metavar="OUT.json", help="write everything here")
+    parser.add_argument("--labelled", default="0", metavar="N,N,...",
+                        help="also tune with N marked defects and N good test images for each N (e.g. 0,3,5,10), "
+                        "each left out of its own evaluation, beside the oracle (default 0: normal images only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weights", help="local weights file, or 'random' (tests only)")
     add_param_option(parser)
@@ -74,6 +77,19 @@ def tables(reports: list[dict], loo: list[dict]) -> str:
     if loo:
         worst = min(min(row["pixel_auroc"], row["pro"], row["image_auroc"]) for row in loo)
         lines.append(f"worst change over held-out lines and metrics: {100 * worst:+.1f}")
+    marked = [r for r in reports if len(r.get("labelled", {})) > 1]
+    if marked:
+        lines.append("")
+        lines.append("marked defects (N defective + N good test images as evidence, left out of N's evaluation)")
+        lines.append("line            |  N | tuned img/pix/PRO   | oracle img/pix/PRO  | image score | cross-validated img")
+        for r in marked:
+            for n, row in sorted(r["labelled"].items(), key=lambda item: int(item[0])):
+                oracle = row["oracle"]
+                validated = row.get("cross_validated") or {}
+                lines.append(
+                    f"{r['line']:<15} | {int(n):>2} | {_fmt(row['image_auroc'])} / {_fmt(row.get('pixel_auroc'))} / "
+                    f"{_fmt(row.get('pro'))} | {_fmt(oracle['image_auroc'])} / {_fmt(oracle.get('pixel_auroc'))} / "
+                    f"{_fmt(oracle.get('pro'))} | {row['image_rule']:>11} | {_fmt(validated.get('image_auroc'))}")
     return "\n".join(lines)
 
 
@@ -106,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{line.name}: {line.root}", flush=True)
             options = BenchOptions(seed=args.seed, weights=args.weights, params=parse_params(args.param))
             report = run_line(line, options, lambda text: print(text, flush=True), earlier=earlier,
-                              rows=rows if earlier is not None else ROWS)
+                              rows=rows if earlier is not None else ROWS,
+                              labelled=[int(n) for n in args.labelled.split(",")])
             if saved is not None:
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 saved.write_text(json.dumps(report, indent=1, default=float), encoding="utf-8")

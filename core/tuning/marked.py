@@ -149,23 +149,24 @@ def choose_marked(shortlist: Sequence[Candidate], scores: dict[Candidate, Marked
 
 
 def cross_validate(shortlist: Sequence[Candidate], scores: dict[Candidate, MarkedScores], labels: np.ndarray,
-                   default_rule: str, folds: int = FOLDS) -> dict[str, float]:
+                   default_rule: str, folds: int = FOLDS, use: np.ndarray | None = None) -> dict[str, float]:
     """The choice repeated with each fold of the marked images left out and scored on that fold alone.
 
-    Folds hold every ``folds``-th defective and good image. Returns the pooled share of correctly ordered
-    (defective, good) pairs within the held-out folds (an AUROC estimate) and the mean held-out pixel
-    objective (NaN without marked regions).
+    Folds hold every ``folds``-th defective and good image (of those ``use`` allows; all by default).
+    Returns the pooled share of correctly ordered (defective, good) pairs within the held-out folds (an AUROC
+    estimate) and the mean held-out pixel objective (NaN without marked regions).
     """
-    folds = max(2, min(folds, int(min(labels.sum(), (labels == 0).sum()))))
-    fold_of = np.empty(len(labels), dtype=np.int64)
+    use = np.ones(len(labels), dtype=bool) if use is None else np.asarray(use, dtype=bool)
+    folds = max(2, min(folds, int(min(labels[use].sum(), (labels[use] == 0).sum()))))
+    fold_of = np.full(len(labels), -1, dtype=np.int64)
     for label in (0, 1):
-        members = np.flatnonzero(labels == label)
+        members = np.flatnonzero((labels == label) & use)
         fold_of[members] = np.arange(len(members)) % folds
     ordered = pairs = 0.0
     pixel = []
     for fold in range(folds):
         held = fold_of == fold
-        choice = choose_marked(shortlist, scores, labels, default_rule, use=~held)
+        choice = choose_marked(shortlist, scores, labels, default_rule, use=use & ~held)
         got, count = _pairs_ordered(labels[held], scores[choice.candidate].image[choice.rule][held])
         ordered, pairs = ordered + got, pairs + count
         value = _pixel_objective(scores[choice.candidate].counts, held.astype(np.float64))

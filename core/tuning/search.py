@@ -134,6 +134,10 @@ class TuneResult:
     marked: dict[str, Any] | None = None
     """With marked real defects: how many, what the proxy alone chose, what they chose, and the
     cross-validated figures of that choice (see :mod:`core.tuning.marked`)."""
+    shortlist: list[Candidate] = field(default_factory=list, repr=False)
+    """The candidates marked images choose among (the proxy's best first, the base settings' included)."""
+    marked_scores: dict = field(default_factory=dict, repr=False)
+    """Candidate -> :class:`~core.tuning.marked.MarkedScores`, for choices with part of the marked images."""
 
     def summary(self) -> dict[str, Any]:
         """JSON-able record, saved in the model header and printed by ``python -m core tune``."""
@@ -299,6 +303,18 @@ def _fit_and_evaluate(settings: SpadeSettings, fit_set: ImageSet, proxy: ProxySe
     return detector, evaluate_geometry(detector, proxy, IMAGE_RULE, per_image, cancel)
 
 
+def settings_for_choice(base: SpadeSettings, chosen: Candidate, reference: Candidate, rule: str = IMAGE_RULE
+                        ) -> SpadeSettings:
+    """The settings a tuned model gets for a chosen candidate and image ``rule`` (the base settings themselves,
+    with the tuned image score and working point, when the choice is the base settings' candidate)."""
+    if chosen == reference:
+        settings = dataclasses.replace(base, image_sigma=None, pooled=POOLED, nuisance_copies=NUISANCE_COPIES)
+    else:
+        settings = dataclasses.replace(_geometry_settings(base, chosen.resolution, chosen.aspect),
+                                       strides=tuple(sorted(chosen.strides)), sigma=chosen.sigma)
+    return dataclasses.replace(settings, image_score=rule)
+
+
 def tune_spade(
     normal: ImageSet,
     base: SpadeSettings = SpadeSettings(),
@@ -360,40 +376,41 @@ def tune_spade(
         for candidate, found in rows:
             candidates.append(candidate)
             evidence[candidate] = found
+        if audit is not None:  # reads the proxy set as the detector's last scored set
+            audit(detector, proxy, [candidate for candidate, _ in rows])
         if evidence_marked is not None:
             marked_scores.update(score_marked(detector, evidence_marked, [c for c, _ in rows]))
-        if audit is not None:
-            audit(detector, proxy, [candidate for candidate, _ in rows])
         best = max((c for c, _ in rows), key=lambda c: c.objective)
         say(f"  {resolution}² {aspect}: best {best.objective:.4f} (pixel {best.pixel_auroc:.4f}, PRO {best.pro:.4f}; "
             f"strides {best.strides}, σ {best.sigma}; image {best.image_auroc:.4f}) in "
             f"{geometry_seconds[f'{resolution}/{aspect}']:.0f} s")
     chosen, reference, margin, reason = choose(candidates, base, evidence, proxy)
     rule, marked_summary = IMAGE_RULE, None
+    shortlist = marked_shortlist(candidates, chosen, reference, base)
     if evidence_marked is not None:
-        chosen, rule, marked_summary, reason = _with_marked(candidates, chosen, reference, base, marked_scores,
-                                                            evidence_marked, reason)
-    settings = dataclasses.replace(_geometry_settings(base, chosen.resolution, chosen.aspect),
-                                   strides=tuple(sorted(chosen.strides)), sigma=chosen.sigma)
-    if chosen is reference or chosen == reference:
-        settings = dataclasses.replace(base, image_score=IMAGE_RULE, image_sigma=None, pooled=POOLED,
-                                       nuisance_copies=NUISANCE_COPIES)
-    settings = dataclasses.replace(settings, image_score=rule)
+        chosen, rule, marked_summary, reason = _with_marked(shortlist, chosen, marked_scores, evidence_marked, reason)
+    settings = settings_for_choice(base, chosen, reference, rule)
     return TuneResult(
         settings=settings, candidates=candidates, chosen=chosen, reference=reference, reason=reason,
         kept_base=chosen == reference, margin=margin, seconds=time.perf_counter() - start, n_fit=len(fit_set),
         n_holdout=len(holdout), n_synthetic=len(proxy.images), n_nuisance=n_nuisance,
-        geometry_seconds=geometry_seconds, marked=marked_summary,
+        geometry_seconds=geometry_seconds, marked=marked_summary, shortlist=shortlist, marked_scores=marked_scores,
     )
 
 
-def _with_marked(candidates: Sequence[Candidate], proxy_choice: Candidate, reference: Candidate, base: SpadeSettings,
-                 scores: dict, marked: MarkedImages, reason: str) -> tuple[Candidate, str, dict[str, Any], str]:
-    """The marked images' choice among the proxy's best (see :mod:`core.tuning.marked`), and what it says."""
+def marked_shortlist(candidates: Sequence[Candidate], proxy_choice: Candidate, reference: Candidate,
+                     base: SpadeSettings) -> list[Candidate]:
+    """The proxy's choice, the next best by merit (:data:`SHORTLIST` in all) and the base settings' candidate."""
     ranked = sorted(candidates, key=lambda c: -_merit(c, base))
     shortlist = [proxy_choice] + [c for c in ranked if c != proxy_choice][: SHORTLIST - 1]
     if reference not in shortlist:
         shortlist.append(reference)
+    return shortlist
+
+
+def _with_marked(shortlist: Sequence[Candidate], proxy_choice: Candidate, scores: dict, marked: MarkedImages,
+                 reason: str) -> tuple[Candidate, str, dict[str, Any], str]:
+    """The marked images' choice among the shortlist (see :mod:`core.tuning.marked`), and what it says."""
     labels = marked.labels
     found = choose_marked(shortlist, scores, labels, IMAGE_RULE)
     validated = cross_validate(shortlist, scores, labels, IMAGE_RULE)

@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from core.backbones import get_spec
-from core.bench import BenchOptions, load_tasks, run_bench
+from core.bench import BenchOptions, BenchTask, load_tasks, marked_positions, run_bench, segmentation_figures
 from core.config import FeatureSettings, SpadeSettings
 from core.datasets import ImageSet
 from core.datasets.crops import cut_crops
@@ -44,7 +44,8 @@ from core.metrics import image_auroc
 from core.tuning.fidelity import fidelity_table
 from core.tuning.pixel_counts import pixel_counts
 from core.tuning.proxy import Candidate, ProxySet
-from core.tuning.search import EVAL_SIDE, best_by_merit, is_reference
+from core.tuning.marked import choose_marked, cross_validate
+from core.tuning.search import EVAL_SIDE, IMAGE_RULE, best_by_merit, is_reference, settings_for_choice, tune_spade
 
 AUDIT_TEST = 200
 """Real test images (stratified by defect type) each tuner geometry scores for the fidelity audit."""
@@ -150,9 +151,12 @@ ROWS = ("dn2", "gaussian", "defaults", "tuned")
 
 
 def run_line(line: Line, options: BenchOptions, say: Say, audit_test: int = AUDIT_TEST,
-             earlier: dict[str, Any] | None = None, rows: Sequence[str] = ROWS) -> dict[str, Any]:
+             earlier: dict[str, Any] | None = None, rows: Sequence[str] = ROWS,
+             labelled: Sequence[int] = (0,)) -> dict[str, Any]:
     """Every row, the audit and the fidelity of one line (see the module docstring). Rows not in ``rows`` are
-    taken from an ``earlier`` report of the same line (the baselines do not change when the tuner does)."""
+    taken from an ``earlier`` report of the same line (the baselines do not change when the tuner does).
+    ``labelled``: the numbers of marked defects (and as many good images) the tuned row is also run with
+    (:func:`tuned_rows`; 0 = normal images only)."""
     task = load_tasks(f"mvtec:{line.root}", seed=options.seed)[0]
     test = task.test
     if len(test) > audit_test:
@@ -165,17 +169,21 @@ def run_line(line: Line, options: BenchOptions, say: Say, audit_test: int = AUDI
                               "base": {"resolution": base.features.resize, "aspect": base.features.aspect,
                                        "strides": list(base.strides), "sigma": base.sigma}}
     spec = f"mvtec:{line.root}"
-    for name, method, extra in (("dn2", "dn2", {}), ("gaussian", "gaussian", {}), ("defaults", "spade", {}),
-                                ("tuned", "spade", {"tune": True, "audit": audit})):
+    for name, method in (("dn2", "dn2"), ("gaussian", "gaussian"), ("defaults", "spade"), ("tuned", "spade")):
         if name not in rows:
             if earlier is None or name not in earlier:
                 raise ValueError(f"line {line.name}: no earlier report holds the {name!r} row")
             report[name] = earlier[name]
             if name == "tuned":
                 audit.rows = earlier["audit"]
+                report["labelled"] = earlier.get("labelled", {})
             continue
         start = time.perf_counter()
-        report[name] = _bench_row(run_bench(method, spec, dataclasses.replace(options, **extra)))
+        if name == "tuned":
+            report["labelled"] = tuned_rows(task, options, audit, labelled, say)
+            report[name] = dict(report["labelled"]["0"])
+        else:
+            report[name] = _bench_row(run_bench(method, spec, options))
         report[name]["seconds"] = time.perf_counter() - start
         say(f"  {line.name} {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in report[name].items()
                                                   if k in ("image_auroc", "pixel_auroc", "pro")))
@@ -184,6 +192,69 @@ def run_line(line: Line, options: BenchOptions, say: Say, audit_test: int = AUDI
     metrics = ["pixel_auroc", "pro"] + [f"image_{rule}" for rule in AUDIT_RULES]
     report["fidelity"] = {k: dataclasses.asdict(v) for k, v in fidelity_table(audit.rows, metrics).items()}
     return report
+
+
+def _evaluate(settings: SpadeSettings, task: BenchTask, keeps: dict[str, list[int]]) -> dict[str, dict[str, float]]:
+    """Fit ``settings`` on the task's normal images, score every test image once, and report the figures of
+    each ``keeps`` subset (name -> test positions) as ``bench`` does, with seconds per test image."""
+    detector = SpadeDetector(settings).fit(task.train)
+    start = time.perf_counter()
+    scores, maps = detector.score_and_maps(task.test)
+    per_image = (time.perf_counter() - start) / len(task.test)
+    return {name: {**segmentation_figures(task.test, scores, maps, detector.image_size, keep),
+                   "seconds_per_image": per_image} for name, keep in keeps.items()}
+
+
+def tuned_rows(task: BenchTask, options: BenchOptions, audit: CandidateAudit, labelled: Sequence[int],
+               say: Say) -> dict[str, dict[str, Any]]:
+    """The tuned row with 0 and with each number N in ``labelled`` of marked defects (N defective and N good test
+    images, nested draws, left out of N's evaluation), and the oracle beside each: the candidate and image score
+    the audit's real test labels rank best, evaluated on the same images. One tuner run serves every N."""
+    base = options.settings(SpadeSettings)
+    largest = max(labelled)
+    positions = marked_positions(task.test, largest, options.seed) if largest else []
+    evidence = task.test.subset(positions) if positions else None
+    start = time.perf_counter()
+    result = tune_spade(task.train, base=base, seed=options.seed, audit=audit, marked=evidence)
+    tune_s = time.perf_counter() - start
+    everything = list(range(len(task.test)))
+    choices, keeps = {}, {}
+    for n in sorted(set(labelled) | {0}):
+        marked_here = set(marked_positions(task.test, n, options.seed)) if n else set()
+        keeps[str(n)] = [i for i in everything if i not in marked_here]
+        if n == 0:
+            choices[str(n)] = (result.shortlist[0], IMAGE_RULE, None)
+            continue
+        use = np.array([p in marked_here for p in positions])
+        labels = evidence.labels
+        found = choose_marked(result.shortlist, result.marked_scores, labels, IMAGE_RULE, use=use)
+        validated = cross_validate(result.shortlist, result.marked_scores, labels, IMAGE_RULE, use=use)
+        choices[str(n)] = (found.candidate, found.rule, validated)
+    oracle = max(audit.rows, key=lambda r: (max(r[f"real_image_{rule}"] for rule in AUDIT_RULES),
+                                           r["real_pixel_auroc"] + r["real_pro"]))
+    oracle_rule = max(AUDIT_RULES, key=lambda rule: oracle[f"real_image_{rule}"])
+    oracle_candidate = next(c for c in result.candidates if c.to_dict()["strides"] == oracle["strides"]
+                            and (c.resolution, c.aspect, c.sigma) == (oracle["resolution"], oracle["aspect"], oracle["sigma"]))
+    # Each distinct settings is fitted and scored once; every N reads its own subset of the test images.
+    evaluated: dict[SpadeSettings, dict[str, dict[str, float]]] = {}
+    plans = {**{n: (c, rule) for n, (c, rule, _) in choices.items()}, "oracle": (oracle_candidate, oracle_rule)}
+    for name, (candidate, rule) in plans.items():
+        settings = settings_for_choice(base, candidate, result.reference, rule)
+        if settings not in evaluated:
+            say(f"    evaluating {name}: {candidate.resolution}² {candidate.aspect} "
+                f"{'+'.join(map(str, candidate.strides))} σ{candidate.sigma:g}, {rule}")
+            evaluated[settings] = _evaluate(settings, task, keeps)
+    rows = {}
+    for n, (candidate, rule, validated) in choices.items():
+        settings = settings_for_choice(base, candidate, result.reference, rule)
+        oracle_settings = settings_for_choice(base, oracle_candidate, result.reference, oracle_rule)
+        rows[n] = {**evaluated[settings][n], "n_evaluated": len(keeps[n]), "n_marked": 2 * int(n),
+                   "chosen": candidate.to_dict(), "image_rule": rule, "kept_base": candidate == result.reference,
+                   "cross_validated": validated, "oracle": {**evaluated[oracle_settings][n], "chosen": oracle_candidate.to_dict(),
+                                                           "image_rule": oracle_rule}}
+    summary = result.summary()
+    rows["0"].update(tune_s=tune_s, margin=summary["margin"], reason=summary["reason"])
+    return rows
 
 
 def tuned_loss(report: dict[str, Any]) -> dict[str, float]:
