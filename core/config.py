@@ -232,7 +232,7 @@ class PandaSettings:
         _check_fraction("target_fpr", self.target_fpr)
 
 
-SPADE_GALLERIES = ("exact", "kmeans", "ivf-flat", "ivf-pq", "auto")
+SPADE_GALLERIES = ("exact", "kmeans", "ivf-flat", "ivf-pq", "gaussian", "auto")
 SPADE_COMBINATIONS = ("sum", "concat")
 SPADE_IMAGE_SCORES = ("dn2", "max", "topk", "mix", "fused")
 """SPADE's image-level rules (see ``core.detectors.spade.image_score``); the one list the detector, the tuner and
@@ -258,7 +258,9 @@ class SpadeSettings:
     0 = about √pixels; ``ivf_probe`` searched per query), IVF-PQ compressing each pixel to
     channels / ``pq_dims`` one-byte codes (``top_images`` unused); "auto": "exact" when its
     float16 gallery fits ``max_gallery_bytes``, else "ivf-pq" (IVF-Flat, float32, is never
-    smaller than the float16 exact gallery).
+    smaller than the float16 exact gallery); "gaussian": no search, a Gaussian per cell of the
+    normal images (PaDiM's model) and each pixel's Mahalanobis distance to its own cell's: for
+    lines whose parts sit in the same place in every image.
     ``patch_pixels``: average each stage's features over a neighbourhood about this
     many input pixels wide before the search (an odd number of cells: 5 at stride 4,
     3 at stride 8, 1 at stride 16 for 24); 0 = the paper's single-cell features. The

@@ -508,3 +508,25 @@ def test_nuisance_copies_keep_the_false_positive_rate_of_normal_variation_at_its
     assert low <= settings.target_fpr, f"{flagged} of {len(copies)} nuisance copies flagged at a {settings.target_fpr:.0%} target"
     # The calibration images and their copies are what the threshold was placed on.
     assert len(detector.train_scores_) == 6 * (1 + 3)
+
+
+def test_per_cell_gaussian_gallery_scores_each_pixel_against_its_own_cell_and_round_trips(tmp_path):
+    """gallery='gaussian' (PaDiM's model): a Mahalanobis distance per cell, no search; saved and loaded alike."""
+    from core.detectors.spade.gallery import GaussianGallery
+
+    rng = np.random.default_rng(0)
+    normal = rng.normal(0, 1, (50, 4, 3)).astype(np.float16)  # 50 images, 4 cells, 3 channels
+    normal[:, 1] += 5.0  # cell 1's normal pixels sit elsewhere
+    gallery = GaussianGallery.fit(normal, (2, 2), torch.device("cpu"))
+    at_cell_one = torch.tensor([[0.0, 0, 0], [5.0, 5, 5], [0, 0, 0], [0, 0, 0]])
+    distances, rows = gallery.search(at_cell_one, 1)
+    # The same feature vector is normal in cell 1 and far from normal in cell 0: only its own cell counts.
+    shifted = torch.tensor([[5.0, 5, 5], [5.0, 5, 5], [0, 0, 0], [0, 0, 0]])
+    far, _ = gallery.search(shifted, 1)
+    assert far[0, 0] > 20 * distances[0, 0] and far[1, 0] == distances[1, 0]
+    assert rows[:, 0].tolist() == [0, 1, 2, 3]
+    detector = SpadeDetector(settings(gallery="gaussian", calibration_images=3)).fit(normal_set())
+    assert detector.gallery_kind_ == "gaussian"
+    heat = detector.anomaly_maps(normal_set())
+    loaded = load_detector(detector.save(tmp_path / "gauss.npz"))
+    np.testing.assert_allclose(loaded.anomaly_maps(normal_set()), heat, rtol=1e-5, atol=1e-6)

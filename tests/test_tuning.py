@@ -269,7 +269,12 @@ def test_letterbox_or_squash_is_decided_at_the_smallest_input_and_kept_for_large
 
     best_at_64 = max((c for c in result.candidates if c.resolution == 64), key=lambda c: _merit(c, base))
     assert at_96 == {best_at_64.aspect}
-    assert set(result.geometry_seconds) == {"64/pad", "64/stretch", f"96/{best_at_64.aspect}"}
+    assert {k for k in result.geometry_seconds if not k.endswith("/gaussian")} == {"64/pad", "64/stretch",
+                                                                                   f"96/{best_at_64.aspect}"}
+    # The per-cell Gaussian is tried once, at the best geometry, and its candidates compete with the rest.
+    gaussian = [c for c in result.candidates if c.gallery == "gaussian"]
+    assert gaussian and len({c.geometry for c in gaussian}) == 1
+    assert sum(k.endswith("/gaussian") for k in result.geometry_seconds) == 1
 
 
 def _candidate(resolution, strides=(4, 8, 16), sigma=4.0, objective=0.9, seconds=0.1, aspect="stretch"):
@@ -289,6 +294,8 @@ def test_larger_inputs_stop_after_two_in_a_row_do_not_win(monkeypatch, objective
 
     def fake(settings, fit_set, proxy, cancel):
         side = settings.features.resize
+        if settings.gallery != "kmeans":  # the second gallery, tried at the winner: not a new size
+            return None, []
         evaluated.append(side)
         return None, [(_candidate(side, objective=objectives[side], seconds=side / 1000), None)]
 

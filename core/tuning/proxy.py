@@ -104,6 +104,7 @@ class Candidate:
     seconds_per_image: float
     image_sigma: float | None = None  # σ of the heatmap the image score reads; None = ``sigma``
     nuisance_fpr: float = float("nan")
+    gallery: str = "kmeans"  # how normal pixels are kept and searched (``SpadeSettings.gallery``)
 
     @property
     def score_sigma(self) -> float:
@@ -168,7 +169,7 @@ def evaluate_geometry(detector: SpadeDetector, proxy: ProxySet, image_rule: str,
                 resolution=settings.features.resize or 0, aspect=settings.features.aspect, strides=strides,
                 sigma=sigma, image_score=image_rule, pixel_auroc=pixel, pro=pro,
                 image_auroc=image_auroc(labels, scores), seconds_per_image=seconds_per_image,
-                nuisance_fpr=nuisance_fpr(scores, proxy.roles),
+                nuisance_fpr=nuisance_fpr(scores, proxy.roles), gallery=settings.gallery,
             )
             rows.append((candidate, Evidence(counts, scores)))
     return rows

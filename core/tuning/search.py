@@ -76,6 +76,9 @@ NUISANCE_COPIES = 2
 on the demo bottle set, without them 44 % of nuisance copies of held-out normals were flagged at a 10 % target,
 with three copies 15 %."""
 
+SECOND_GALLERY = "gaussian"
+"""A second way to keep normal pixels, tried at the best geometry: a Gaussian per cell (PaDiM's model)."""
+
 RESOLUTIONS = (256, 384, 512, 640)
 """Input sides tried, up to :data:`UPSCALE_LIMIT` times the images' median long side."""
 
@@ -214,21 +217,24 @@ def _octaves(sigma: float, reference: float) -> float:
 
 def _merit(candidate: Candidate, base: SpadeSettings) -> float:
     strides_changed = tuple(sorted(candidate.strides)) != tuple(sorted(base.strides))
-    return candidate.objective - DEVIATION_COST * (strides_changed + _octaves(candidate.sigma, base.sigma) / 2)
+    gallery_changed = candidate.gallery != base.gallery
+    return candidate.objective - DEVIATION_COST * (strides_changed + gallery_changed
+                                                   + _octaves(candidate.sigma, base.sigma) / 2)
 
 
 def is_reference(candidate: Candidate, base: SpadeSettings) -> bool:
     """Whether ``candidate`` is the base settings' own geometry, stages and σ."""
     features = base.features
     return (candidate.resolution == (features.resize or 0) and candidate.aspect == features.aspect
-            and tuple(sorted(candidate.strides)) == tuple(sorted(base.strides)) and candidate.sigma == base.sigma)
+            and tuple(sorted(candidate.strides)) == tuple(sorted(base.strides)) and candidate.sigma == base.sigma
+            and candidate.gallery == base.gallery)
 
 
 def best_by_merit(candidates: Sequence[Candidate], base: SpadeSettings) -> Candidate:
     """Best candidate per geometry (charged :data:`DEVIATION_COST` for changes from ``base``); a dearer geometry
     must win by :data:`GAIN_FOR_COST` over the cheapest good one."""
     by_geometry: dict[tuple[int, str], Candidate] = {}
-    for c in candidates:
+    for c in candidates:  # galleries of one geometry compete on merit like its stages and σ
         if c.geometry not in by_geometry or _merit(c, base) > _merit(by_geometry[c.geometry], base):
             by_geometry[c.geometry] = c
     ranked = sorted(by_geometry.values(), key=lambda c: (c.resolution, c.seconds_per_image))
@@ -256,7 +262,8 @@ def paired_margin(challenger: Evidence, reference: Evidence, proxy: ProxySet, re
 
 
 def _describe(c: Candidate) -> str:
-    return f"{c.resolution}² {c.aspect}, strides {'+'.join(map(str, c.strides))}, σ {c.sigma:g}"
+    gallery = "" if c.gallery == "kmeans" else f", {c.gallery} gallery"
+    return f"{c.resolution}² {c.aspect}, strides {'+'.join(map(str, c.strides))}, σ {c.sigma:g}{gallery}"
 
 
 def choose(candidates: Sequence[Candidate], base: SpadeSettings, evidence: dict[Candidate, Evidence],
@@ -311,7 +318,7 @@ def settings_for_choice(base: SpadeSettings, chosen: Candidate, reference: Candi
         settings = dataclasses.replace(base, image_sigma=None, pooled=POOLED, nuisance_copies=NUISANCE_COPIES)
     else:
         settings = dataclasses.replace(_geometry_settings(base, chosen.resolution, chosen.aspect),
-                                       strides=tuple(sorted(chosen.strides)), sigma=chosen.sigma)
+                                       strides=tuple(sorted(chosen.strides)), sigma=chosen.sigma, gallery=chosen.gallery)
     return dataclasses.replace(settings, image_score=rule)
 
 
@@ -384,6 +391,24 @@ def tune_spade(
         say(f"  {resolution}² {aspect}: best {best.objective:.4f} (pixel {best.pixel_auroc:.4f}, PRO {best.pro:.4f}; "
             f"strides {best.strides}, σ {best.sigma}; image {best.image_auroc:.4f}) in "
             f"{geometry_seconds[f'{resolution}/{aspect}']:.0f} s")
+    if SECOND_GALLERY and base.gallery != SECOND_GALLERY and candidates:
+        # The per-cell Gaussian (PaDiM's model) as a second pixel scorer, at the best geometry only: one more fit.
+        leader = best_by_merit(candidates, base)
+        settings = dataclasses.replace(_geometry_settings(base, leader.resolution, leader.aspect), gallery=SECOND_GALLERY)
+        geometry_start = time.perf_counter()
+        detector, rows = _fit_and_evaluate(settings, fit_set, proxy, cancel)
+        geometry_seconds[f"{leader.resolution}/{leader.aspect}/{SECOND_GALLERY}"] = time.perf_counter() - geometry_start
+        for candidate, found in rows:
+            candidates.append(candidate)
+            evidence[candidate] = found
+        if audit is not None:
+            audit(detector, proxy, [candidate for candidate, _ in rows])
+        if evidence_marked is not None:
+            marked_scores.update(score_marked(detector, evidence_marked, [c for c, _ in rows]))
+        if rows:
+            best = max((c for c, _ in rows), key=lambda c: c.objective)
+            say(f"  {leader.resolution}² {leader.aspect} {SECOND_GALLERY}: best {best.objective:.4f} "
+                f"(pixel {best.pixel_auroc:.4f}, PRO {best.pro:.4f})")
     chosen, reference, margin, reason = choose(candidates, base, evidence, proxy)
     rule, marked_summary = IMAGE_RULE, None
     shortlist = marked_shortlist(candidates, chosen, reference, base)

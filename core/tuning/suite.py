@@ -233,8 +233,7 @@ def tuned_rows(task: BenchTask, options: BenchOptions, audit: CandidateAudit, la
     oracle = max(audit.rows, key=lambda r: (max(r[f"real_image_{rule}"] for rule in AUDIT_RULES),
                                            r["real_pixel_auroc"] + r["real_pro"]))
     oracle_rule = max(AUDIT_RULES, key=lambda rule: oracle[f"real_image_{rule}"])
-    oracle_candidate = next(c for c in result.candidates if c.to_dict()["strides"] == oracle["strides"]
-                            and (c.resolution, c.aspect, c.sigma) == (oracle["resolution"], oracle["aspect"], oracle["sigma"]))
+    oracle_candidate = next(c for c in result.candidates if _candidate_key(c.to_dict()) == _candidate_key(oracle))
     # Each distinct settings is fitted and scored once; every N reads its own subset of the test images.
     evaluated: dict[SpadeSettings, dict[str, dict[str, float]]] = {}
     plans = {**{n: (c, rule) for n, (c, rule, _) in choices.items()}, "oracle": (oracle_candidate, oracle_rule)}
@@ -279,7 +278,7 @@ class Rule:
 
 
 def _candidate_key(row: dict[str, Any]) -> tuple:
-    return row["resolution"], row["aspect"], tuple(row["strides"]), row["sigma"]
+    return row["resolution"], row["aspect"], tuple(row["strides"]), row["sigma"], row.get("gallery", "kmeans")
 
 
 def rule_outcome(report: dict[str, Any], rule: Rule) -> dict[str, float]:
@@ -287,7 +286,8 @@ def rule_outcome(report: dict[str, Any], rule: Rule) -> dict[str, float]:
     minus the base settings' (image AUROC: minus the better of the base candidate's DN2 and its default rule)."""
     rows = report["audit"]
     candidates = [Candidate(r["resolution"], r["aspect"], tuple(r["strides"]), r["sigma"], r["image_score"],
-                            r["pixel_auroc"], r["pro"], r["image_auroc"], r["seconds_per_image"]) for r in rows]
+                            r["pixel_auroc"], r["pro"], r["image_auroc"], r["seconds_per_image"],
+                            gallery=r.get("gallery", "kmeans")) for r in rows]
     given = report["base"]
     base = SpadeSettings(features=FeatureSettings(resize=given["resolution"], crop=given["resolution"],
                                                   aspect=given["aspect"]),
