@@ -50,7 +50,7 @@ def test_the_suite_prints_every_row_fidelity_and_the_leave_one_line_out_table(tm
     out = tmp_path / "reports"
     args = ["bench-suite", "--data", str(data), "--cache", str(tmp_path / "cache"), "--lines", "bottle,deeppcb",
             "--weights", "random", "--param", "features.resize=64", "--param", "features.crop=64",
-            "--param", "features.batch_size=8", "--labelled", "0,1", "--out", str(out), "--json", str(tmp_path / "suite.json")]
+            "--param", "features.batch_size=8", "--labelled", "0,1", "--out", str(out), "--markdown", str(tmp_path / "suite.md"), "--json", str(tmp_path / "suite.json")]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "leave one line out" in printed and "fidelity" in printed
@@ -68,6 +68,8 @@ def test_the_suite_prints_every_row_fidelity_and_the_leave_one_line_out_table(tm
         assert 0.0 <= marked["oracle"]["image_auroc"] <= 1.0 and marked["image_rule"] in ("dn2", "topk", "fused")
         assert report["tuned"]["image_auroc"] == report["labelled"]["0"]["image_auroc"]
     assert "marked defects" in printed
+    table = (tmp_path / "suite.md").read_text()
+    assert table.count("| bottle |") >= 3 and "| held-out line |" in table and "| marked N |" in table
     loo = suite["leave_one_line_out"]
     assert [row["line"] for row in loo] == ["bottle", "deeppcb"]
     assert all(row["image_rule"] in ("dn2", "topk", "fused") and (row["margin"] >= 0 or math.isinf(row["margin"]))

@@ -33,6 +33,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--rows", help="with --out: recompute only these rows of lines already there "
                         "(comma-separated of dn2, gaussian, defaults, tuned), e.g. tuned after a tuner change")
     parser.add_argument("--json", metavar="OUT.json", help="write everything here")
+    parser.add_argument("--markdown", metavar="OUT.md", help="write the tables as Markdown (what docs/RESULTS.md shows)")
     parser.add_argument("--labelled", default="0", metavar="N,N,...",
                         help="also tune with N marked defects and N good test images for each N (e.g. 0,3,5,10), "
                         "each left out of its own evaluation, beside the oracle (default 0: normal images only)")
@@ -93,6 +94,49 @@ def tables(reports: list[dict], loo: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown(reports: list[dict], loo: list[dict]) -> str:
+    """The suite's tables as Markdown: rows per line, fidelity, leave-one-line-out, marked defects."""
+    out = ["| line | DN2 | Gaussian | SPADE defaults (image / pixel / PRO) | SPADE --tune (image / pixel / PRO) | "
+           "tuned - defaults, worst metric | tuned image - max(DN2, defaults) | tuned choice | tuning s |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in reports:
+        d, t, chosen = r["defaults"], r["tuned"], r["tuned"].get("chosen") or {}
+        choice = (f"{chosen.get('resolution')}² {chosen.get('aspect')}, strides "
+                  f"{'+'.join(map(str, chosen.get('strides', [])))}, σ {chosen.get('sigma')}"
+                  + (f", {chosen['gallery']}" if chosen.get("gallery", "kmeans") != "kmeans" else "")
+                  + (" (defaults kept)" if t.get("kept_base") else ""))
+        out.append(f"| {r['line']} | {_fmt(r['dn2']['image_auroc'])} | {_fmt(r['gaussian']['image_auroc'])} | "
+                   f"{_fmt(d['image_auroc'])} / {_fmt(d['pixel_auroc'])} / {_fmt(d['pro'])} | "
+                   f"{_fmt(t['image_auroc'])} / {_fmt(t['pixel_auroc'])} / {_fmt(t['pro'])} | "
+                   f"{100 * min(r['loss'][k] for k in ('image_auroc', 'pixel_auroc', 'pro')):+.1f} | "
+                   f"{100 * r['loss']['image_vs_best_baseline']:+.1f} | {choice} | {t.get('tune_s', 0):.0f} |")
+    metrics = list(reports[0]["fidelity"]) if reports else []
+    out += ["", "| line | " + " | ".join(metrics) + " |", "| --- |" + " --- |" * len(metrics)]
+    for r in reports:
+        out.append(f"| {r['line']} | " + " | ".join(
+            f"{r['fidelity'][m]['spearman']:+.2f} (#{r['fidelity'][m]['winner_real_rank']} of {r['fidelity'][m]['n']})"
+            for m in metrics) + " |")
+    if loo:
+        out += ["", "| held-out line | margin chosen on the others | image rule chosen on the others | "
+                "pixel AUROC change | PRO change | image AUROC - DN2 |", "| --- | --- | --- | --- | --- | --- |"]
+        for row in loo:
+            margin = "never depart" if math.isinf(row["margin"]) else f"{row['margin']:g} sd"
+            out.append(f"| {row['line']} | {margin} | {row['image_rule']} | {100 * row['pixel_auroc']:+.1f} | "
+                       f"{100 * row['pro']:+.1f} | {100 * row['image_auroc']:+.1f} |")
+    marked = [r for r in reports if len(r.get("labelled", {})) > 1]
+    if marked:
+        out += ["", "| line | marked N | evaluated | tuned (image / pixel / PRO) | oracle (image / pixel / PRO) | "
+                "image score | cross-validated image AUROC |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in marked:
+            for n, row in sorted(r["labelled"].items(), key=lambda item: int(item[0])):
+                oracle, validated = row["oracle"], row.get("cross_validated") or {}
+                out.append(f"| {r['line']} | {n} | {row['n_evaluated']} | {_fmt(row['image_auroc'])} / "
+                           f"{_fmt(row.get('pixel_auroc'))} / {_fmt(row.get('pro'))} | {_fmt(oracle['image_auroc'])} / "
+                           f"{_fmt(oracle.get('pixel_auroc'))} / {_fmt(oracle.get('pro'))} | {row['image_rule']} | "
+                           f"{_fmt(validated.get('image_auroc'))} |")
+    return "\n".join(out) + "\n"
+
+
 def run(args: argparse.Namespace) -> int:
     from core.bench import BenchOptions
     from core.tuning.suite import ROWS, development_lines, leave_one_line_out, run_line
@@ -133,4 +177,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"lines": reports, "leave_one_line_out": loo}, indent=1, default=float),
                                    encoding="utf-8")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(reports, loo), encoding="utf-8")
     return 0
