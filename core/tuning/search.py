@@ -362,6 +362,25 @@ def tune_spade(
     candidates: list[Candidate] = []
     evidence: dict[Candidate, Evidence] = {}
     geometry_seconds = {}
+
+    def measure(settings: SpadeSettings, label: str) -> None:
+        """Fit one setting's gallery, score the proxy set once, keep every candidate it gives (audit and marked
+        images read the same fitted detector)."""
+        started = time.perf_counter()
+        detector, rows = _fit_and_evaluate(settings, fit_set, proxy, cancel)
+        geometry_seconds[label] = time.perf_counter() - started
+        for candidate, found in rows:
+            candidates.append(candidate)
+            evidence[candidate] = found
+        if audit is not None:  # reads the proxy set as the detector's last scored set
+            audit(detector, proxy, [candidate for candidate, _ in rows])
+        if evidence_marked is not None:
+            marked_scores.update(score_marked(detector, evidence_marked, [c for c, _ in rows]))
+        if rows:
+            best = max((c for c, _ in rows), key=lambda c: c.objective)
+            say(f"  {label}: best {best.objective:.4f} (pixel {best.pixel_auroc:.4f}, PRO {best.pro:.4f}; strides "
+                f"{best.strides}, σ {best.sigma}; image {best.image_auroc:.4f}) in {geometry_seconds[label]:.0f} s")
+
     kept_aspect = None  # letterbox or squash: decided at the cheapest resolution, kept for the dearer ones
     for resolution, aspect in geometries:
         check_cancel(cancel)
@@ -377,38 +396,12 @@ def tune_spade(
             if len(beaten) >= PATIENCE:
                 say(f"  stopped before {resolution}²: {', '.join(f'{r}²' for r in beaten)} did not beat {leader}²")
                 continue
-        geometry_start = time.perf_counter()
-        detector, rows = _fit_and_evaluate(_geometry_settings(base, resolution, aspect), fit_set, proxy, cancel)
-        geometry_seconds[f"{resolution}/{aspect}"] = time.perf_counter() - geometry_start
-        for candidate, found in rows:
-            candidates.append(candidate)
-            evidence[candidate] = found
-        if audit is not None:  # reads the proxy set as the detector's last scored set
-            audit(detector, proxy, [candidate for candidate, _ in rows])
-        if evidence_marked is not None:
-            marked_scores.update(score_marked(detector, evidence_marked, [c for c, _ in rows]))
-        best = max((c for c, _ in rows), key=lambda c: c.objective)
-        say(f"  {resolution}² {aspect}: best {best.objective:.4f} (pixel {best.pixel_auroc:.4f}, PRO {best.pro:.4f}; "
-            f"strides {best.strides}, σ {best.sigma}; image {best.image_auroc:.4f}) in "
-            f"{geometry_seconds[f'{resolution}/{aspect}']:.0f} s")
+        measure(_geometry_settings(base, resolution, aspect), f"{resolution}/{aspect}")
     if SECOND_GALLERY and base.gallery != SECOND_GALLERY and candidates:
         # The per-cell Gaussian (PaDiM's model) as a second pixel scorer, at the best geometry only: one more fit.
         leader = best_by_merit(candidates, base)
         settings = dataclasses.replace(_geometry_settings(base, leader.resolution, leader.aspect), gallery=SECOND_GALLERY)
-        geometry_start = time.perf_counter()
-        detector, rows = _fit_and_evaluate(settings, fit_set, proxy, cancel)
-        geometry_seconds[f"{leader.resolution}/{leader.aspect}/{SECOND_GALLERY}"] = time.perf_counter() - geometry_start
-        for candidate, found in rows:
-            candidates.append(candidate)
-            evidence[candidate] = found
-        if audit is not None:
-            audit(detector, proxy, [candidate for candidate, _ in rows])
-        if evidence_marked is not None:
-            marked_scores.update(score_marked(detector, evidence_marked, [c for c, _ in rows]))
-        if rows:
-            best = max((c for c, _ in rows), key=lambda c: c.objective)
-            say(f"  {leader.resolution}² {leader.aspect} {SECOND_GALLERY}: best {best.objective:.4f} "
-                f"(pixel {best.pixel_auroc:.4f}, PRO {best.pro:.4f})")
+        measure(settings, f"{leader.resolution}/{leader.aspect}/{SECOND_GALLERY}")
     chosen, reference, margin, reason = choose(candidates, base, evidence, proxy)
     rule, marked_summary = IMAGE_RULE, None
     shortlist = marked_shortlist(candidates, chosen, reference, base)
