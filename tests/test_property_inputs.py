@@ -4,12 +4,16 @@
   with random JSON in their header go to ``load_detector``: it loads or raises
   ``ModelFileError`` naming the file, nothing else;
 * random bytes (bare, or behind a PNG / JPEG / zip signature) go to
-  ``decode_image``: it decodes or raises ``ImageError``.
+  ``decode_image``: it decodes or raises ``ImageError``;
+* any file name (any bytes) written to a CSV / JSONL result file is found again by
+  ``--resume``, and random damage to a result file makes ``--resume`` raise
+  ``ResultFileError`` naming the file, without changing a byte of it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +25,7 @@ from core.config import DN2Settings, FeatureSettings, SpadeSettings
 from core.detectors import ModelFileError, load_detector, make_detector
 from core.images import ImageError, decode_image
 from core.npz_io import read_npz
+from core.scoring import SCORE_COLUMNS, ResultFileError, open_results
 from tests.conftest import synthetic_images
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -126,3 +131,51 @@ def test_random_bytes_into_the_image_decoder(signature, body):
         assert error.source == "upload.png"
         return
     assert pixels.ndim == 3 and pixels.shape[2] == 3 and pixels.dtype == np.uint8
+
+
+# ---------------------------------------------------------------------- result files read by --resume
+file_names = st.binary(min_size=1, max_size=40).filter(lambda name: b"/" not in name and b"\0" not in name)
+
+
+@FAST
+@given(st.sampled_from(["r.csv", "r.jsonl"]), st.lists(file_names, min_size=1, max_size=6, unique=True))
+def test_any_file_name_written_to_a_result_file_is_found_again_on_resume(name, raw_names):
+    path = _folder / name
+    path.unlink(missing_ok=True)
+    names = [os.fsdecode(b"dir/" + raw) for raw in raw_names]  # how Python holds a name read from disk
+    writer, _ = open_results(path, SCORE_COLUMNS)
+    writer.write([{"file": file, "score": 0.5, "anomalous": False, "threshold": 1.0, "model": "m@1", "error": "",
+                   "key": f"{i}:1"} for i, file in enumerate(names)])
+    writer.close()
+    text = path.read_bytes().decode("utf-8")  # valid UTF-8 whatever the names were
+    assert text.count("\n") == len(names) + (name.endswith(".csv"))  # one line per row (+ the CSV header)
+    writer, done = open_results(path, SCORE_COLUMNS, resume=True, model="m@1")
+    writer.close()
+    assert all((file, f"{i}:1") in done for i, file in enumerate(names))
+    assert len(done) == len(names)
+
+
+@FAST
+@given(st.sampled_from(["r.csv", "r.jsonl"]), st.binary(max_size=300), st.floats(0, 1), st.booleans())
+def test_damaged_result_files_are_refused_or_resumed_never_crash(name, junk, where, replace):
+    path = _folder / name
+    path.unlink(missing_ok=True)
+    writer, _ = open_results(path, SCORE_COLUMNS)
+    writer.write([{"file": f"img{i}.png", "score": 0.5, "anomalous": False, "threshold": 1.0, "model": "m@1",
+                   "error": "", "key": f"{i}:1"} for i in range(3)])
+    writer.close()
+    data = path.read_bytes()
+    at = int(where * len(data))
+    data = data[:at] + junk + data[at + (len(junk) if replace else 0):]
+    path.write_bytes(data)
+    try:
+        writer, done = open_results(path, SCORE_COLUMNS, resume=True, model="m@1")
+    except ResultFileError as error:
+        assert str(error).startswith(str(path)) and "\n" not in str(error)
+        assert path.read_bytes() == data  # refused: not a byte changed
+        return
+    writer.close()
+    # Resumed: only a torn last line may have been cut, every complete line before it was kept.
+    kept = path.read_bytes()
+    assert data.startswith(kept) and (kept == data or b"\n" not in data[len(kept):])
+    assert all(isinstance(file, str) and isinstance(key, str) for file, key in done)

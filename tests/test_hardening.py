@@ -1,0 +1,190 @@
+"""Hardening, second round (issue 21): what a user's files or machine do must never abort a run, hang it,
+or open the app to another web page. Each test below failed on the code before the fix it covers."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.__main__ import main
+from core.scoring import EngineOptions, ResultFileError, open_results, read_results, score_files
+from core.scoring.outputs import SCORE_COLUMNS
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+THREADS = EngineOptions(decode="threads", batch_size=4)
+
+
+def _png(path: Path, level: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(level + rng.integers(0, 60, (24, 24, 3)), 0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """A DN2 model (random weights, 32² input) fitted on six noise images."""
+    from core.config import DN2Settings, FeatureSettings
+    from core.datasets import read_folder
+    from core.detectors import make_detector
+
+    root = tmp_path_factory.mktemp("hardening-model")
+    for i in range(6):
+        _png(root / "normal" / f"n{i}.png", 20, i)
+    settings = DN2Settings(features=FeatureSettings(weights="random", resize=32, crop=32), k=2)
+    return make_detector("dn2", settings).fit(read_folder(root / "normal", label=0)).save(root / "dn2.npz")
+
+
+def _bytes_name(folder: Path, name: bytes) -> str:
+    """Create an image whose file name is the raw bytes ``name``; returns the name as Python holds it."""
+    target = os.fsencode(folder) + b"/" + name
+    with open(target, "wb") as stream:
+        stream.write((folder / "plain.png").read_bytes())
+    return os.fsdecode(target)
+
+
+# ---------------------------------------------------------------------- file names in result files
+
+
+def test_a_file_name_that_is_not_utf8_is_a_row_and_resume_finds_it(model, tmp_path):
+    folder = tmp_path / "shift"
+    _png(folder / "plain.png", 20, 1)
+    latin1 = _bytes_name(folder, b"caf\xe9.png")
+    out = tmp_path / "scores.csv"
+    summary = score_files(model, [folder], out, engine=THREADS)
+    assert (summary.scored, summary.errors) == (2, 0)
+    rows = {row["file"]: row for row in read_results(out)}
+    # Written escaped (the CSV stays valid UTF-8), scored like any other image.
+    assert set(rows) == {str(folder / "plain.png"), f"{folder}/caf\\xe9.png"}
+    assert rows[f"{folder}/caf\\xe9.png"]["score"] == rows[str(folder / "plain.png")]["score"]
+    again = score_files(model, [folder], out, resume=True, engine=THREADS)
+    assert (again.skipped, again.scored) == (2, 0) and len(read_results(out)) == 2
+    # JSON Lines keep the name exactly (Python's json writes the byte as \udce9 and reads it back).
+    jsonl = tmp_path / "scores.jsonl"
+    score_files(model, [folder], jsonl, engine=THREADS)
+    assert latin1 in {row["file"] for row in read_results(jsonl)}
+    assert score_files(model, [folder], jsonl, resume=True, engine=THREADS).skipped == 2
+
+
+def test_names_with_line_breaks_and_formulas_resume_and_are_neutralised(model, tmp_path, monkeypatch):
+    folder = tmp_path / "odd"
+    _png(folder / "plain.png", 20, 1)
+    for name in ("two\nlines.png", "carriage\rreturn.png"):
+        _bytes_name(folder, name.encode())
+    formula = _png(tmp_path / "=HYPERLINK(1).png", 20, 2)
+    inputs = [folder, "=HYPERLINK(1).png"]
+    monkeypatch.chdir(tmp_path)  # the formula must start the cell: a relative name
+    out = tmp_path / "scores.csv"
+    assert score_files(model, inputs, out, engine=THREADS).scored == 4
+    text = out.read_text()
+    assert text.count("\n") == 5  # header + 4 rows: every row on one line
+    files = [row["file"] for row in read_results(out)]
+    assert f"{folder}/two\\nlines.png" in files and f"{folder}/carriage\\rreturn.png" in files
+    assert "'=HYPERLINK(1).png" in files  # OWASP: a leading quote makes a spreadsheet show it as text
+    again = score_files(model, inputs, out, resume=True, engine=THREADS)
+    assert (again.skipped, again.scored) == (4, 0)
+    jsonl = tmp_path / "scores.jsonl"
+    score_files(model, inputs, jsonl, engine=THREADS)
+    raw = {row["file"] for row in read_results(jsonl)}
+    assert {"=HYPERLINK(1).png", f"{folder}/two\nlines.png"} <= raw  # JSON Lines keep the raw names
+    assert score_files(model, inputs, jsonl, resume=True, engine=THREADS).skipped == 4
+    assert formula.exists()
+
+
+def test_an_older_file_with_an_unneutralised_formula_name_resumes_without_rescoring(tmp_path):
+    out = tmp_path / "old.csv"
+    out.write_text(",".join(SCORE_COLUMNS) + "\n=x.png,0.5,0,1.0,m@1,,1:2\n")
+    writer, done = open_results(out, SCORE_COLUMNS, resume=True, model="m@1")
+    writer.close()
+    assert ("=x.png", "1:2") in done
+
+
+# ---------------------------------------------------------------------- --resume on a damaged result file
+
+
+def _valid_csv(path: Path) -> bytes:
+    path.write_text(",".join(SCORE_COLUMNS) + "\na.png,0.5,0,1.0,m@1,,1:2\n")
+    return path.read_bytes()
+
+
+DAMAGE = {
+    "a 200 kB cell": ("r.csv", b"x" * 200_000 + b",1,0,1.0,m@1,,3:4\n", "line 3: not a CSV row"),
+    "an unterminated quote": ("r.csv", b'"b.png,0.5,0,1.0,m@1,,3:4\nc.png,0.5,0,1.0,m@1,,5:6\n', "line 3: not a CSV row"),
+    "bad UTF-8": ("r.csv", b"caf\xe9.png,0.5,0,1.0,m@1,,3:4\n", "line 3: not UTF-8 text"),
+    "too few cells": ("r.csv", b"b.png,0.5\n", "line 3: 2 cells"),
+    "a JSON list": ("r.jsonl", b"[1, 2]\n", "line 2: a JSON list"),
+    "a JSON number": ("r.jsonl", b"42\n", "line 2: a JSON int"),
+    "a broken JSON line": ("r.jsonl", b'{"file": "b.png", \n', "line 2: not JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_resume_on_a_damaged_file_names_the_file_and_line_and_changes_nothing(case, tmp_path):
+    name, tail, message = DAMAGE[case]
+    path = tmp_path / name
+    if name.endswith(".csv"):
+        _valid_csv(path)
+    else:
+        path.write_text(json.dumps({"file": "a.png", "key": "1:2", "model": "m@1"}) + "\n")
+    path.write_bytes(path.read_bytes() + tail)
+    before = path.read_bytes()
+    with pytest.raises(ResultFileError, match=message) as raised:
+        open_results(path, SCORE_COLUMNS, resume=True, model="m@1")
+    assert str(raised.value).startswith(f"{path}, line ") and "\n" not in str(raised.value)
+    assert path.read_bytes() == before  # nothing cut, nothing appended
+
+
+def test_resume_on_random_bytes_is_refused_without_cutting_them(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_bytes(bytes(range(256)) * 20)
+    before = path.read_bytes()
+    with pytest.raises(ResultFileError, match=str(path)):
+        open_results(path, SCORE_COLUMNS, resume=True)
+    ascii_junk = tmp_path / "notes.csv"
+    ascii_junk.write_bytes(b"some notes without a newline")  # not even one complete line
+    with pytest.raises(ResultFileError, match="not a result file"):
+        open_results(ascii_junk, SCORE_COLUMNS, resume=True)
+    assert path.read_bytes() == before and ascii_junk.read_bytes() == b"some notes without a newline"
+
+
+def test_the_cli_says_which_line_of_the_result_file_is_damaged(model, tmp_path, capsys):
+    _png(tmp_path / "in" / "a.png", 20, 0)
+    out = tmp_path / "scores.jsonl"
+    assert main(["score", "--model", str(model), str(tmp_path / "in"), "--jsonl", str(out), "--quiet"]) == 0
+    with open(out, "a") as stream:
+        stream.write("[1, 2]\n")
+    assert main(["score", "--model", str(model), str(tmp_path / "in"), "--jsonl", str(out), "--resume",
+                 "--quiet"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: {out}, line 2: a JSON list") and "new file" in error
+
+
+def test_the_dashboard_reader_keeps_the_good_rows_of_a_damaged_file(tmp_path):
+    path = tmp_path / "results.csv"
+    _valid_csv(path)
+    with open(path, "ab") as stream:
+        stream.write(b"x" * 200_000 + b"\n" + b"caf\xe9\n" + b"b.png,0.7,1,1.0,m@1,,3:4\n")
+    assert [row["file"] for row in read_results(path)] == ["a.png", "b.png"]
+
+
+# ---------------------------------------------------------------------- outputs that would overwrite an input
+
+
+def test_an_output_naming_the_model_or_an_input_is_refused(model, tmp_path, capsys):
+    image = _png(tmp_path / "in" / "a.png", 20, 0)
+    listing = tmp_path / "todo.txt"
+    listing.write_text(f"{image}\n")
+    model_bytes, image_bytes = model.read_bytes(), image.read_bytes()
+    for output in (["--csv", str(model)], ["--jsonl", str(listing)], ["--csv", str(image)],
+                   ["--csv", str(tmp_path / "typo.png")]):
+        assert main(["score", "--model", str(model), str(image), str(listing), *output, "--quiet"]) == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith(f"error: {output[1]}: ") and "overwrite" in error
+    assert model.read_bytes() == model_bytes and image.read_bytes() == image_bytes
+    assert listing.read_text() == f"{image}\n" and not (tmp_path / "typo.png").exists()
