@@ -72,6 +72,16 @@ def test_a_file_name_that_is_not_utf8_is_a_row_and_resume_finds_it(model, tmp_pa
     assert score_files(model, [folder], jsonl, resume=True, engine=THREADS).skipped == 2
 
 
+def test_the_dashboards_folder_scoring_finishes_on_a_folder_with_a_latin1_name(model, tmp_path):
+    from core.scoring.runs import new_run, run_scoring
+
+    folder = tmp_path / "shift"
+    _png(folder / "plain.png", 20, 1)
+    _bytes_name(folder, b"na\xefve.png")
+    run = run_scoring(new_run(tmp_path / "runs", 1, model, [str(folder)], "shift"), engine=THREADS)
+    assert run.status == "finished" and run.rows_written() == 2
+
+
 def test_names_with_line_breaks_and_formulas_resume_and_are_neutralised(model, tmp_path, monkeypatch):
     folder = tmp_path / "odd"
     _png(folder / "plain.png", 20, 1)
@@ -188,3 +198,50 @@ def test_an_output_naming_the_model_or_an_input_is_refused(model, tmp_path, caps
         assert error.startswith(f"error: {output[1]}: ") and "overwrite" in error
     assert model.read_bytes() == model_bytes and image.read_bytes() == image_bytes
     assert listing.read_text() == f"{image}\n" and not (tmp_path / "typo.png").exists()
+
+
+# ---------------------------------------------------------------------- adapt --merge on hand-edited tables
+
+
+def table_document(classes=("Trouser", "Bag"), settings=None) -> dict:
+    """A Table 6 file as ``adapt --compare --table`` writes it (the fields --merge reads)."""
+    rows = [{"method": "DN2 (no adaptation)", "auroc": 0.91, "epoch": 0, "minibatches": 0, "note": ""},
+            {"method": "PANDA-Early", "auroc": 0.95, "epoch": 3, "minibatches": 30, "note": ""},
+            {"method": "PANDA-EWC", "auroc": None, "epoch": None, "minibatches": None, "note": "not run"}]
+    return {"settings": settings or {"lr": 0.01, "epochs": 3}, "command": ["adapt"], "wall_seconds": 12.5,
+            "per_class": {name: {"rows": rows, "seconds": 1.0} for name in classes}}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(per_class={}), "per_class is empty"),
+    (lambda d: d["per_class"]["Bag"].update(rows="x"), r'per_class\["Bag"\].rows is text'),
+    (lambda d: d["per_class"]["Bag"]["rows"][1].update(auroc="high"), r'rows\[1\].auroc is "high"'),
+    (lambda d: d["per_class"]["Bag"]["rows"][0].update(auroc=93.5), "auroc is 93.5, not a ROC AUC between 0 and 1"),
+    (lambda d: d["per_class"].update(Bag=[1, 2]), r'per_class\["Bag"\] is a list'),
+    (lambda d: d["per_class"]["Bag"]["rows"].append("PANDA"), r"rows\[3\] is text"),
+    (lambda d: d["per_class"]["Bag"]["rows"][2].pop("method"), r"rows\[2\].method is null"),
+    (lambda d: d.update(settings=[]), "settings is a list"),
+])
+def test_adapt_merge_names_the_file_and_field_of_a_hand_edited_table(tmp_path, capsys, edit, message):
+    good, edited = tmp_path / "a.json", tmp_path / "b.json"
+    good.write_text(json.dumps(table_document(("Trouser",))))
+    document = table_document(("Bag",))
+    edit(document)
+    edited.write_text(json.dumps(document))
+    assert main(["adapt", "--merge", str(good), str(edited)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: {edited}: not a table written by adapt --compare --table (")
+    import re
+
+    assert re.search(message, error), error
+
+
+def test_adapt_merge_of_two_good_tables_still_merges(tmp_path, capsys):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(table_document(("Bag",))))
+    second.write_text(json.dumps(table_document(("Trouser",))))
+    out = tmp_path / "merged.json"
+    assert main(["adapt", "--merge", str(first), str(second), "--table", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert merged["classes"] == ["Trouser", "Bag"] and merged["mean"]["PANDA-Early"] == pytest.approx(0.95)
+    assert "PANDA-EWC" not in merged["mean"] and merged["wall_seconds_per_file"] == [12.5, 12.5]

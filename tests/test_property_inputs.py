@@ -7,7 +7,9 @@
   ``decode_image``: it decodes or raises ``ImageError``;
 * any file name (any bytes) written to a CSV / JSONL result file is found again by
   ``--resume``, and random damage to a result file makes ``--resume`` raise
-  ``ResultFileError`` naming the file, without changing a byte of it.
+  ``ResultFileError`` naming the file, without changing a byte of it;
+* Table 6 files with random JSON in any field go to ``adapt --merge``: it merges
+  or raises ``ValueError`` naming the file, nothing else.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -179,3 +182,34 @@ def test_damaged_result_files_are_refused_or_resumed_never_crash(name, junk, whe
     kept = path.read_bytes()
     assert data.startswith(kept) and (kept == data or b"\n" not in data[len(kept):])
     assert all(isinstance(file, str) and isinstance(key, str) for file, key in done)
+
+
+# ---------------------------------------------------------------------- adapt --merge's table reader
+
+
+def _random_edit(document: Any, data) -> Any:
+    """``document`` with one value somewhere inside it (or the whole of it) replaced by random JSON."""
+    if not isinstance(document, (dict, list)) or not document or data.draw(st.integers(0, 4), "stop here") == 0:
+        return data.draw(json_values, "value")
+    if isinstance(document, dict):
+        key = data.draw(st.sampled_from(sorted(document)), "key")
+        return {**document, key: _random_edit(document[key], data)}
+    index = data.draw(st.integers(0, len(document) - 1), "index")
+    return [*document[:index], _random_edit(document[index], data), *document[index + 1:]]
+
+
+@FAST
+@given(st.data())
+def test_random_json_in_a_table_given_to_adapt_merge(data):
+    from core.cli.adapt import merge_tables
+    from tests.test_hardening import table_document
+
+    first, second = _folder / "t6_a.json", _folder / "t6_b.json"
+    first.write_text(json.dumps(table_document(("Trouser",))))
+    second.write_text(json.dumps(_random_edit(table_document(("Bag", "Coat")), data)))
+    try:
+        merged = merge_tables([str(first), str(second)], None)
+    except ValueError as error:
+        assert str(error).startswith((str(first), str(second))), error
+        return
+    assert "Trouser" in merged["classes"]
