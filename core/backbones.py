@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -462,12 +463,75 @@ def weights_identity(name: str, weights: str | os.PathLike | None = None) -> str
 # --------------------------------------------------------------------------- device + extraction
 
 
+DEVICE_ENV = "ANOMALY_DEVICE"
+
+
+class DeviceUnavailableError(ValueError):
+    """A device asked for explicitly (``ANOMALY_DEVICE``, ``--param features.device``) that this machine lacks."""
+
+
+def device_problem(device: torch.device) -> str | None:
+    """Why ``device`` cannot run here ("this machine has no CUDA GPU"), or None when it can."""
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "this machine has no CUDA GPU (or torch was installed without CUDA)"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0"
+        return None
+    if device.type == "mps":
+        return None if torch.backends.mps.is_available() else "this machine has no Apple GPU (mps)"
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    return None if callable(available) and available() else f"this machine has no {device.type} device"
+
+
+def require_device(name: str, asked_by: str) -> torch.device:
+    """The device ``name`` that ``asked_by`` (e.g. "ANOMALY_DEVICE") asks for; :class:`DeviceUnavailableError`
+    (one line) when torch does not know it or this machine does not have it."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise DeviceUnavailableError(f"{asked_by}={name}: not a device (use cpu, cuda, cuda:N or mps)") from None
+    problem = device_problem(device)
+    if problem is not None:
+        raise DeviceUnavailableError(f"{asked_by}={name}: {problem}; ask for cpu, or leave it unset for the best "
+                                     f"device here")
+    return device
+
+
 def default_device() -> torch.device:
-    """CUDA when a GPU is present, CPU otherwise. ``ANOMALY_DEVICE`` overrides."""
-    chosen = os.environ.get("ANOMALY_DEVICE")
+    """CUDA when a GPU is present, CPU otherwise. ``ANOMALY_DEVICE`` overrides (and must exist here)."""
+    chosen = os.environ.get(DEVICE_ENV)
     if chosen:
-        return torch.device(chosen)
+        return require_device(chosen, DEVICE_ENV)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+_NOTED_DEVICES: set[str] = set()
+
+
+def usable_device(name: str | None) -> str | None:
+    """``name`` when this machine has that device; otherwise None (the best device here) and a one-line note.
+
+    For a device that comes with saved settings: a model fitted with ``features.device=cuda`` must still
+    load and score on a laptop. Devices asked for on a command line go through :func:`require_device`.
+    """
+    if name is None:
+        return None
+    try:
+        problem = device_problem(torch.device(name))
+    except (RuntimeError, ValueError, TypeError):
+        problem = "torch does not know it"
+    if problem is None:
+        return name
+    if name not in _NOTED_DEVICES:
+        _NOTED_DEVICES.add(name)
+        logging.getLogger(__name__).warning(
+            "note: the settings (of a model fitted elsewhere?) ask for device %r, but %s: running on %s instead",
+            name, problem, default_device())
+    return None
 
 
 # ------------------------------------------------------------------ numeric precision

@@ -245,3 +245,94 @@ def test_adapt_merge_of_two_good_tables_still_merges(tmp_path, capsys):
     merged = json.loads(out.read_text())
     assert merged["classes"] == ["Trouser", "Bag"] and merged["mean"]["PANDA-Early"] == pytest.approx(0.95)
     assert "PANDA-EWC" not in merged["mean"] and merged["wall_seconds_per_file"] == [12.5, 12.5]
+
+
+# ---------------------------------------------------------------------- model geometry and device
+
+
+def _edited_model(model: Path, folder: Path, name: str, features: dict) -> Path:
+    """A copy of ``model`` whose header's feature settings get ``features``."""
+    from core.npz_io import read_npz
+
+    header, arrays = read_npz(model)
+    header["settings"]["features"].update(features)
+    path = folder / name
+    np.savez(path, __header__=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
+    return path
+
+
+@pytest.mark.parametrize("features, message", [
+    ({"resize": 10**9, "crop": 10**9}, "resize must be between 1 and 4096"),
+    ({"resize": 20_000, "crop": 20_000}, "resize must be between 1 and 4096"),
+    ({"resize": 0}, "resize must be between 1 and 4096"),
+    ({"crop": 64}, r"crop \(64\) cannot be larger than resize \(32\)"),
+    ({"tile": 1}, "tile must be 0 .* a multiple of 32"),
+    ({"resize": None, "crop": 4000}, "crop 4000 resizes images to more than 4096"),
+])
+def test_a_model_whose_geometry_cannot_run_is_refused_when_loaded_naming_the_file(model, tmp_path, capsys,
+                                                                                  features, message):
+    from core.detectors import ModelFileError, load_detector
+
+    edited = _edited_model(model, tmp_path, "edited.npz", features)
+    with pytest.raises(ModelFileError, match=message) as raised:
+        load_detector(edited)
+    assert str(raised.value).startswith(f"{edited}: ")
+    image = _png(tmp_path / "a.png", 20, 0)
+    assert main(["score", "--model", str(edited), str(image), "--quiet"]) == 2  # before any image is read
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {edited}: ")
+
+
+def test_fitting_with_a_geometry_that_cannot_run_is_refused(tmp_path, capsys):
+    normal = tmp_path / "normal"
+    for i in range(3):
+        _png(normal / f"n{i}.png", 20, i)
+    for param, message in (("features.resize=20000", "resize must be between 1 and 4096"),
+                           ("features.tile=1", "tile must be 0"), ("features.crop=0", "crop must be between")):
+        code = main(["fit", "--method", "dn2", "--weights", "random", "--normal", str(normal), "--param", param,
+                     "--out", str(tmp_path / "m.npz"), "--quiet"])
+        assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "m.npz").exists()
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """This machine as one without CUDA, whatever it has (the cases below are about a missing GPU)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("ANOMALY_DEVICE", raising=False)
+    from core import backbones
+
+    monkeypatch.setattr(backbones, "_NOTED_DEVICES", set())
+
+
+def test_a_model_fitted_on_a_gpu_scores_on_a_cpu_with_a_one_line_note(model, tmp_path, no_cuda, caplog):
+    gpu_model = _edited_model(model, tmp_path, "gpu.npz", {"device": "cuda"})
+    image = _png(tmp_path / "in" / "a.png", 20, 0)
+    expected = score_files(model, [image], tmp_path / "cpu.csv", engine=THREADS)
+    with caplog.at_level("WARNING", logger="core.backbones"):
+        summary = score_files(gpu_model, [image], tmp_path / "gpu.csv", engine=THREADS)
+    assert (summary.scored, expected.scored) == (1, 1)
+    assert read_results(tmp_path / "gpu.csv")[0]["score"] == read_results(tmp_path / "cpu.csv")[0]["score"]
+    notes = [record.getMessage() for record in caplog.records]
+    assert len(notes) == 1 and "'cuda'" in notes[0] and "running on cpu" in notes[0] and "\n" not in notes[0]
+
+
+def test_asking_for_a_device_this_machine_lacks_is_a_one_line_error(model, tmp_path, no_cuda, monkeypatch, capsys):
+    image = _png(tmp_path / "in" / "a.png", 20, 0)
+    normal = tmp_path / "normal"
+    for i in range(3):
+        _png(normal / f"n{i}.png", 20, i)
+    fit = ["fit", "--method", "dn2", "--weights", "random", "--normal", str(normal), "--out", str(tmp_path / "m.npz"),
+           "--quiet"]
+    assert main([*fit, "--param", "features.device=cuda"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --param features.device=cuda: this machine has no CUDA GPU (or torch was installed without CUDA); "
+        "ask for cpu, or leave it unset for the best device here")
+    monkeypatch.setenv("ANOMALY_DEVICE", "cuda")
+    out = tmp_path / "scores.csv"
+    assert main(["score", "--model", str(model), str(image), "--csv", str(out), "--quiet"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ANOMALY_DEVICE=cuda: this machine has no CUDA GPU") and "\n" not in error
+    assert not out.exists()  # refused before the output was created
+    assert main([*fit]) == 2 and "ANOMALY_DEVICE=cuda" in capsys.readouterr().err

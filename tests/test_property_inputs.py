@@ -8,6 +8,8 @@
 * any file name (any bytes) written to a CSV / JSONL result file is found again by
   ``--resume``, and random damage to a result file makes ``--resume`` raise
   ``ResultFileError`` naming the file, without changing a byte of it;
+* real model files with random geometry (resize, crop, tile, aspect) in their
+  header load with a geometry that fits in memory, or raise ``ModelFileError``;
 * Table 6 files with random JSON in any field go to ``adapt --merge``: it merges
   or raises ``ValueError`` naming the file, nothing else.
 """
@@ -213,3 +215,29 @@ def test_random_json_in_a_table_given_to_adapt_merge(data):
         assert str(error).startswith((str(first), str(second))), error
         return
     assert "Trouser" in merged["classes"]
+
+
+# ---------------------------------------------------------------------- model-header geometry
+
+sides = st.none() | st.integers(-10, 40) | st.integers(-2**40, 2**40) | st.sampled_from([4096, 4097, 20_000, 10**9])
+
+
+@FAST
+@given(st.sampled_from(["dn2", "spade"]), sides, sides, st.integers(-10, 2**20) | st.sampled_from([0, 32, 64, 4096]),
+       st.sampled_from(["stretch", "pad"]))
+def test_random_geometry_in_a_real_header(method, resize, crop, tile, aspect):
+    from core.config import MAX_INPUT_SIDE
+
+    _, header, arrays = model(method)
+    header = json.loads(json.dumps(header))
+    header["settings"]["features"].update(resize=resize, crop=crop, tile=tile, aspect=aspect)
+    path = _folder / "geometry.npz"
+    np.savez(path, __header__=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
+    try:
+        detector = load_detector(path)
+    except ModelFileError as error:
+        assert str(error).startswith(f"{path}: "), error
+        return
+    size = detector.image_size  # the geometry it would run at: valid, and small enough for one machine
+    assert 1 <= size.crop <= size.resize <= MAX_INPUT_SIDE
+    assert tile == 0 or tile % 32 == 0 and tile <= MAX_INPUT_SIDE
