@@ -336,3 +336,138 @@ def test_asking_for_a_device_this_machine_lacks_is_a_one_line_error(model, tmp_p
     assert error.startswith("error: ANOMALY_DEVICE=cuda: this machine has no CUDA GPU") and "\n" not in error
     assert not out.exists()  # refused before the output was created
     assert main([*fit]) == 2 and "ANOMALY_DEVICE=cuda" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- listing inputs: links, zips, unreadable folders
+
+
+def _sources(inputs, limit=1000):
+    from itertools import islice
+
+    from core.scoring import iter_sources
+
+    return list(islice(iter_sources(inputs), limit))
+
+
+def test_a_glob_never_follows_links_to_folders(tmp_path, monkeypatch):
+    named = tmp_path / "line3"
+    _png(named / "a.png", 20, 0)
+    _png(named / "sub" / "b.png", 20, 1)
+    _png(tmp_path / "elsewhere.png", 20, 2)
+    (named / "sub" / "up").symlink_to("..")  # a link to a parent: glob listed every file again and again
+    (named / "sub" / "top").symlink_to(tmp_path)  # a second one made the listing grow without end
+    (named / "ext").symlink_to(tmp_path, target_is_directory=True)
+    expected = [str(named / "a.png"), str(named / "sub" / "b.png")]
+    for pattern, matches in ((f"{named}/**/*.png", expected), (f"{named}/**", expected), (f"{named}/*", expected),
+                             (f"{named}/*/*.png", expected[1:])):
+        files = [source.file for source in _sources([pattern])]
+        assert sorted(files) == matches, pattern
+    monkeypatch.chdir(named)
+    assert sorted(source.file for source in _sources(["**/*.png"])) == ["a.png", "sub/b.png"]
+    assert [source.file for source in _sources(["s*/?.png"])] == ["sub/b.png"]
+    # A folder given by name was never followed through links; it still is not.
+    assert sorted(source.file for source in _sources([str(named)])) == expected
+
+
+def test_a_zip_member_with_dotdot_in_its_path_gets_its_error_row(tmp_path):
+    import zipfile
+
+    archive = tmp_path / "upload.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("good.png", _png(tmp_path / "g.png", 20, 0).read_bytes())
+        zipped.writestr("../evil.png", b"not read")
+        zipped.writestr("a/../../evil2.png", b"not read")
+    rows = {source.file: source.problem for source in _sources([archive])}
+    assert rows[f"{archive}!good.png"] is None
+    assert rows[f"{archive}!../evil.png"].startswith("unsafe path")
+    assert rows[f"{archive}!a/../../evil2.png"].startswith("unsafe path")
+
+
+@pytest.fixture
+def unreadable(monkeypatch):
+    """Make listing the folders named ``locked`` fail as chmod 000 does (tests may run as root, who can read them)."""
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.path.basename(os.fspath(path)) == "locked":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_an_unreadable_subfolder_is_an_error_row_not_a_silent_gap(model, tmp_path, unreadable):
+    folder = tmp_path / "shift"
+    _png(folder / "a.png", 20, 0)
+    _png(folder / "locked" / "b.png", 20, 1)
+    out = tmp_path / "scores.csv"
+    summary = score_files(model, [folder], out, engine=THREADS)
+    rows = {row["file"]: row["error"] for row in read_results(out)}
+    assert (summary.scored, summary.errors) == (1, 1)
+    assert rows[str(folder / "locked")].startswith("folder cannot be read (Permission denied)")
+    globbed = {source.file: source.problem for source in _sources([f"{folder}/**/*.png"])}
+    assert globbed[str(folder / "locked")].startswith("folder cannot be read")
+    # The Data page's readers report it too.
+    from core.datasets import read_folder
+
+    images = read_folder(folder)
+    assert [item.name for item in images] == ["a.png"]
+    assert [(problem.source, problem.reason.split(";")[0]) for problem in images.problems] == [
+        ("locked", "folder cannot be read (Permission denied)")]
+
+
+def test_links_to_files_outside_the_allowed_roots_are_not_imported(tmp_path):
+    from core.datasets import read_class_folders, read_folder, read_mvtec
+
+    allowed, secret = tmp_path / "allowed", tmp_path / "secret"
+    _png(secret / "private.png", 20, 0)
+    _png(secret / "private_mask.png", 0, 0)
+    folder = allowed / "links"
+    _png(folder / "own.png", 20, 1)
+    (folder / "private.png").symlink_to(secret / "private.png")
+    (folder / "inside.png").symlink_to(folder / "own.png")  # a link that stays inside is fine
+    images = read_folder(folder, roots=[allowed])
+    assert sorted(item.name for item in images) == ["inside.png", "own.png"]
+    assert [problem.source for problem in images.problems] == ["private.png"]
+    assert "outside the folders this app may use" in images.problems[0].reason
+    assert len(read_folder(folder)) == 3  # the command line reads what its user names
+    # MVTec: a defect-type folder that is a link out, and a mask that is a link out.
+    category = allowed / "bottle"
+    _png(category / "train" / "good" / "000.png", 20, 0)
+    _png(category / "test" / "crack" / "000.png", 90, 0)
+    (category / "ground_truth" / "crack").mkdir(parents=True)
+    (category / "ground_truth" / "crack" / "000_mask.png").symlink_to(secret / "private_mask.png")
+    (category / "test" / "leak").symlink_to(secret, target_is_directory=True)
+    train, test = read_mvtec(category, roots=[allowed])
+    assert [item.name for item in test] == ["test/crack/000.png"] and test.items[0].mask_path is None
+    assert {problem.source for problem in test.problems} >= {"ground_truth/crack/000_mask.png",
+                                                             "test/leak/private.png"}
+    classes = allowed / "classes"
+    _png(classes / "ok" / "1.png", 20, 0)
+    _png(classes / "ok" / "2.png", 20, 1)
+    (classes / "bad").symlink_to(secret, target_is_directory=True)
+    train, test = read_class_folders(classes, "ok", roots=[allowed])
+    assert all(item.group == "ok" for item in [*train, *test])
+
+
+def test_the_data_page_does_not_import_links_to_files_outside_the_roots(workspace_dir, tmp_path, monkeypatch):
+    from core.store import Workspace
+    from tests.conftest import new_app
+
+    allowed, secret = tmp_path / "allowed", tmp_path / "secret"
+    _png(secret / "private.png", 20, 0)
+    folder = allowed / "links"
+    _png(folder / "own.png", 20, 1)
+    (folder / "private.png").symlink_to(secret / "private.png")
+    monkeypatch.setenv("ANOMALY_FOLDER_ROOTS", f"{allowed}{os.pathsep}{workspace_dir}")
+    workspace = Workspace(workspace_dir)
+    project = workspace.create_project("links")
+    at = new_app(project.id, page="views/data.py")
+    next(field for field in at.text_input if field.label == "Folder path").input(str(folder)).run()
+    next(radio for radio in at.radio if radio.label == "Layout").set_value("plain").run()
+    next(button for button in at.button if button.label == "Import folder").click().run()
+    assert not at.exception
+    assert [image.name for image in workspace.images(project.id)] == ["own.png"]
+    assert any("1 files could not be used" in error.value for error in at.error)
+    (table,) = [frame.value for frame in at.dataframe if "reason" in frame.value.columns]
+    assert list(table["file"]) == ["private.png"] and "outside the folders this app may use" in table["reason"][0]
