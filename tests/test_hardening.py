@@ -471,3 +471,106 @@ def test_the_data_page_does_not_import_links_to_files_outside_the_roots(workspac
     assert any("1 files could not be used" in error.value for error in at.error)
     (table,) = [frame.value for frame in at.dataframe if "reason" in frame.value.columns]
     assert list(table["file"]) == ["private.png"] and "outside the folders this app may use" in table["reason"][0]
+
+
+# ---------------------------------------------------------------------- the workspace database
+
+
+def _workspace_with_files(folder: Path):
+    """A workspace with a project, one image and a model file on disk; returns it."""
+    from core.datasets import read_folder
+    from core.store import Workspace
+
+    _png(folder.parent / "imgs" / "a.png", 20, 0)
+    workspace = Workspace(folder)
+    project = workspace.create_project("line 3")
+    workspace.import_images(project.id, read_folder(folder.parent / "imgs"), "normal")
+    (workspace.models_dir / "model.npz").write_bytes(b"a model")
+    for side_file in folder.glob("workspace.sqlite3-*"):  # a clean close: no WAL to replay
+        side_file.unlink()
+    return workspace
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda db: db.write_bytes(bytes(range(256)) * 16), "not an SQLite database"),
+    (lambda db: db.write_bytes(db.read_bytes()[:3000]), r"cannot be used \(database disk image is malformed\)"),
+    (lambda db: db.write_bytes(b""), r"is empty \(0 bytes\), but .* holds the images and models"),
+    (lambda db: db.unlink(), r"is missing, but .* holds the images and models"),
+])
+def test_a_damaged_workspace_database_is_named_and_never_started_over(tmp_path, damage, message):
+    from core.store import StoreError, Workspace, WorkspaceDatabaseError
+
+    folder = tmp_path / "workspace"
+    database = _workspace_with_files(folder).database
+    damage(database)
+    before = database.read_bytes() if database.exists() else None
+    with pytest.raises(WorkspaceDatabaseError, match=message) as raised:
+        Workspace(folder)
+    assert str(raised.value).startswith(f"{database}: ") and "restore it from a backup" in str(raised.value)
+    assert isinstance(raised.value, StoreError) and "\n" not in str(raised.value)
+    assert (database.read_bytes() if database.exists() else None) == before  # nothing written over it
+
+
+def test_an_empty_database_in_an_empty_folder_is_a_new_workspace(tmp_path):
+    from core.store import Workspace
+
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "workspace.sqlite3").write_bytes(b"")
+    assert Workspace(tmp_path / "new").projects() == []
+
+
+def test_a_read_only_workspace_database_is_named_at_open(tmp_path, monkeypatch):
+    import sqlite3
+
+    from core import store
+
+    folder = tmp_path / "workspace"
+    _workspace_with_files(folder)
+    connect = sqlite3.connect
+
+    def read_only(database, *args, **kwargs):  # what a file without write permission gives (tests may run as root)
+        return connect(f"file:{database}?mode=ro", *args, uri=True, **kwargs)
+
+    monkeypatch.setattr(store.sqlite3, "connect", read_only)
+    with pytest.raises(store.WorkspaceDatabaseError, match="attempt to write a readonly database") as raised:
+        store.Workspace(folder)
+    assert str(raised.value).startswith(f"{folder / 'workspace.sqlite3'}: ")
+
+
+def test_a_database_damaged_while_open_names_the_file_on_the_next_call(tmp_path):
+    from core.store import StoreError, WorkspaceDatabaseError
+
+    folder = tmp_path / "workspace"
+    workspace = _workspace_with_files(folder)
+    with pytest.raises(StoreError, match="already exists"):  # constraints keep their own messages
+        workspace.create_project("line 3")
+    workspace.database.write_bytes(bytes(range(256)) * 16)
+    with pytest.raises(WorkspaceDatabaseError, match="cannot be used") as raised:
+        workspace.projects()
+    assert str(raised.value).startswith(f"{workspace.database}: ")
+
+
+def test_the_app_says_which_database_is_damaged_and_what_to_do(workspace_dir, tmp_path, monkeypatch):
+    from tests.conftest import new_app
+
+    monkeypatch.setenv("ANOMALY_FOLDER_ROOTS", str(tmp_path))
+    workspace = _workspace_with_files(workspace_dir)
+    good = workspace.database.read_bytes()
+    at = new_app()  # opened (and cached by the app) while it is good
+    assert not at.exception and not at.error
+    workspace.database.write_bytes(bytes(range(256)) * 16)
+    for page in ("views/start.py", "views/data.py", "views/review.py"):
+        at = new_app(page=None if page == "views/start.py" else page)
+        assert not at.exception, page
+        (message,) = [error.value for error in at.error]
+        assert str(workspace.database) in message and "restore it from a backup" in message
+    # Choosing another damaged folder keeps the session on its own (here repaired) workspace and says why.
+    workspace.database.write_bytes(good)
+    other = tmp_path / "other"
+    _workspace_with_files(other).database.write_bytes(b"")
+    at = new_app(page="views/data.py")
+    at.sidebar.text_input[0].input(str(other)).run()
+    assert not at.exception
+    (message,) = [error.value for error in at.error]
+    assert message.startswith(f"Cannot use {str(other)!r} as a workspace: {other / 'workspace.sqlite3'}: ")
+    assert "is empty (0 bytes)" in message and at.sidebar.selectbox[0].value is not None  # its project is shown

@@ -10,6 +10,8 @@
   ``ResultFileError`` naming the file, without changing a byte of it;
 * real model files with random geometry (resize, crop, tile, aspect) in their
   header load with a geometry that fits in memory, or raise ``ModelFileError``;
+* random bytes, and real workspace databases with random bytes changed, open as a
+  workspace or raise ``WorkspaceDatabaseError`` naming the database, nothing else;
 * Table 6 files with random JSON in any field go to ``adapt --merge``: it merges
   or raises ``ValueError`` naming the file, nothing else.
 """
@@ -241,3 +243,47 @@ def test_random_geometry_in_a_real_header(method, resize, crop, tile, aspect):
     size = detector.image_size  # the geometry it would run at: valid, and small enough for one machine
     assert 1 <= size.crop <= size.resize <= MAX_INPUT_SIDE
     assert tile == 0 or tile % 32 == 0 and tile <= MAX_INPUT_SIDE
+
+
+# ---------------------------------------------------------------------- opening a workspace database
+
+_DATABASE: list[bytes] = []
+
+
+def _real_database() -> bytes:
+    """The database file of a small real workspace (two projects, a model row), made once."""
+    if not _DATABASE:
+        from core.store import Workspace
+
+        workspace = Workspace(_folder / "template-workspace")
+        for name in ("line 1", "line 2"):
+            project = workspace.create_project(name)
+            workspace.set_preference(project.id, "threshold", "0.5")
+        _DATABASE.append(workspace.database.read_bytes())
+    return _DATABASE[0]
+
+
+@FAST
+@given(st.one_of(st.binary(max_size=8192),
+                 st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=8)))
+def test_opening_a_random_or_damaged_workspace_database(change):
+    from core.store import Workspace, WorkspaceDatabaseError
+
+    folder = _folder / "candidate-workspace"
+    folder.mkdir(exist_ok=True)
+    for old in folder.glob("workspace.sqlite3*"):
+        old.unlink()
+    if isinstance(change, bytes):
+        data = change
+    else:
+        data = bytearray(_real_database())
+        for where, value in change:
+            data[int(where * len(data))] = value
+    database = folder / "workspace.sqlite3"
+    database.write_bytes(bytes(data))
+    try:
+        workspace = Workspace(folder)
+        workspace.projects()
+        workspace.counts(1)
+    except WorkspaceDatabaseError as error:
+        assert str(error).startswith(f"{database}: "), error
