@@ -613,3 +613,81 @@ def test_random_bytes_as_weights_are_called_what_they_are(tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert code == 2 and error.startswith(f"error: {weights}: not a PyTorch weights file") and "\n" not in error
     assert "weights_only" not in error  # torch's advice to unpickle it is not passed on
+
+
+# ---------------------------------------------------------------------- the server: DNS rebinding
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def _handshake(port: int, host: str) -> str:
+    """The status line the app answers to a WebSocket handshake whose Host header is ``host``."""
+    import base64
+    import socket
+
+    with socket.create_connection(("localhost", port), timeout=10) as connection:
+        key = base64.b64encode(os.urandom(16)).decode()
+        connection.sendall((f"GET /_stcore/stream HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                            f"Origin: http://{host}\r\n\r\n").encode())
+        return connection.recv(4096).split(b"\r\n", 1)[0].decode()
+
+
+def test_the_settings_file_explains_every_setting():
+    from tests.conftest import REPO_ROOT
+
+    lines = (REPO_ROOT / ".streamlit" / "config.toml").read_text().splitlines()
+    for number, line in enumerate(lines):
+        if "=" in line and not line.lstrip().startswith("#"):
+            above = number - 1  # settings may share the comment that opens their block
+            while above >= 0 and "=" in lines[above] and not lines[above].lstrip().startswith("#"):
+                above -= 1
+            assert above >= 0 and lines[above].lstrip().startswith("#"), f"line {number + 1} ({line}) has no comment"
+    import tomllib
+
+    server = tomllib.loads("\n".join(lines))["server"]
+    assert server["allowedHosts"] == ["localhost", "127.0.0.1"] and server["address"] == "localhost"
+
+
+def test_the_app_refuses_a_connection_addressed_to_a_foreign_host(tmp_path):
+    """A rebinding page's connection carries its own domain in the Host header: refused; localhost works."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO_ROOT
+
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    # Started from the repository root, so it reads .streamlit/config.toml (allowedHosts comes from there).
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.port", str(port)],
+        cwd=REPO_ROOT, env={**os.environ, "ANOMALY_WORKSPACE": str(tmp_path / "workspace")},
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("localhost", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()
+                time.sleep(0.3)
+        assert _handshake(port, f"localhost:{port}") == "HTTP/1.1 101 Switching Protocols"
+        assert _handshake(port, f"127.0.0.1:{port}") == "HTTP/1.1 101 Switching Protocols"
+        assert _handshake(port, f"rebind.attacker.example:{port}") == "HTTP/1.1 403 Forbidden"
+        assert _handshake(port, "localhost.attacker.example") == "HTTP/1.1 403 Forbidden"
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
