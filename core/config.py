@@ -418,31 +418,41 @@ def apply_params(settings: Any, params: Mapping[str, str]) -> Any:
     for key, text in params.items():
         if key.split(".")[-1] == "device" and str(text).strip().lower() not in ("none", "null", ""):
             require_device(str(text).strip(), f"--param {key}")  # asked for by name: it must exist here
-        settings = _apply_one(settings, key.split("."), str(text), key)
-    return settings
+    return _apply_all(settings, [(key.split("."), str(text), key) for key, text in params.items()])
 
 
-def _apply_one(settings: Any, path: list[str], text: str, key: str) -> Any:
+def _apply_all(settings: Any, changes: list[tuple[list[str], str, str]]) -> Any:
+    """``settings`` with every ``(path, text, key)`` change applied in one replace per settings group.
+
+    One replace, not one per key: fields checked together (crop <= resize) must not be refused
+    half-way, e.g. ``features.resize=64`` before ``features.crop=64`` when the default crop is 256.
+    """
     hints = typing.get_type_hints(type(settings))
     names = [f.name for f in dataclasses.fields(settings)]
-    name = path[0]
-    if name not in names:
-        valid = ", ".join(param_names(settings))
-        raise ParamError(f"unknown setting {key!r} for {type(settings).__name__}; valid: {valid}")
-    current = getattr(settings, name)
-    if len(path) > 1:
-        if not dataclasses.is_dataclass(current):
-            raise ParamError(f"unknown setting {key!r}: {name} has no sub-settings")
-        return dataclasses.replace(settings, **{name: _apply_one(current, path[1:], text, key)})
-    if dataclasses.is_dataclass(current):
-        example = dataclasses.fields(current)[0].name
-        raise ParamError(f"setting {key!r} is a group; set its fields, e.g. {key}.{example}=...")
+    values: dict[str, Any] = {}
+    groups: dict[str, list[tuple[list[str], str, str]]] = {}
+    for path, text, key in changes:
+        name = path[0]
+        if name not in names:
+            valid = ", ".join(param_names(settings))
+            raise ParamError(f"unknown setting {key!r} for {type(settings).__name__}; valid: {valid}")
+        current = getattr(settings, name)
+        if len(path) > 1:
+            if not dataclasses.is_dataclass(current):
+                raise ParamError(f"unknown setting {key!r}: {name} has no sub-settings")
+            groups.setdefault(name, []).append((path[1:], text, key))
+        elif dataclasses.is_dataclass(current):
+            example = dataclasses.fields(current)[0].name
+            raise ParamError(f"setting {key!r} is a group; set its fields, e.g. {key}.{example}=...")
+        else:
+            values[name] = _convert(text, hints[name], key)
+    for name, group in groups.items():
+        values[name] = _apply_all(getattr(settings, name), group)
     try:
-        return dataclasses.replace(settings, **{name: _convert(text, hints[name], key)})
-    except ParamError:
-        raise
+        return dataclasses.replace(settings, **values)
     except (TypeError, ValueError) as error:  # the settings' own validation
-        raise ParamError(f"--param {key}={text!r}: {error}") from error
+        given = ", ".join(f"--param {key}={text!r}" for path, text, key in changes if len(path) == 1)
+        raise ParamError(f"{given or type(settings).__name__}: {error}") from error
 
 
 def param_names(settings: Any, prefix: str = "") -> list[str]:

@@ -349,8 +349,9 @@ class Workspace:
             yield connection
         except sqlite3.IntegrityError:
             raise  # a constraint: the callers turn it into their own message
-        except sqlite3.DatabaseError as error:
-            # Damaged, read-only, locked for too long...: name the file, never a bare sqlite3 traceback.
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as error:
+            # Damaged (text that is not UTF-8 included), read-only, locked for too long...: name the file,
+            # never a bare sqlite3 traceback.
             raise WorkspaceDatabaseError(f"{self.database}: the workspace database cannot be used ({error}); "
                                          f"{_WHAT_TO_DO}") from error
         finally:

@@ -691,3 +691,13 @@ def test_the_app_refuses_a_connection_addressed_to_a_foreign_host(tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def test_params_checked_together_are_applied_together():
+    from core.config import ParamError, SpadeSettings, apply_params
+
+    # SPADE's default crop is 256: resize=64 alone would be refused before crop=64 is applied.
+    settings = apply_params(SpadeSettings(), {"features.resize": "64", "features.crop": "64", "k": "3"})
+    assert (settings.features.resize, settings.features.crop, settings.k) == (64, 64, 3)
+    with pytest.raises(ParamError, match=r"--param features.resize='64', --param features.crop='128': crop \(128\)"):
+        apply_params(SpadeSettings(), {"features.resize": "64", "features.crop": "128"})
