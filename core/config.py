@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from core.backbones import DEFAULT_BACKBONE
+from core.backbones import DEFAULT_BACKBONE, get_spec, list_backbones, require_device, usable_device
 from core.knn import KNN_METRICS
 
 
@@ -54,8 +54,36 @@ class FeatureSettings:
 
     def __post_init__(self) -> None:
         _check_choice("aspect", self.aspect, ("stretch", "pad"))
-        if self.tile < 0:
-            raise ValueError(f"tile must be 0 (never tile) or a positive side in pixels, got {self.tile}")
+        _check_geometry(self)
+        # A device this machine lacks (a model fitted on a GPU, loaded on a laptop) becomes the best one
+        # here, with a note; a device asked for on a command line was already refused (require_device).
+        object.__setattr__(self, "device", usable_device(self.device))
+
+
+MAX_INPUT_SIDE = 4096
+"""Largest resize, crop and tile side: one 4096² image is 200 MB as a float tensor before the backbone
+multiplies it (20,000² asked for 4.5 GB per image). Larger images are resized down to the geometry."""
+
+
+def _check_geometry(features: FeatureSettings) -> None:
+    """Refuse, when settings are made (fitting, or loading a model file), a geometry no machine can run."""
+    from core.tiling import ALIGN
+
+    for name in ("resize", "crop"):
+        value = getattr(features, name)
+        if value is not None and not 1 <= value <= MAX_INPUT_SIDE:
+            raise ValueError(f"{name} must be between 1 and {MAX_INPUT_SIDE} pixels (or none: the backbone's), "
+                             f"got {value}")
+    if features.resize is not None and features.crop is not None and features.crop > features.resize:
+        raise ValueError(f"crop ({features.crop}) cannot be larger than resize ({features.resize})")
+    if features.crop is not None and features.resize is None and features.backbone in list_backbones():
+        spec = get_spec(features.backbone)  # crop alone keeps the backbone's resize/crop ratio (image_size_for)
+        if features.crop * spec.resize_size / spec.input_size > MAX_INPUT_SIDE + 0.5:
+            raise ValueError(f"crop {features.crop} resizes images to more than {MAX_INPUT_SIDE} pixels "
+                             f"({spec.name}'s ratio {spec.resize_size}/{spec.input_size}); set resize as well")
+    if features.tile and not (ALIGN <= features.tile <= MAX_INPUT_SIDE and features.tile % ALIGN == 0):
+        raise ValueError(f"tile must be 0 (never tile) or a multiple of {ALIGN} pixels up to {MAX_INPUT_SIDE}, "
+                         f"got {features.tile}")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -405,31 +433,43 @@ def apply_params(settings: Any, params: Mapping[str, str]) -> Any:
     the valid ones.
     """
     for key, text in params.items():
-        settings = _apply_one(settings, key.split("."), str(text), key)
-    return settings
+        if key.split(".")[-1] == "device" and str(text).strip().lower() not in ("none", "null", ""):
+            require_device(str(text).strip(), f"--param {key}")  # asked for by name: it must exist here
+    return _apply_all(settings, [(key.split("."), str(text), key) for key, text in params.items()])
 
 
-def _apply_one(settings: Any, path: list[str], text: str, key: str) -> Any:
+def _apply_all(settings: Any, changes: list[tuple[list[str], str, str]]) -> Any:
+    """``settings`` with every ``(path, text, key)`` change applied in one replace per settings group.
+
+    One replace, not one per key: fields checked together (crop <= resize) must not be refused
+    half-way, e.g. ``features.resize=64`` before ``features.crop=64`` when the default crop is 256.
+    """
     hints = typing.get_type_hints(type(settings))
     names = [f.name for f in dataclasses.fields(settings)]
-    name = path[0]
-    if name not in names:
-        valid = ", ".join(param_names(settings))
-        raise ParamError(f"unknown setting {key!r} for {type(settings).__name__}; valid: {valid}")
-    current = getattr(settings, name)
-    if len(path) > 1:
-        if not dataclasses.is_dataclass(current):
-            raise ParamError(f"unknown setting {key!r}: {name} has no sub-settings")
-        return dataclasses.replace(settings, **{name: _apply_one(current, path[1:], text, key)})
-    if dataclasses.is_dataclass(current):
-        example = dataclasses.fields(current)[0].name
-        raise ParamError(f"setting {key!r} is a group; set its fields, e.g. {key}.{example}=...")
+    values: dict[str, Any] = {}
+    groups: dict[str, list[tuple[list[str], str, str]]] = {}
+    for path, text, key in changes:
+        name = path[0]
+        if name not in names:
+            valid = ", ".join(param_names(settings))
+            raise ParamError(f"unknown setting {key!r} for {type(settings).__name__}; valid: {valid}")
+        current = getattr(settings, name)
+        if len(path) > 1:
+            if not dataclasses.is_dataclass(current):
+                raise ParamError(f"unknown setting {key!r}: {name} has no sub-settings")
+            groups.setdefault(name, []).append((path[1:], text, key))
+        elif dataclasses.is_dataclass(current):
+            example = dataclasses.fields(current)[0].name
+            raise ParamError(f"setting {key!r} is a group; set its fields, e.g. {key}.{example}=...")
+        else:
+            values[name] = _convert(text, hints[name], key)
+    for name, group in groups.items():
+        values[name] = _apply_all(getattr(settings, name), group)
     try:
-        return dataclasses.replace(settings, **{name: _convert(text, hints[name], key)})
-    except ParamError:
-        raise
+        return dataclasses.replace(settings, **values)
     except (TypeError, ValueError) as error:  # the settings' own validation
-        raise ParamError(f"--param {key}={text!r}: {error}") from error
+        given = ", ".join(f"--param {key}={text!r}" for path, text, key in changes if len(path) == 1)
+        raise ParamError(f"{given or type(settings).__name__}: {error}") from error
 
 
 def param_names(settings: Any, prefix: str = "") -> list[str]:
@@ -464,6 +504,8 @@ def settings_for(
     ``key=value`` strings from a command line (:func:`apply_params`), applied last.
     """
     settings = base if base is not None else settings_type()
+    if device is not None:
+        require_device(device, "device")
     features = getattr(settings, "features", None)
     if isinstance(features, FeatureSettings):
         changes = {name: value for name, value in (("backbone", backbone), ("weights", weights), ("device", device),

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
-from core.store import Project, Workspace, default_workspace
+from core.store import Project, Workspace, WorkspaceDatabaseError, default_workspace
 from dashboard.jobs import Job
 
 PROCESS_STARTED = time.time()
@@ -65,15 +65,27 @@ def workspace_path() -> str:
 
 
 def set_workspace_path(folder: str) -> Workspace:
-    """Switch this session to another workspace folder (created if missing); raises OSError."""
-    workspace = _open_workspace(str(Path(folder).expanduser().resolve()))
+    """Switch this session to another workspace folder (created if missing); raises OSError (the session
+    keeps its workspace when the new one's database is damaged)."""
+    try:
+        workspace = _open_workspace(str(Path(folder).expanduser().resolve()))
+    except WorkspaceDatabaseError as error:
+        raise OSError(str(error)) from error
     st.session_state[WORKSPACE_PATH] = str(workspace.root)
     st.session_state[PROJECT_ID] = None
     return workspace
 
 
 def workspace() -> Workspace:
-    return _open_workspace(workspace_path())
+    """The session's workspace; when its database cannot be used, a message naming the file and what to do,
+    and the page stops there (every page would fail on it), leaving the folder field to choose another."""
+    try:
+        opened = _open_workspace(workspace_path())
+        opened.check(writable=False)  # damaged since it was opened (a read: never waits for a running job)
+    except (WorkspaceDatabaseError, OSError) as error:
+        st.error(f"This workspace cannot be opened. {error}", icon=":material/database:")
+        st.stop()
+    return opened
 
 
 def project_id() -> int | None:

@@ -17,7 +17,7 @@ from core.datasets import (
     read_folder,
     read_mvtec,
 )
-from core.paths import FolderNotAllowed, allowed_folder
+from core.paths import FolderNotAllowed, allowed_folder, folder_roots
 from core.store import ImportReport, StoreError
 from dashboard import state
 from dashboard.components.gallery import gallery, paged
@@ -142,18 +142,20 @@ with folder_tab:
     if st.button("Import folder", type="primary", disabled=not folder):
         try:
             allowed_folder(folder)  # only folders under the configured roots (core/paths.py)
+            roots = folder_roots()  # ... and only files under them: a link inside the folder is checked too
             with st.spinner("Reading and checking the folder…"):
                 if layout == "plain":
                     report = workspace.import_images(
-                        project.id, read_folder(folder, label=0 if plain_role == "normal" else None), plain_role
+                        project.id, read_folder(folder, label=0 if plain_role == "normal" else None, roots=roots),
+                        plain_role,
                     )
                 else:
                     if layout == "mvtec":
-                        train, test = read_mvtec(folder)
+                        train, test = read_mvtec(folder, roots=roots)
                     else:
                         if normal_class is None:
                             raise ValueError("pick the normal class first")
-                        train, test = read_class_folders(folder, normal_class)
+                        train, test = read_class_folders(folder, normal_class, roots=roots)
                     report = workspace.import_sets(project.id, {"normal": train, "test": test})
             state.set_last_import(f"Folder {folder}", report)
             st.rerun()
