@@ -392,6 +392,19 @@ def test_no_upward_imports_in_the_dashboard():
     assert not problems, "upward imports:\n" + "\n".join(problems)
 
 
+def test_session_state_and_caches_live_in_state_py():
+    """Every ``st.session_state`` key and ``st.cache_*`` function is in ``dashboard/state.py``, where two browser
+    sessions' separation can be checked in one place; pages and components go through its functions."""
+    problems = []
+    for module, path in _sources().items():
+        if not _within(module, ("dashboard",)) or module == "dashboard.state":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and (node.attr == "session_state" or node.attr.startswith("cache_")):
+                problems.append(f"{module}, line {node.lineno}: {node.attr}")
+    assert not problems, "outside dashboard/state.py:\n" + "\n".join(problems)
+
+
 def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components of more than one module, or a module importing itself (Tarjan)."""
     index: dict[str, int] = {}
