@@ -27,7 +27,11 @@ def threshold_controls(workspace: Workspace, model: StoredModel, detector: Detec
                                     point.threshold, min(max(point.threshold, low), high))
 
     def threshold_moved() -> None:
-        projects.set_working_point(workspace, model, detector, threshold=state.widget_value(slider_key))
+        moved_to = state.widget_value(slider_key)
+        # In a real browser a slider no longer drawn (the previous model's, after a fit) sends its value back
+        # once; it equals the saved threshold, and saving it would relabel the fit's point "set by hand".
+        if moved_to != projects.working_point(workspace, model, detector).threshold:
+            projects.set_working_point(workspace, model, detector, threshold=moved_to)
 
     columns = st.columns([4, 1, 1])
     columns[0].slider(
