@@ -16,12 +16,16 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from core.backbones import DEFAULT_BACKBONE, get_spec, list_backbones, require_device, usable_device
 from core.knn import KNN_METRICS
+
+
+ASPECTS = {"stretch": "squash", "pad": "keep (letterbox)"}
+"""How an image becomes the square a backbone reads (``FeatureSettings.aspect``), name -> label."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class FeatureSettings:
     precision: str = "auto"
 
     def __post_init__(self) -> None:
-        _check_choice("aspect", self.aspect, ("stretch", "pad"))
+        _check_choice("aspect", self.aspect, ASPECTS)
         _check_geometry(self)
         # A device this machine lacks (a model fitted on a GPU, loaded on a laptop) becomes the best one
         # here, with a note; a device asked for on a command line was already refused (require_device).
@@ -86,7 +90,7 @@ def _check_geometry(features: FeatureSettings) -> None:
                          f"got {features.tile}")
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def _check_choice(name: str, value: str, choices: Collection[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
@@ -376,6 +380,11 @@ class SpadeSettings:
         _check_fraction("pixel_fpr", self.pixel_fpr)
 
 
+MethodSettings = DN2Settings | GaussianSettings | PandaSettings | SpadeSettings
+"""The settings of any registered method (``core.detectors.METHODS`` names each one's type)."""
+
+Settings = TypeVar("Settings", DN2Settings, GaussianSettings, PandaSettings, SpadeSettings)
+
 # --------------------------------------------------------------------------- building settings
 
 
@@ -485,8 +494,8 @@ def param_names(settings: Any, prefix: str = "") -> list[str]:
 
 
 def settings_for(
-    settings_type: type,
-    base: Any = None,
+    settings_type: type[Settings],
+    base: Settings | None = None,
     *,
     backbone: str | None = None,
     weights: str | None = None,
@@ -495,13 +504,15 @@ def settings_for(
     seed: int | None = None,
     values: Mapping[str, Any] | None = None,
     params: Mapping[str, str] | None = None,
-) -> Any:
-    """Settings of ``settings_type`` (or a copy of ``base``) with the shared options applied.
+) -> Settings:
+    """Settings of ``settings_type`` (or a copy of ``base``) with the shared options applied: the one builder.
 
     ``backbone``/``weights``/``device``/``batch_size``/``seed``: None keep the
     method's default. ``values``: typed field values (``{"k": 3}``), for
     callers that hold them already (the dashboard's widgets); ``params``:
     ``key=value`` strings from a command line (:func:`apply_params`), applied last.
+    The CLI (``fit``, ``segment``, ``tune``), the benchmarks and the dashboard's
+    pages all build settings here; a method's type is ``METHODS[name].settings_type``.
     """
     settings = base if base is not None else settings_type()
     if device is not None:

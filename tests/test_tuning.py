@@ -1,22 +1,17 @@
-"""Geometry that respects the image, tiling, synthetic defects and the tuner (issue: a line's own images)."""
+"""Synthetic defects, a letterboxed SPADE on non-square images, image-score rules and the tuner."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from core.backbones import shared_extractor
 from core.config import FeatureSettings, SpadeSettings
 from core.datasets import ImageItem, ImageSet
 from core.detectors.spade import SpadeDetector
 from core.detectors.spade.image_score import mix_scores, peak_scores
-from core.images import ImageSize, content_box, map_to_original, preprocess, preprocess_mask
-from core.tiling import TiledExtractor, tile_starts
 from core.tuning import KINDS, paint, tune_spade
 from core.nuisance import Variation
 from core.tuning.proxy import CLEAN, NUISANCE, PAINTED, proxy_set
@@ -69,29 +64,6 @@ def test_proxy_set_pairs_each_clean_image_with_painted_and_nuisance_copies():
 # --------------------------------------------------------------------------- letterbox geometry
 
 
-def test_letterbox_keeps_the_aspect_ratio_and_maps_back_onto_the_original_pixels():
-    size = ImageSize(resize=128, crop=128, pad=True)
-    image = np.zeros((60, 180, 3), np.uint8)
-    image[20:40, 100:130] = 255
-    mask = np.zeros((60, 180), bool)
-    mask[20:40, 100:130] = True
-    top, left, bottom, right = content_box((60, 180), size)
-    assert (bottom - top, right - left) == (43, 128)  # 60/180 of 128, not squashed
-    canvas = preprocess(image, size)
-    assert canvas.shape == (3, 128, 128)
-    # The grey border is outside the content box; the bright square inside keeps its shape.
-    assert np.allclose(canvas[:, :top], canvas[:, 0:1, 0:1])
-    painted = preprocess_mask(mask, size)
-    ys, xs = np.nonzero(painted)
-    assert top <= ys.min() and ys.max() < bottom
-    height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
-    assert abs(width / height - 30 / 20) < 0.25
-    back = map_to_original(painted.astype(np.float32), (60, 180), size)
-    assert back.shape == (60, 180)
-    overlap = ((back > 0.5) & mask).sum() / mask.sum()
-    assert overlap > 0.8
-
-
 def test_non_square_defect_is_found_where_it_is_on_the_original_image():
     """Maps of a letterboxed SPADE line up with the original pixels of a 96x200 image."""
     features = FeatureSettings(weights="random", resize=128, crop=128, aspect="pad", device="cpu", batch_size=8)
@@ -110,46 +82,6 @@ def test_non_square_defect_is_found_where_it_is_on_the_original_image():
     assert 22 <= y < 58 and 132 <= x < 173, (y, x)
     scores = detector.image_scores("max")
     assert scores[1] > scores[0]
-
-
-# --------------------------------------------------------------------------- tiling
-
-
-def test_tile_starts_cover_the_input_and_end_at_its_edge():
-    assert tile_starts(256, 384, 64) == [0]
-    starts = tile_starts(640, 384, 128)
-    assert starts[0] == 0 and starts[-1] == 640 - 384
-    assert all(b - a <= 384 - 128 for a, b in zip(starts, starts[1:]))
-
-
-def test_tiling_an_input_that_needs_one_tile_reproduces_the_untiled_features():
-    base = shared_extractor("efficientnet_lite0", "random", "cpu")
-    images = torch.rand(1, 3, 192, 192)
-    whole = base(images, ("block1", "block2"))
-    tiled = TiledExtractor(base, 256)(images, ("block1", "block2"))
-    for stage in ("block1", "block2"):
-        assert torch.equal(whole.maps[stage], tiled.maps[stage])
-    assert torch.equal(whole.pooled, tiled.pooled)
-
-
-def test_stitched_tiles_match_the_whole_image_on_fine_stages():
-    """With overlap wider than the receptive field, stitched stride-4/8 maps equal the whole-image ones."""
-    base = shared_extractor("efficientnet_lite0", "random", "cpu")
-    images = torch.rand(1, 3, 320, 320)
-    whole = base(images, ("block1", "block2"))
-    tiled = TiledExtractor(base, 192, overlap=128)(images, ("block1", "block2"))
-    for stage in ("block1", "block2"):
-        assert whole.maps[stage].shape == tiled.maps[stage].shape
-        assert torch.allclose(whole.maps[stage], tiled.maps[stage], atol=1e-4)
-
-
-def test_tiled_settings_keep_the_model_identity():
-    plain = FeatureSettings(weights="random", resize=128, crop=128, device="cpu")
-    tiled = dataclasses.replace(plain, tile=64)
-    detector_a = SpadeDetector(SpadeSettings(features=plain, strides=(8,), gallery="exact", calibration_images=2))
-    detector_b = SpadeDetector(SpadeSettings(features=tiled, strides=(8,), gallery="exact", calibration_images=2))
-    assert detector_b.extractor().spec.name == detector_a.extractor().spec.name
-    assert detector_b.extractor().weights_identity == detector_a.extractor().weights_identity
 
 
 # --------------------------------------------------------------------------- image-score rules

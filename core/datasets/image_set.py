@@ -30,6 +30,9 @@ from core.images import (
 )
 from core.progress import CancelFn, ProgressFn, report_progress
 
+LABELS = {0: "normal", 1: "anomalous"}
+"""What an image's ``label`` means (None: not known)."""
+
 
 @dataclass(frozen=True)
 class Problem:

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
+from core.config import PandaSettings
 from core.progress import CancelFn
 from core.projects.common import FitResult, StageProgress, _save, _stage, _summary
 from core.store import Workspace
 
+if TYPE_CHECKING:
+    from core.detectors.panda import PandaDetector
 
-def _stop_epoch(detector: Any) -> int | None:
+
+def _stop_epoch(detector: PandaDetector) -> int | None:
     """The epoch the run's model comes from: PANDA-Early's marked epoch, else the last one trained."""
     marked = [record.epoch for record in detector.curves_ if record.early_stop]
     return marked[-1] if marked else detector.summary_.get("epochs")
 
 
-def adapt(workspace: Workspace, project_id: int, settings: Any, run_id: int,
+def adapt(workspace: Workspace, project_id: int, settings: PandaSettings, run_id: int,
           progress: StageProgress | None = None, cancel: CancelFn | None = None) -> FitResult:
     """Train PANDA, streaming each epoch into run ``run_id``; save the model and its test scores; close the run.
 

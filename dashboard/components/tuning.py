@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from core.config import SPADE_IMAGE_SCORES, SpadeSettings
+from core.config import ASPECTS, SPADE_IMAGE_SCORES, SpadeSettings
 from core.tuning import best_candidates
 
 RESOLUTION_CHOICES = (256, 320, 384, 448, 512, 640, 768)
@@ -94,9 +94,9 @@ def override_form(settings: SpadeSettings, key: str) -> SpadeSettings | None:
         side = settings.features.resize or 256
         sides = sorted(set(RESOLUTION_CHOICES) | {side})
         resolution = columns[0].selectbox("Input size", sides, index=sides.index(side), key=f"{key}-res")
-        aspect = columns[1].selectbox("Aspect", ("pad", "stretch"), index=0 if settings.features.aspect == "pad" else 1,
-                                      format_func=lambda a: "keep (letterbox)" if a == "pad" else "squash",
-                                      key=f"{key}-aspect")
+        aspects = list(ASPECTS)
+        aspect = columns[1].selectbox("Aspect", aspects, index=aspects.index(settings.features.aspect),
+                                      format_func=ASPECTS.get, key=f"{key}-aspect")
         strides = columns[2].multiselect("Strides", STRIDE_CHOICES, default=[s for s in settings.strides if s in STRIDE_CHOICES],
                                          key=f"{key}-strides")
         sigma = columns[3].number_input("σ", 0.0, 16.0, float(settings.sigma), 0.5, key=f"{key}-sigma")

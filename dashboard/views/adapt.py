@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from core.backbones import list_backbones
+from core.knn import KNN_METRICS
 from core.store import Run
 from dashboard import state, tasks
 from dashboard.components import charts
@@ -46,13 +47,12 @@ st.title("Adapt the features (PANDA)")
 st.caption("Reiss et al., CVPR 2021: fine-tune the last blocks so normal images gather around their centre; stop "
            "before everything collapses there. Curves below follow the paper's Fig. 3.")
 counts = workspace.counts(project.id)
-for key, value in DEFAULTS.items():
-    st.session_state.setdefault(key, value)
+state.default_widget_values(DEFAULTS)
 
 
 def apply_preset() -> None:
     # A button callback runs before the widgets of the next run are built, so it may set their values.
-    st.session_state.update(PRESET)
+    state.set_widget_values(PRESET)
 
 
 # ---------------------------------------------------------------------- configure and run
@@ -63,7 +63,7 @@ with st.container(border=True):
     backbone = top[1].selectbox("Backbone", backbones, index=backbones.index("efficientnet_lite0"),
                                 key="panda-backbone")
     metric = top[2].selectbox(
-        "Distance", list(tasks.DISTANCES), format_func=tasks.DISTANCES.get, key="panda-metric",
+        "Distance", list(KNN_METRICS), format_func=KNN_METRICS.get, key="panda-metric",
         help="The kNN distance of every score (epoch 0 = DN2, Early, SES, EWC). Euclidean is the paper's; cosine "
              "compares directions only: on Fashion-MNIST (Lite2, 224²) it lifted DN2 from 94.5 to 95.3 (README).")
     top[3].button("Preset: see collapse in a minute", on_click=apply_preset, key="panda-preset", width="stretch",
@@ -238,16 +238,8 @@ st.caption("ROC AUC is the saved model's (the same figure as on Detect and Revie
 # Runs that finished since this session last looked join the overlay, selected (newest first).
 ids = [run.id for run in runs]
 finished = {run.id for run in runs if run.status != "running"}
-seen = st.session_state.get(state.OVERLAY_SEEN)
-if "compare-runs" not in st.session_state:
-    st.session_state["compare-runs"] = ids[:3]
-else:
-    fresh = [i for i in ids if i in finished and seen is not None and i not in seen]
-    kept = [i for i in st.session_state["compare-runs"] if i in ids and i not in fresh]
-    st.session_state["compare-runs"] = fresh + kept
-st.session_state[state.OVERLAY_SEEN] = finished
 chosen = st.multiselect("Overlay runs", ids, format_func=lambda i: run_name(next(r for r in runs if r.id == i)),
-                        key="compare-runs")
+                        key=state.overlay_runs_widget(ids, finished))
 series = [curve_series(run) for run in runs if run.id in chosen and run.curves]
 if series:
     left, right = st.columns(2)
