@@ -39,13 +39,13 @@ from typing import Any
 
 import numpy as np
 
+from core.paths import WORKSPACE_ENV, default_workspace  # noqa: F401  (where the workspace lives)
 from core.datasets import ImageItem, ImageSet, Problem
 from core.datasets.uploads import plan_upload
 from core.images import ImageError, decode_image, decode_mask
 from core.npz_io import atomic_write
 from core.progress import CancelFn, ProgressFn, check_cancel, report_progress
 
-WORKSPACE_ENV = "ANOMALY_WORKSPACE"
 ROLES = ("normal", "test", "outlier")
 VERDICTS = ("normal", "anomalous", "unsure")
 RUN_STATUSES = ("running", "finished", "stopped", "failed")
@@ -112,12 +112,6 @@ CREATE TABLE IF NOT EXISTS preferences (
     PRIMARY KEY (project_id, key)
 );
 """
-
-
-def default_workspace() -> Path:
-    """``$ANOMALY_WORKSPACE`` when set, else ``~/.anomaly-workspace``."""
-    configured = os.environ.get(WORKSPACE_ENV)
-    return Path(configured).expanduser() if configured else Path.home() / ".anomaly-workspace"
 
 
 @dataclass(frozen=True)
