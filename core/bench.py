@@ -112,6 +112,8 @@ class BenchOptions:
     # With tune: this many defective and as many good test images (random, by ``seed``) are marked evidence
     # for the tuner (``core.tuning.marked``) and left out of the evaluation.
     labelled: int = 0
+    # With tune: the tuner's progress lines (each geometry's best and its seconds) go here.
+    log: Callable[[str], None] | None = None
 
     def settings(self, settings_type: type, base: Any = None) -> Any:
         """Settings of ``settings_type`` (or ``base``) with these options' backbone/weights/device/seed and params."""
@@ -391,7 +393,7 @@ def _tuned(detector: Detector, task: BenchTask, entry: dict[str, Any], options: 
     from core.tuning import tune_spade
 
     result = tune_spade(task.train, base=detector.settings, seed=detector.settings.seed, cancel=cancel,
-                        audit=options.audit, marked=marked)
+                        audit=options.audit, marked=marked, log=options.log)
     entry["tuning"] = result.summary()
     entry["tune_s"] = result.seconds
     tuned = type(detector)(result.settings)

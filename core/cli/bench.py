@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     options = BenchOptions(
         backbone=args.backbone, weights=args.weights, device=args.device, batch_size=args.batch_size,
         seed=args.seed, params=parse_params(args.param), epochs=args.epochs, outliers=args.outliers, tune=args.tune,
-        labelled=args.labelled,
+        labelled=args.labelled, log=None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True)),
     )
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     report = run_bench(
