@@ -54,6 +54,7 @@ THRESHOLD_WIDGET = "threshold-{model_id}-{n_scores}"  # Detect's threshold slide
 VERDICT_WIDGET = "verdict-{image_id}"  # the Review page's verdict radio for one image
 NOTE_WIDGET = "note-{image_id}"  # the Review page's note box for one image
 OVERLAY_RUNS_WIDGET = "compare-runs"  # the Adapt page's "Overlay runs" multiselect
+WORKSPACE_FIELD_WIDGET = "workspace-folder-field"  # the sidebar's "Workspace folder" text field
 
 
 def _session_default(key: str, factory: Callable[[], Any]) -> Any:

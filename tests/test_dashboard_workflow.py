@@ -137,3 +137,15 @@ def test_review_opens_on_the_model_last_used(tiny_bottle):
     model_picker(at, "detect-model").set_value(older.id).run()
     other = new_app(project.id, page="views/review.py")  # another browser, later
     assert model_picker(other, "review-model").value == older.id
+
+
+def test_workspace_field_takes_every_change(workspace_dir, tmp_path, monkeypatch):
+    """Two folders typed one after the other: the session ends on the second (an unkeyed field was a new widget
+    after each change of its value, and every second edit was lost)."""
+    monkeypatch.setenv("ANOMALY_FOLDER_ROOTS", str(tmp_path))
+    at = new_app()
+    for name in ("first", "second", "third"):
+        folder = tmp_path / name
+        next(t for t in at.text_input if t.label == "Workspace folder").set_value(str(folder)).run()
+        assert not at.exception, at.exception
+        assert at.session_state[state.WORKSPACE_PATH] == str(folder.resolve()), name

@@ -21,6 +21,9 @@ def workspace_and_project() -> tuple[Workspace, Project | None]:
         folder = st.text_input(
             "Workspace folder",
             value=state.workspace_path(),
+            # A fixed key: without one the field is a new widget whenever its value changes, and every second
+            # edit was lost.
+            key=state.WORKSPACE_FIELD_WIDGET,
             help="Where projects, images and models are kept (SQLite + files). "
             "Default: ~/.anomaly-workspace or $ANOMALY_WORKSPACE. Only folders under your home folder or "
             "$ANOMALY_FOLDER_ROOTS ('*' = any folder) may be used.",
