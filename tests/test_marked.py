@@ -54,6 +54,25 @@ def test_marked_regions_choose_the_candidate_that_finds_them_and_a_rule_must_win
     assert choose_marked([proxy_choice], scores, LABELS, "fused").rule == "fused"
 
 
+def test_with_few_marked_images_a_rule_must_win_by_two_pairs():
+    """3 good and 3 defective marked images: one pair more in the right order (0.11 AUROC) does not replace the
+    fixed score; two pairs do."""
+    candidate = _candidate(4.0)
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    perfect = np.arange(6, dtype=float)
+    one_swap = np.array([0, 1, 3.5, 2.5, 4, 5], dtype=float)  # one good image above one defective: 8 of 9 pairs
+    two_swaps = np.array([0, 3.5, 3.6, 2.5, 4, 5], dtype=float)  # 7 of 9 pairs
+    masks = [np.zeros((4, 4), bool)] * 3 + [np.eye(4, dtype=bool)] * 3
+    maps = [np.eye(4, dtype=np.float32)] * 6
+
+    def rule_for(fused: np.ndarray) -> str:
+        scores = {candidate: MarkedScores({"fused": fused, "dn2": perfect, "topk": fused}, pixel_counts(masks, maps))}
+        return choose_marked([candidate], scores, labels, "fused").rule
+
+    assert rule_for(one_swap) == "fused"
+    assert rule_for(two_swaps) == "dn2"
+
+
 def test_cross_validation_scores_each_fold_with_a_choice_made_without_it():
     candidate = _candidate(4.0)
     scores = {candidate: _scores(4.0, {"fused": GOOD_RANKING, "dn2": NO_RANKING, "topk": NO_RANKING}, seed=3)}
