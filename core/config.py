@@ -136,7 +136,13 @@ class GaussianSettings:
             raise ValueError(f"cv_folds must be at least 2, got {self.cv_folds}")
 
 
-PANDA_STRATEGIES = ("early", "ses", "ewc", "oe")
+PANDA_STRATEGIES = {
+    "early": "Early: stop after a fixed number of epochs, or at the epoch the normal-only signal picks",
+    "ses": "SES: sample-wise early stopping over snapshots",
+    "ewc": "EWC: penalise changes to weights ImageNet relied on",
+    "oe": "OE: push outlier images away (needs outlier images)",
+}
+"""PANDA's strategies and what each does: the one list the settings, the CLI, the registry and the Adapt page read."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +181,10 @@ class PandaSettings:
     ``metric``: the kNN distance every score uses (DN2 at epoch 0, Early, SES, EWC):
     "euclidean" (the paper's) or "cosine" (unit-length features; see DN2Settings).
     The compactness loss and the distance-to-centre curves stay Euclidean.
+    ``keep_rule``: "signal" lets the pretrained network (epoch 0, DN2's features)
+    compete with what Early, SES and EWC trained, decided by a normal-only signal
+    (held-out normal images against probe images, :mod:`core.adaptation.signals`);
+    "last": the strategy's own result, as in the paper. OE always keeps its result.
     """
 
     features: FeatureSettings = FeatureSettings()
@@ -205,11 +215,14 @@ class PandaSettings:
     stop_fraction: float = 0.1
     fisher_source: str = "pool"
     metric: str = "euclidean"
+    keep_rule: str = "signal"
+    keep_margin: float = 0.0
     seed: int = 0
     target_fpr: float = 0.05
 
     def __post_init__(self) -> None:
-        _check_choice("strategy", self.strategy, PANDA_STRATEGIES)
+        _check_choice("strategy", self.strategy, tuple(PANDA_STRATEGIES))
+        _check_choice("keep_rule", self.keep_rule, ("signal", "last"))
         _check_choice("cache_dtype", self.cache_dtype, ("auto", "float32", "float16"))
         _check_choice("ewc_step", self.ewc_step, ("gradient", "proximal"))
         _check_choice("early_rule", self.early_rule, ("fixed", "auto"))
@@ -230,6 +243,15 @@ class PandaSettings:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         _check_fraction("ses_holdout", self.ses_holdout)
         _check_fraction("target_fpr", self.target_fpr)
+
+
+def paper_panda_settings() -> PandaSettings:
+    """The paper's PANDA protocol as this project encodes it: the default backbone at its own geometry, the
+    Euclidean kNN, lr 1e-2, the paper's minibatch counts (scaled to the normal set), SES snapshots every 25k
+    samples, Early after a fixed length, the penalty in the loss, and the strategy's result always kept."""
+    return PandaSettings(features=FeatureSettings(), strategy="early", epochs=0, lr=1e-2, snapshot_every=0,
+                         early_rule="fixed", keep_rule="last", metric="euclidean", ewc_step="gradient",
+                         ewc_lambda=1e4)
 
 
 SPADE_GALLERIES = ("exact", "kmeans", "ivf-flat", "ivf-pq", "auto")

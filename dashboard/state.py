@@ -227,6 +227,46 @@ def set_live_run(run_id: int) -> None:
     st.session_state[LIVE_RUN] = run_id
 
 
+# ---------------------------------------------------------------------- the Adapt page (PANDA)
+PANDA_FORM = {  # PandaSettings value (core.projects.adaptation.FORM_FIELDS) -> the Adapt page widget holding it
+    "strategy": "panda-strategy", "backbone": "panda-backbone", "metric": "panda-metric", "crop": "panda-crop",
+    "epochs": "panda-epochs", "lr": "panda-lr", "batch_size": "panda-batch", "snapshot_every": "panda-snapshots",
+    "early_rule": "panda-early-rule", "keep_rule": "panda-keep-rule", "ewc_lambda": "panda-lambda",
+    "ewc_step": "panda-ewc-step",
+}
+COMPARE_RUNS = "compare-runs"  # list[run id]: the runs the Adapt page overlays (its multiselect widget)
+
+
+def panda_form_start(values: dict[str, Any]) -> None:
+    """Give the Adapt page's settings widgets their first values (once per session; the user's choices stay)."""
+    for name, value in values.items():
+        st.session_state.setdefault(PANDA_FORM[name], value)
+
+
+def set_panda_form(values: dict[str, Any]) -> None:
+    """Fill the settings widgets (from a button's callback, which runs before the widgets are drawn)."""
+    st.session_state.update({PANDA_FORM[name]: value for name, value in values.items()})
+
+
+def panda_form() -> dict[str, Any]:
+    """The values the Adapt page's settings widgets hold now."""
+    return {name: st.session_state.get(key) for name, key in PANDA_FORM.items()}
+
+
+def overlay_runs(ids: list[int], finished: set[int]) -> list[int]:
+    """The runs to overlay: runs finished since this session last looked join (selected, newest first), the
+    user's earlier choice stays; the first time, the three newest."""
+    seen = st.session_state.get(OVERLAY_SEEN)
+    if COMPARE_RUNS not in st.session_state:
+        chosen = ids[:3]
+    else:
+        fresh = [i for i in ids if i in finished and seen is not None and i not in seen]
+        chosen = fresh + [i for i in st.session_state[COMPARE_RUNS] if i in ids and i not in fresh]
+    st.session_state[COMPARE_RUNS] = chosen
+    st.session_state[OVERLAY_SEEN] = finished
+    return chosen
+
+
 def segment_metrics() -> dict:
     return _session_default(SEGMENT_METRICS, dict)
 
