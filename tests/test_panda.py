@@ -248,6 +248,29 @@ def test_adapt_compare_over_fashion_mnist_classes_writes_table6(tmp_path, capsys
         adapt_cli.merge_tables([str(tmp_path / "broken.json")], None)
 
 
+def test_adapt_compare_one_class_against_the_test_images_of_all(tmp_path, capsys):
+    """Issue 24, part 5: ``--normal fashion-mnist:Sandal:N --test fashion-mnist:all:M`` compares Sandal against the
+    stratified test images of every class (it used to stop with "unknown Fashion-MNIST class 'all'")."""
+    from core.cli import adapt as adapt_cli
+    from core.datasets.fashion_mnist import FASHION_MNIST_DIR
+
+    if not Path(FASHION_MNIST_DIR).is_dir():
+        pytest.skip(f"Fashion-MNIST not installed at {FASHION_MNIST_DIR}")
+    curves = tmp_path / "sandal.json"
+    args = _adapt_parser().parse_args([
+        "--compare", "--normal", "fashion-mnist:Sandal:16", "--test", "fashion-mnist:all:40", "--weights", "random",
+        "--crop", "32", "--resize", "32", "--device", "cpu", "--epochs", "1", "--strategies", "early",
+        "--param", "batch_size=8", "--param", "grad_clip=1", "--curves", str(curves), "--quiet",
+    ])
+    assert adapt_cli.run(args) == 0
+    assert "DN2" in capsys.readouterr().out
+    assert adapt_cli.labelled_test_spec("fashion-mnist:Sandal:16", "fashion-mnist:all:40") == "fashion-mnist:Sandal:40"
+    assert adapt_cli.labelled_test_spec("fashion-mnist:Sandal", "fashion-mnist:Bag,Coat:9") == "fashion-mnist:Sandal:9"
+    assert adapt_cli.labelled_test_spec("fashion-mnist:Sandal", "fashion-mnist:Bag:9") == "fashion-mnist:Bag:9"
+    with pytest.raises(SystemExit, match="labelled against one normal class"):
+        adapt_cli.labelled_test_spec(str(tmp_path), "fashion-mnist:all:40")
+
+
 def test_adapt_command_times_the_prefix_cache(tmp_path, capsys):
     from core.cli import adapt as adapt_cli
 
