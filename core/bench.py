@@ -106,6 +106,12 @@ class BenchOptions:
     # Choose the method's settings for each task from its normal images first
     # (``core.tuning``: synthetic defects, no test image read); SPADE only.
     tune: bool = False
+    # With tune: called with each geometry the tuner fitted (the development suite measures the
+    # proxy's fidelity with it); never used to choose.
+    audit: Callable[..., None] | None = None
+    # With tune: this many defective and as many good test images (random, by ``seed``) are marked evidence
+    # for the tuner (``core.tuning.marked``) and left out of the evaluation.
+    labelled: int = 0
 
     def settings(self, settings_type: type, base: Any = None) -> Any:
         """Settings of ``settings_type`` (or ``base``) with these options' backbone/weights/device/seed and params."""
@@ -355,11 +361,37 @@ def _renamed(item, index: int):
 # --------------------------------------------------------------------------- the run
 
 
-def _tuned(detector: Detector, task: BenchTask, entry: dict[str, Any], cancel: CancelFn | None) -> Detector:
-    """A detector of the same method with settings tuned on ``task.train`` alone; the table goes in ``entry``."""
+def marked_positions(test: ImageSet, n: int, seed: int) -> list[int]:
+    """Positions of ``n`` defective and ``n`` good test images drawn at random (``seed``), sorted. The draws are
+    nested: the images marked for a smaller ``n`` are among those for a larger one."""
+    rng = np.random.default_rng([seed, 3])
+    labels = test.labels
+    chosen = []
+    for label in (1, 0):
+        members = np.flatnonzero(labels == label)
+        if len(members) <= n:
+            raise ValueError(f"--labelled {n} needs more than {n} {'defective' if label else 'good'} test images, "
+                             f"the test set has {len(members)}")
+        chosen.extend(int(i) for i in rng.permutation(members)[:n])
+    return sorted(chosen)
+
+
+def split_marked(test: ImageSet, n: int, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(evidence, rest): the :func:`marked_positions` images as marked evidence, and every other test image,
+    which alone is evaluated."""
+    chosen = marked_positions(test, n, seed)
+    rest = sorted(set(range(len(test))) - set(chosen))
+    return test.subset(chosen), test.subset(rest)
+
+
+def _tuned(detector: Detector, task: BenchTask, entry: dict[str, Any], options: BenchOptions,
+           cancel: CancelFn | None, marked: ImageSet | None = None) -> Detector:
+    """A detector of the same method with settings tuned on ``task.train`` (and ``marked`` evidence, if any);
+    the table goes in ``entry``."""
     from core.tuning import tune_spade
 
-    result = tune_spade(task.train, base=detector.settings, seed=detector.settings.seed, cancel=cancel)
+    result = tune_spade(task.train, base=detector.settings, seed=detector.settings.seed, cancel=cancel,
+                        audit=options.audit, marked=marked)
     entry["tuning"] = result.summary()
     entry["tune_s"] = result.seconds
     tuned = type(detector)(result.settings)
@@ -396,6 +428,20 @@ def _segmentation(
         result["ablation_resolution"] = f"{size.crop}x{size.crop} map"
     result["seconds_per_image"] = seconds / len(task.test)
     return np.asarray(scores, dtype=np.float64), result, seconds
+
+
+def segmentation_figures(images: ImageSet, scores: np.ndarray, maps: np.ndarray, size: ImageSize,
+                         keep: Sequence[int] | None = None) -> dict[str, float]:
+    """Image AUROC, and pixel AUROC and PRO at the images' original resolution, of the images at positions
+    ``keep`` (None = all) from (N,) scores and (N, crop, crop) maps of ``images`` (as ``bench`` reports them)."""
+    keep = list(range(len(images))) if keep is None else list(keep)
+    subset = images.subset(keep)
+    figures = {"image_auroc": image_auroc(subset.labels, np.asarray(scores)[keep])}
+    if any(item.has_mask for item in subset):
+        originals, resampled = _at_original_size(subset, maps[keep], size)
+        found = segmentation_metrics(originals, resampled)
+        figures.update(pixel_auroc=found.pixel_auroc, pro=found.pro)
+    return figures
 
 
 def _at_original_size(
@@ -444,6 +490,8 @@ def run_bench(
     template = factory(options)  # validates params before any data is read
     if options.tune and not isinstance(template.settings, SpadeSettings):
         raise ValueError(f"--tune chooses SPADE's settings; method {method!r} has none to tune")
+    if options.labelled and not options.tune:
+        raise ValueError("--labelled gives the tuner marked evidence: it needs --tune")
     tasks = load_tasks(dataset, classes, max_train, max_test, options.seed)
     settings = template.settings
     feature_settings: FeatureSettings | None = getattr(settings, "features", None)
@@ -479,7 +527,12 @@ def run_bench(
             score_s += time.perf_counter() - start
         else:
             if options.tune:
-                detector = _tuned(detector, task, entry, cancel)
+                marked = None
+                if options.labelled:
+                    marked, rest = split_marked(task.test, options.labelled, options.seed)
+                    task, labels = BenchTask(task.name, task.train, rest), rest.labels
+                    entry.update(n_test=len(rest), n_marked=len(marked), marked=list(marked.names))
+                detector = _tuned(detector, task, entry, options, cancel, marked)
             start = time.perf_counter()
             if adapting:  # PANDA: the labelled test set only feeds its per-epoch curves
                 detector.fit(task.train, phase(f"fit {task.name}"), cancel, test=task.test)
@@ -529,7 +582,7 @@ def run_bench(
         "options": {
             "seed": options.seed, "max_train": max_train, "max_test": max_test,
             "classes": list(classes) if classes else None, "params": dict(options.params),
-            "epochs": options.epochs, "outliers": options.outliers,
+            "epochs": options.epochs, "outliers": options.outliers, "labelled": options.labelled,
         },
         "results": results,
         "mean_image_auroc": float(np.mean([r["image_auroc"] for r in results])),

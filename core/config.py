@@ -16,12 +16,16 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from core.backbones import DEFAULT_BACKBONE
+from core.backbones import DEFAULT_BACKBONE, get_spec, list_backbones, require_device, usable_device
 from core.knn import KNN_METRICS
+
+
+ASPECTS = {"stretch": "squash", "pad": "keep (letterbox)"}
+"""How an image becomes the square a backbone reads (``FeatureSettings.aspect``), name -> label."""
 
 
 @dataclass(frozen=True)
@@ -53,12 +57,40 @@ class FeatureSettings:
     precision: str = "auto"
 
     def __post_init__(self) -> None:
-        _check_choice("aspect", self.aspect, ("stretch", "pad"))
-        if self.tile < 0:
-            raise ValueError(f"tile must be 0 (never tile) or a positive side in pixels, got {self.tile}")
+        _check_choice("aspect", self.aspect, ASPECTS)
+        _check_geometry(self)
+        # A device this machine lacks (a model fitted on a GPU, loaded on a laptop) becomes the best one
+        # here, with a note; a device asked for on a command line was already refused (require_device).
+        object.__setattr__(self, "device", usable_device(self.device))
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+MAX_INPUT_SIDE = 4096
+"""Largest resize, crop and tile side: one 4096² image is 200 MB as a float tensor before the backbone
+multiplies it (20,000² asked for 4.5 GB per image). Larger images are resized down to the geometry."""
+
+
+def _check_geometry(features: FeatureSettings) -> None:
+    """Refuse, when settings are made (fitting, or loading a model file), a geometry no machine can run."""
+    from core.tiling import ALIGN
+
+    for name in ("resize", "crop"):
+        value = getattr(features, name)
+        if value is not None and not 1 <= value <= MAX_INPUT_SIDE:
+            raise ValueError(f"{name} must be between 1 and {MAX_INPUT_SIDE} pixels (or none: the backbone's), "
+                             f"got {value}")
+    if features.resize is not None and features.crop is not None and features.crop > features.resize:
+        raise ValueError(f"crop ({features.crop}) cannot be larger than resize ({features.resize})")
+    if features.crop is not None and features.resize is None and features.backbone in list_backbones():
+        spec = get_spec(features.backbone)  # crop alone keeps the backbone's resize/crop ratio (image_size_for)
+        if features.crop * spec.resize_size / spec.input_size > MAX_INPUT_SIDE + 0.5:
+            raise ValueError(f"crop {features.crop} resizes images to more than {MAX_INPUT_SIDE} pixels "
+                             f"({spec.name}'s ratio {spec.resize_size}/{spec.input_size}); set resize as well")
+    if features.tile and not (ALIGN <= features.tile <= MAX_INPUT_SIDE and features.tile % ALIGN == 0):
+        raise ValueError(f"tile must be 0 (never tile) or a multiple of {ALIGN} pixels up to {MAX_INPUT_SIDE}, "
+                         f"got {features.tile}")
+
+
+def _check_choice(name: str, value: str, choices: Collection[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
@@ -254,9 +286,12 @@ def paper_panda_settings() -> PandaSettings:
                          ewc_lambda=1e4)
 
 
-SPADE_GALLERIES = ("exact", "kmeans", "ivf-flat", "ivf-pq", "auto")
+SPADE_GALLERIES = ("exact", "kmeans", "ivf-flat", "ivf-pq", "gaussian", "auto")
 SPADE_COMBINATIONS = ("sum", "concat")
-SPADE_IMAGE_SCORES = ("dn2", "max", "topk", "mix")
+SPADE_IMAGE_SCORES = ("dn2", "max", "topk", "mix", "fused")
+"""SPADE's image-level rules (see ``core.detectors.spade.image_score``); the one list the detector, the tuner and
+the pages read."""
+SPADE_POOLED = ("dn2", "model")
 
 
 @dataclass(frozen=True)
@@ -277,7 +312,9 @@ class SpadeSettings:
     0 = about √pixels; ``ivf_probe`` searched per query), IVF-PQ compressing each pixel to
     channels / ``pq_dims`` one-byte codes (``top_images`` unused); "auto": "exact" when its
     float16 gallery fits ``max_gallery_bytes``, else "ivf-pq" (IVF-Flat, float32, is never
-    smaller than the float16 exact gallery).
+    smaller than the float16 exact gallery); "gaussian": no search, a Gaussian per cell of the
+    normal images (PaDiM's model) and each pixel's Mahalanobis distance to its own cell's: for
+    lines whose parts sit in the same place in every image.
     ``patch_pixels``: average each stage's features over a neighbourhood about this
     many input pixels wide before the search (an odd number of cells: 5 at stride 4,
     3 at stride 8, 1 at stride 16 for 24); 0 = the paper's single-cell features. The
@@ -323,6 +360,15 @@ class SpadeSettings:
     # ranking boards (synthetic image AUROC 0.853 against 0.834), so the two may differ.
     image_sigma: float | None = None
     image_k: int = 2
+    # Where the pooled image evidence (the "dn2" rule, the pooled half of "mix" and "fused", and the K nearest
+    # images of an exact gallery) is read: "dn2" = at the backbone's own geometry (256 -> 224 centre crop: the
+    # DN2 detector's score exactly), one more backbone pass per image when the model's input differs;
+    # "model" = pooled over the model's own input (no extra pass; models saved before this setting).
+    pooled: str = "model"
+    # Nuisance copies (core.nuisance: the normal images' own brightness, contrast and focus spread, a small shift
+    # and turn) of each calibration image join the normal scores the image threshold is placed on, so normal
+    # variation the fit set did not show does not raise the false-positive rate; 0 = none.
+    nuisance_copies: int = 0
     target_fpr: float = 0.05
     pixel_fpr: float = 0.01
     calibration_images: int = 16
@@ -334,6 +380,7 @@ class SpadeSettings:
         _check_choice("gallery", self.gallery, SPADE_GALLERIES)
         _check_choice("combine", self.combine, SPADE_COMBINATIONS)
         _check_choice("image_score", self.image_score, SPADE_IMAGE_SCORES)
+        _check_choice("pooled", self.pooled, SPADE_POOLED)
         if not self.strides:
             raise ValueError("strides must name at least one stage stride")
         for name in ("k", "n_means", "image_k", "calibration_images", "max_gallery_bytes", "cache_mb",
@@ -341,6 +388,8 @@ class SpadeSettings:
             _check_positive(name, getattr(self, name))
         if self.ivf_lists < 0:
             raise ValueError(f"ivf_lists must be 0 (about √pixels) or positive, got {self.ivf_lists}")
+        if self.nuisance_copies < 0:
+            raise ValueError(f"nuisance_copies must be 0 or more, got {self.nuisance_copies}")
         if self.top_images < 0:
             raise ValueError(f"top_images must be 0 (every normal image) or positive, got {self.top_images}")
         if self.patch_pixels < 0:
@@ -352,6 +401,11 @@ class SpadeSettings:
         _check_fraction("target_fpr", self.target_fpr)
         _check_fraction("pixel_fpr", self.pixel_fpr)
 
+
+MethodSettings = DN2Settings | GaussianSettings | PandaSettings | SpadeSettings
+"""The settings of any registered method (``core.detectors.METHODS`` names each one's type)."""
+
+Settings = TypeVar("Settings", DN2Settings, GaussianSettings, PandaSettings, SpadeSettings)
 
 # --------------------------------------------------------------------------- building settings
 
@@ -410,31 +464,43 @@ def apply_params(settings: Any, params: Mapping[str, str]) -> Any:
     the valid ones.
     """
     for key, text in params.items():
-        settings = _apply_one(settings, key.split("."), str(text), key)
-    return settings
+        if key.split(".")[-1] == "device" and str(text).strip().lower() not in ("none", "null", ""):
+            require_device(str(text).strip(), f"--param {key}")  # asked for by name: it must exist here
+    return _apply_all(settings, [(key.split("."), str(text), key) for key, text in params.items()])
 
 
-def _apply_one(settings: Any, path: list[str], text: str, key: str) -> Any:
+def _apply_all(settings: Any, changes: list[tuple[list[str], str, str]]) -> Any:
+    """``settings`` with every ``(path, text, key)`` change applied in one replace per settings group.
+
+    One replace, not one per key: fields checked together (crop <= resize) must not be refused
+    half-way, e.g. ``features.resize=64`` before ``features.crop=64`` when the default crop is 256.
+    """
     hints = typing.get_type_hints(type(settings))
     names = [f.name for f in dataclasses.fields(settings)]
-    name = path[0]
-    if name not in names:
-        valid = ", ".join(param_names(settings))
-        raise ParamError(f"unknown setting {key!r} for {type(settings).__name__}; valid: {valid}")
-    current = getattr(settings, name)
-    if len(path) > 1:
-        if not dataclasses.is_dataclass(current):
-            raise ParamError(f"unknown setting {key!r}: {name} has no sub-settings")
-        return dataclasses.replace(settings, **{name: _apply_one(current, path[1:], text, key)})
-    if dataclasses.is_dataclass(current):
-        example = dataclasses.fields(current)[0].name
-        raise ParamError(f"setting {key!r} is a group; set its fields, e.g. {key}.{example}=...")
+    values: dict[str, Any] = {}
+    groups: dict[str, list[tuple[list[str], str, str]]] = {}
+    for path, text, key in changes:
+        name = path[0]
+        if name not in names:
+            valid = ", ".join(param_names(settings))
+            raise ParamError(f"unknown setting {key!r} for {type(settings).__name__}; valid: {valid}")
+        current = getattr(settings, name)
+        if len(path) > 1:
+            if not dataclasses.is_dataclass(current):
+                raise ParamError(f"unknown setting {key!r}: {name} has no sub-settings")
+            groups.setdefault(name, []).append((path[1:], text, key))
+        elif dataclasses.is_dataclass(current):
+            example = dataclasses.fields(current)[0].name
+            raise ParamError(f"setting {key!r} is a group; set its fields, e.g. {key}.{example}=...")
+        else:
+            values[name] = _convert(text, hints[name], key)
+    for name, group in groups.items():
+        values[name] = _apply_all(getattr(settings, name), group)
     try:
-        return dataclasses.replace(settings, **{name: _convert(text, hints[name], key)})
-    except ParamError:
-        raise
+        return dataclasses.replace(settings, **values)
     except (TypeError, ValueError) as error:  # the settings' own validation
-        raise ParamError(f"--param {key}={text!r}: {error}") from error
+        given = ", ".join(f"--param {key}={text!r}" for path, text, key in changes if len(path) == 1)
+        raise ParamError(f"{given or type(settings).__name__}: {error}") from error
 
 
 def param_names(settings: Any, prefix: str = "") -> list[str]:
@@ -450,8 +516,8 @@ def param_names(settings: Any, prefix: str = "") -> list[str]:
 
 
 def settings_for(
-    settings_type: type,
-    base: Any = None,
+    settings_type: type[Settings],
+    base: Settings | None = None,
     *,
     backbone: str | None = None,
     weights: str | None = None,
@@ -460,15 +526,19 @@ def settings_for(
     seed: int | None = None,
     values: Mapping[str, Any] | None = None,
     params: Mapping[str, str] | None = None,
-) -> Any:
-    """Settings of ``settings_type`` (or a copy of ``base``) with the shared options applied.
+) -> Settings:
+    """Settings of ``settings_type`` (or a copy of ``base``) with the shared options applied: the one builder.
 
     ``backbone``/``weights``/``device``/``batch_size``/``seed``: None keep the
     method's default. ``values``: typed field values (``{"k": 3}``), for
     callers that hold them already (the dashboard's widgets); ``params``:
     ``key=value`` strings from a command line (:func:`apply_params`), applied last.
+    The CLI (``fit``, ``segment``, ``tune``), the benchmarks and the dashboard's
+    pages all build settings here; a method's type is ``METHODS[name].settings_type``.
     """
     settings = base if base is not None else settings_type()
+    if device is not None:
+        require_device(device, "device")
     features = getattr(settings, "features", None)
     if isinstance(features, FeatureSettings):
         changes = {name: value for name, value in (("backbone", backbone), ("weights", weights), ("device", device),

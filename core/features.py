@@ -170,17 +170,6 @@ def select_features(features: Features, indices: Sequence[int] | np.ndarray) -> 
     return Features(maps={name: value[index] for name, value in features.maps.items()}, pooled=features.pooled[index])
 
 
-def concat_features(parts: Sequence[Features]) -> Features:
-    """Features of several sets one after the other (same stages in each)."""
-    if not parts:
-        raise ValueError("nothing to concatenate")
-    names = list(parts[0].maps)
-    return Features(
-        maps={name: torch.cat([part.maps[name] for part in parts]) for name in names},
-        pooled=torch.cat([part.pooled for part in parts]),
-    )
-
-
 # --------------------------------------------------------------------------- model identity
 
 

@@ -618,3 +618,16 @@ def to_display(image: np.ndarray, max_side: int = 512) -> np.ndarray:
     scale = max_side / longest
     target = (max(1, round(height * scale)), max(1, round(width * scale)))
     return cv2.resize(image, (target[1], target[0]), interpolation=cv2.INTER_AREA)
+
+
+def as_model_sees(image: np.ndarray, size: ImageSize, side: int) -> np.ndarray:
+    """The part of an ``(H, W, 3)`` uint8 image a model of geometry ``size`` sees (resize and crop, or the
+    letterbox), as uint8 ``(side, side, 3)``: the picture a heatmap of that model lies on."""
+    crop = (preprocess(image, size).transpose(1, 2, 0) * 255.0).round().astype(np.uint8)
+    return cv2.resize(crop, (side, side), interpolation=cv2.INTER_LINEAR)
+
+
+def mask_as_model_sees(mask: np.ndarray, size: ImageSize, side: int) -> np.ndarray:
+    """An ``(H, W)`` bool defect mask cut like :func:`as_model_sees`, as bool ``(side, side)``."""
+    crop = preprocess_mask(mask, size).astype(np.uint8)
+    return cv2.resize(crop, (side, side), interpolation=cv2.INTER_NEAREST).astype(bool)

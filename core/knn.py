@@ -44,8 +44,9 @@ def as_float32(features: np.ndarray | torch.Tensor, name: str = "features") -> n
     return array
 
 
-KNN_METRICS = ("euclidean", "cosine")
-"""``euclidean``: the papers' distance. ``cosine``: the same search on unit-length vectors."""
+KNN_METRICS = {"euclidean": "Euclidean (paper)", "cosine": "Cosine (direction only)"}
+"""The kNN distances, name -> label: ``euclidean`` is the papers' distance; ``cosine`` the same search on
+unit-length vectors. The one list: settings check against it, pages offer it."""
 
 
 def check_metric(metric: str) -> str:

@@ -20,6 +20,13 @@ from pathlib import Path
 
 ROOTS_ENV = "ANOMALY_FOLDER_ROOTS"
 ANY_FOLDER = "*"
+WORKSPACE_ENV = "ANOMALY_WORKSPACE"
+
+
+def default_workspace() -> Path:
+    """``$ANOMALY_WORKSPACE`` when set, else ``~/.anomaly-workspace``."""
+    configured = os.environ.get(WORKSPACE_ENV)
+    return Path(configured).expanduser() if configured else Path.home() / ".anomaly-workspace"
 
 
 class FolderNotAllowed(ValueError):
@@ -34,8 +41,6 @@ def folder_roots() -> tuple[Path, ...] | None:
     if configured:
         roots = [Path(part).expanduser() for part in configured.split(os.pathsep) if part.strip()]
     else:
-        from core.store import default_workspace
-
         roots = [Path.home(), default_workspace()]
     return tuple(root.resolve() for root in roots)
 

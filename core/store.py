@@ -39,13 +39,13 @@ from typing import Any
 
 import numpy as np
 
+from core.paths import WORKSPACE_ENV, default_workspace  # noqa: F401  (where the workspace lives)
 from core.datasets import ImageItem, ImageSet, Problem
 from core.datasets.uploads import plan_upload
 from core.images import ImageError, decode_image, decode_mask
 from core.npz_io import atomic_write
 from core.progress import CancelFn, ProgressFn, check_cancel, report_progress
 
-WORKSPACE_ENV = "ANOMALY_WORKSPACE"
 ROLES = ("normal", "test", "outlier")
 VERDICTS = ("normal", "anomalous", "unsure")
 RUN_STATUSES = ("running", "finished", "stopped", "failed")
@@ -112,12 +112,6 @@ CREATE TABLE IF NOT EXISTS preferences (
     PRIMARY KEY (project_id, key)
 );
 """
-
-
-def default_workspace() -> Path:
-    """``$ANOMALY_WORKSPACE`` when set, else ``~/.anomaly-workspace``."""
-    configured = os.environ.get(WORKSPACE_ENV)
-    return Path(configured).expanduser() if configured else Path.home() / ".anomaly-workspace"
 
 
 @dataclass(frozen=True)
@@ -216,6 +210,24 @@ class StoreError(RuntimeError):
     """A workspace operation that cannot be done (unknown project, bad verdict, ...)."""
 
 
+class WorkspaceDatabaseError(StoreError):
+    """The workspace database cannot be used: damaged, not a database, read-only, or missing beside
+    the images and models of an existing workspace. The message names the file and what to do."""
+
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+_WHAT_TO_DO = "restore it from a backup, or choose another workspace folder"
+
+
+def _holds_workspace_files(*folders: Path) -> bool:
+    """Whether any of ``folders`` holds a file (stops at the first one: cheap on a large workspace)."""
+    for folder in folders:
+        for _, _, files in os.walk(folder):
+            if files:
+                return True
+    return False
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -277,9 +289,44 @@ class Workspace:
         self.root.mkdir(parents=True, exist_ok=True)
         self.objects.mkdir(exist_ok=True)
         self.models_dir.mkdir(exist_ok=True)
+        self._check_database_file()
         with self._connect() as connection:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.executescript(_SCHEMA)
+        self.check()
+
+    def _check_database_file(self) -> None:
+        """Refuse a database file that is not SQLite, or an empty/missing one beside an existing workspace's
+        files: opening it would start an empty workspace over them, their images and models unreferenced."""
+        try:
+            with open(self.database, "rb") as stream:
+                start = stream.read(len(_SQLITE_HEADER))
+        except FileNotFoundError:
+            start = b""
+        except OSError as error:
+            raise WorkspaceDatabaseError(f"{self.database}: the workspace database cannot be read "
+                                         f"({error.strerror or error}); {_WHAT_TO_DO}") from None
+        if not start and _holds_workspace_files(self.objects, self.models_dir):
+            state = "is empty (0 bytes)" if self.database.exists() else "is missing"
+            raise WorkspaceDatabaseError(
+                f"{self.database}: the workspace database {state}, but {self.root} holds the images and models of "
+                f"a workspace; a new database would leave them unlisted: {_WHAT_TO_DO} (an empty folder starts a "
+                f"new workspace)")
+        if start and start != _SQLITE_HEADER:
+            raise WorkspaceDatabaseError(f"{self.database}: not an SQLite database (damaged or replaced); {_WHAT_TO_DO}")
+
+    def check(self, writable: bool = True) -> None:
+        """Raise :class:`WorkspaceDatabaseError` unless the database can be read (and, with ``writable``,
+        written: that waits for another process's write transaction to end). Cheap: nothing is scanned."""
+        with self._connect() as connection:
+            connection.execute("SELECT count(*) FROM projects").fetchone()
+            if not writable:
+                return
+            connection.execute("BEGIN IMMEDIATE")
+            try:  # a write that changes nothing: refused by a read-only file or folder
+                connection.execute("DELETE FROM preferences WHERE 0")
+            finally:
+                connection.execute("ROLLBACK")
 
     def __repr__(self) -> str:
         return f"Workspace({str(self.root)!r})"
@@ -288,13 +335,22 @@ class Workspace:
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         # Autocommit mode plus explicit BEGIN in _transaction: reads never hold a lock.
-        connection = sqlite3.connect(self.database, timeout=30, isolation_level=None)
-        connection.row_factory = sqlite3.Row
-        connection.execute("PRAGMA foreign_keys=ON")
+        connection = None
         try:
+            connection = sqlite3.connect(self.database, timeout=30, isolation_level=None)
+            connection.row_factory = sqlite3.Row
+            connection.execute("PRAGMA foreign_keys=ON")
             yield connection
+        except sqlite3.IntegrityError:
+            raise  # a constraint: the callers turn it into their own message
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as error:
+            # Damaged (text that is not UTF-8 included), read-only, locked for too long...: name the file,
+            # never a bare sqlite3 traceback.
+            raise WorkspaceDatabaseError(f"{self.database}: the workspace database cannot be used ({error}); "
+                                         f"{_WHAT_TO_DO}") from error
         finally:
-            connection.close()
+            if connection is not None:
+                connection.close()
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

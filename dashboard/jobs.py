@@ -35,18 +35,21 @@ class Progress:
 class Job:
     """One piece of background work: ``work(job)`` runs in a daemon thread.
 
-    ``work`` reports with :meth:`report` (or :meth:`progress_for` callables
-    handed to ``core``), checks :meth:`cancelled`, and returns a result.
+    ``work`` reports with :meth:`report`, checks :meth:`cancelled`, and
+    returns a result.
     Status: ``running`` -> ``finished`` | ``stopped`` | ``failed``.
     """
 
     def __init__(self, title: str, work: Callable[["Job"], Any], project_id: int | None = None,
-                 topic: str = "") -> None:
+                 topic: str = "", subject: str | None = None) -> None:
         self.title = title
         self.project_id = project_id
         # What the job is about (e.g. "detect", "segment"): a page shows the jobs of its own topics only,
         # so the Segment page never reports a Gaussian fit started on Detect.
         self.topic = topic
+        # The one thing it works on, where a page must tell it from others of its kind (a scoring run's
+        # folder: the live run is drawn by the job panel, interrupted ones offer Resume).
+        self.subject = subject
         self.started = time.time()
         self.finished_at: float | None = None
         self.result: Any = None
@@ -62,11 +65,6 @@ class Job:
     def report(self, done: int, total: int, stage: str | None = None) -> None:
         with self._lock:
             self._progress = Progress(done, total, stage if stage is not None else self._progress.stage)
-
-    def progress_for(self, stage: str) -> Callable[[int, int], None]:
-        """A ``core.progress.ProgressFn`` that labels its updates with ``stage``."""
-        self.report(0, 0, stage)
-        return lambda done, total: self.report(done, total, stage)
 
     def cancelled(self) -> bool:
         return self._stop.is_set()

@@ -13,16 +13,22 @@ on the same project see it running and stop it.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import streamlit as st
 
-from core.store import Project, Workspace, default_workspace
+from core.config import SpadeSettings
+from core.store import ImportReport, Project, Workspace, WorkspaceDatabaseError, default_workspace
 from dashboard.jobs import Job
+
+if TYPE_CHECKING:
+    from core.detectors import Detector
+    from core.detectors.spade import Explanation, SpadeDetector
 
 PROCESS_STARTED = time.time()
 
@@ -40,14 +46,54 @@ SEGMENT_METRICS = "segment_metrics"  # dict[(model, stages, sigma), (pixel AUROC
 MAPS_AUTO_LOADED = "maps_auto_loaded"  # set[model_id]: saved heatmaps this session already tried to load by itself
 WATCHED_JOBS = "watched_jobs"  # set[str]: job panels that saw their job running (to rerun once it ends)
 MODELS_SEEN = "models_seen"  # dict[picker key, model id]: the project's current model when that picker last looked
+DRAWN_PICKERS = "model_picker_widgets"  # dict[picker key, widget key]: the widget each model picker was drawn with last
+
+# Widget keys whose values a page reads or sets outside the widget (a widget's key is its session_state key).
+PICKER_WIDGET = "{picker}-{newest}"  # a model picker's selectbox: a new one whenever a newer model joins the list
+THRESHOLD_WIDGET = "threshold-{model_id}-{n_scores}"  # Detect's threshold slider (more scores may widen its range)
 VERDICT_WIDGET = "verdict-{image_id}"  # the Review page's verdict radio for one image
 NOTE_WIDGET = "note-{image_id}"  # the Review page's note box for one image
+OVERLAY_RUNS_WIDGET = "compare-runs"  # the Adapt page's "Overlay runs" multiselect
 
 
-def _session_default(key: str, factory):
+def _session_default(key: str, factory: Callable[[], Any]) -> Any:
     if key not in st.session_state:
         st.session_state[key] = factory()
     return st.session_state[key]
+
+
+# ---------------------------------------------------------------------- widget values
+def widget_value(key: str) -> Any:
+    """The value the widget ``key`` holds (None before it is drawn): what a page reads in an ``on_change``."""
+    return st.session_state.get(key)
+
+
+def set_widget_value(key: str, value: Any) -> None:
+    """Set a widget's value before it is drawn in this run (or from a button's callback)."""
+    st.session_state[key] = value
+
+
+def default_widget_values(defaults: Mapping[str, Any]) -> None:
+    """Give widgets their first values once per session (later runs keep what the user chose)."""
+    for key, value in defaults.items():
+        st.session_state.setdefault(key, value)
+
+
+def set_widget_values(values: Mapping[str, Any]) -> None:
+    """Set several widgets at once (a preset button's callback)."""
+    st.session_state.update(values)
+
+
+def follow_store(key: str, stored: Any, shown: Any) -> str:
+    """Widget ``key``, made to show ``shown`` whenever it does not hold the store's value ``stored``.
+
+    The store is the truth: another browser, or a button, may have changed the
+    value since this session drew the widget. ``shown`` is ``stored`` as the
+    widget can show it (e.g. clamped to a slider's range). Returns ``key``.
+    """
+    if st.session_state.get(key) != stored:
+        st.session_state[key] = shown
+    return key
 
 
 # ---------------------------------------------------------------------- workspace and project
@@ -65,15 +111,27 @@ def workspace_path() -> str:
 
 
 def set_workspace_path(folder: str) -> Workspace:
-    """Switch this session to another workspace folder (created if missing); raises OSError."""
-    workspace = _open_workspace(str(Path(folder).expanduser().resolve()))
+    """Switch this session to another workspace folder (created if missing); raises OSError (the session
+    keeps its workspace when the new one's database is damaged)."""
+    try:
+        workspace = _open_workspace(str(Path(folder).expanduser().resolve()))
+    except WorkspaceDatabaseError as error:
+        raise OSError(str(error)) from error
     st.session_state[WORKSPACE_PATH] = str(workspace.root)
     st.session_state[PROJECT_ID] = None
     return workspace
 
 
 def workspace() -> Workspace:
-    return _open_workspace(workspace_path())
+    """The session's workspace; when its database cannot be used, a message naming the file and what to do,
+    and the page stops there (every page would fail on it), leaving the folder field to choose another."""
+    try:
+        opened = _open_workspace(workspace_path())
+        opened.check(writable=False)  # damaged since it was opened (a read: never waits for a running job)
+    except (WorkspaceDatabaseError, OSError) as error:
+        st.error(f"This workspace cannot be opened. {error}", icon=":material/database:")
+        st.stop()
+    return opened
 
 
 def project_id() -> int | None:
@@ -143,10 +201,12 @@ def job_running(kind: str, project: int | None = None) -> bool:
     return project is not None and _others_running(kind, project) is not None
 
 
-def start_job(kind: str, title: str, work, project: int, topic: str = "") -> Job | None:
+def start_job(kind: str, title: str, work: Callable[[Job], object], project: int, topic: str = "",
+              subject: str | None = None) -> Job | None:
     """Start ``work(job)`` in the background unless this session already runs a job of that kind.
 
-    ``topic`` says which pages report it (see ``components.jobs.job_panel``).
+    ``topic`` says which pages report it (see ``components.jobs.job_panel``); ``subject`` is
+    what it works on (:attr:`Job.subject`).
     """
     if job_running(kind):
         flash("warning", f"“{jobs()[kind].title}” is still running: wait for it or stop it first.")
@@ -157,7 +217,7 @@ def start_job(kind: str, title: str, work, project: int, topic: str = "") -> Job
                          "running: wait for it or stop it first.")
         return None
     jobs()[kind] = _shared_jobs()[(workspace_path(), project, kind)] = Job(title, work, project_id=project,
-                                                                         topic=topic)
+                                                                         topic=topic, subject=subject)
     return jobs()[kind]
 
 
@@ -194,6 +254,23 @@ def set_model_seen(picker: str, model_id: int | None) -> None:
     _session_default(MODELS_SEEN, dict)[picker] = model_id
 
 
+def picker_widget(picker: str, ids: Sequence[int]) -> str:
+    """The widget key of model picker ``picker`` over models ``ids``, recorded as the one it was drawn with last.
+
+    A new key per newest model: when a fit adds a model, a real browser still
+    sends the previous widget's choice back once, and only the widget drawn
+    last may change the current model (:func:`is_drawn_picker`).
+    """
+    widget = PICKER_WIDGET.format(picker=picker, newest=max(ids))
+    _session_default(DRAWN_PICKERS, dict)[picker] = widget
+    return widget
+
+
+def is_drawn_picker(picker: str, widget: str) -> bool:
+    """Whether ``widget`` is the one model picker ``picker`` was drawn with last (not a stale widget's callback)."""
+    return _session_default(DRAWN_PICKERS, dict).get(picker) == widget
+
+
 def review_position(model_id: int) -> int | None:
     """The image id the reviewer was at for this model: this session's, else the saved one."""
     positions = _session_default(REVIEW_POSITION, dict)
@@ -211,11 +288,11 @@ def set_review_position(model_id: int, image_id: int) -> None:
         workspace().set_preference(project, f"review_position/{model_id}", image_id)
 
 
-def set_last_import(what: str, report: Any) -> None:
+def set_last_import(what: str, report: ImportReport) -> None:
     st.session_state[LAST_IMPORT] = (what, report)
 
 
-def take_last_import() -> tuple[str, Any] | None:
+def take_last_import() -> tuple[str, ImportReport] | None:
     return st.session_state.pop(LAST_IMPORT, None)
 
 
@@ -234,7 +311,6 @@ PANDA_FORM = {  # PandaSettings value (core.projects.adaptation.FORM_FIELDS) -> 
     "early_rule": "panda-early-rule", "keep_rule": "panda-keep-rule", "ewc_lambda": "panda-lambda",
     "ewc_step": "panda-ewc-step",
 }
-COMPARE_RUNS = "compare-runs"  # list[run id]: the runs the Adapt page overlays (its multiselect widget)
 
 
 def panda_form_start(values: dict[str, Any]) -> None:
@@ -253,21 +329,21 @@ def panda_form() -> dict[str, Any]:
     return {name: st.session_state.get(key) for name, key in PANDA_FORM.items()}
 
 
-def overlay_runs(ids: list[int], finished: set[int]) -> list[int]:
-    """The runs to overlay: runs finished since this session last looked join (selected, newest first), the
-    user's earlier choice stays; the first time, the three newest."""
+def overlay_runs_widget(ids: Sequence[int], finished: set[int]) -> str:
+    """The Adapt page's "Overlay runs" widget key, its choice updated: runs that finished since this session
+    last looked join it, selected (newest first); at first the three newest runs are."""
     seen = st.session_state.get(OVERLAY_SEEN)
-    if COMPARE_RUNS not in st.session_state:
-        chosen = ids[:3]
+    if OVERLAY_RUNS_WIDGET not in st.session_state:
+        st.session_state[OVERLAY_RUNS_WIDGET] = list(ids[:3])
     else:
         fresh = [i for i in ids if i in finished and seen is not None and i not in seen]
-        chosen = fresh + [i for i in st.session_state[COMPARE_RUNS] if i in ids and i not in fresh]
-    st.session_state[COMPARE_RUNS] = chosen
+        kept = [i for i in st.session_state[OVERLAY_RUNS_WIDGET] if i in ids and i not in fresh]
+        st.session_state[OVERLAY_RUNS_WIDGET] = fresh + kept
     st.session_state[OVERLAY_SEEN] = finished
-    return chosen
+    return OVERLAY_RUNS_WIDGET
 
 
-def segment_metrics() -> dict:
+def segment_metrics() -> dict[tuple[int, tuple[str, ...], float], tuple[float, float]]:
     return _session_default(SEGMENT_METRICS, dict)
 
 
@@ -305,19 +381,18 @@ def display_image(path: str, side: int) -> np.ndarray:
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
-def model_view(path: str, resize: int, crop: int, is_mask: bool = False) -> np.ndarray:
-    """The part of a workspace image (or mask) a model saw, at the heatmap panels' size; decoded once."""
-    from core.images import ImageSize, decode_image, decode_mask
-    from dashboard.components import heatmap
+def model_view(path: str, resize: int, crop: int, pad: bool, side: int, is_mask: bool = False) -> np.ndarray:
+    """The part of a workspace image (or mask) a model saw, ``side`` pixels square; decoded once."""
+    from core.images import ImageSize, as_model_sees, decode_image, decode_mask, mask_as_model_sees
 
-    size = ImageSize(resize, crop)
+    size = ImageSize(resize, crop, pad)
     if is_mask:
-        return heatmap.mask_for_display(decode_mask(path), size)
-    return heatmap.crop_for_display(decode_image(path), size)
+        return mask_as_model_sees(decode_mask(path), size, side)
+    return as_model_sees(decode_image(path), size, side)
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
-def detector(workspace_folder: str, model_id: int, model_file: str):
+def detector(workspace_folder: str, model_id: int, model_file: str) -> Detector:
     """A saved model loaded once per process. ``model_file`` is part of the key so a replaced file reloads."""
     from core.detectors import load_detector
 
@@ -332,15 +407,15 @@ class SegmentationCache:
     offers to compute them (one backbone pass) instead of blocking.
     """
 
-    detector: Any = None
+    detector: SpadeDetector | None = None
     image_ids: list[int] | None = None
     ready: bool = False
     # Fitted in this process: the detector still holds its normal pixels, so an exact nearest-normal
     # search costs no backbone pass (a model loaded from its file would re-read normal images).
     fitted_here: bool = False
     # (image index, stages, y, x, exact) -> Explanation: a σ or opacity move that keeps the peak costs nothing.
-    explanations: dict = field(default_factory=dict)
-    default_peaks: Any = None  # (N,) peak of each image's default heatmap: the page's stable ordering
+    explanations: dict[tuple[int, tuple[str, ...], int, int, bool], Explanation] = field(default_factory=dict)
+    default_peaks: np.ndarray | None = None  # (N,) peak of each image's default heatmap: the page's stable ordering
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -353,8 +428,20 @@ def segmentation(workspace_folder: str, project: int, model_id: int) -> Segmenta
     return SegmentationCache()
 
 
-def segmentation_ready(workspace_folder: str, project: int, model_id: int, detector: Any, image_ids: list[int],
-                       fitted_here: bool = False) -> None:
+def segmentation_covering(workspace_: Workspace, project: int, image_id: int) -> SegmentationCache | None:
+    """A SPADE model of this project whose heatmaps are in memory and cover the image, else None."""
+    from core.detectors import methods_with
+
+    for model in workspace_.models(project):
+        if model.method in methods_with(segmentation=True):
+            holder = segmentation(str(workspace_.root), project, model.id)
+            if holder.ready and image_id in holder.image_ids:
+                return holder
+    return None
+
+
+def segmentation_ready(workspace_folder: str, project: int, model_id: int, detector: SpadeDetector,
+                       image_ids: list[int], fitted_here: bool = False) -> None:
     """Called by the fitting/computing job (in its thread) when a detector's maps are ready."""
     holder = segmentation(workspace_folder, project, model_id)
     holder.detector, holder.image_ids, holder.default_peaks = detector, list(image_ids), None
@@ -373,7 +460,7 @@ def backbone_offline(name: str) -> bool:
         return False
 
 
-def start_segmentation_fit(workspace_: Workspace, project: int, backbone: str, settings: Any = None,
+def start_segmentation_fit(workspace_: Workspace, project: int, backbone: str, settings: SpadeSettings | None = None,
                            tune: bool = False) -> Job | None:
     """Fit SPADE in the background; its heatmaps land in :func:`segmentation` the moment they exist.
 
@@ -383,12 +470,13 @@ def start_segmentation_fit(workspace_: Workspace, project: int, backbone: str, s
     the base the tuner starts from: it chooses input size, aspect handling,
     stages, σ and the image score from the normal images first.
     """
+    from core.config import settings_for
     from dashboard import tasks
 
     folder = str(workspace_.root)
-    settings = settings if settings is not None else tasks.settings_for("spade", backbone)
+    settings = settings if settings is not None else settings_for(SpadeSettings, backbone=backbone)
 
-    def on_ready(model_id: int, found: Any, ids: list[int]) -> None:
+    def on_ready(model_id: int, found: SpadeDetector, ids: list[int]) -> None:
         segmentation_ready(folder, project, model_id, found, ids, True)  # fitted here: its normal pixels are in memory
 
     if tune:

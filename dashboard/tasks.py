@@ -1,21 +1,29 @@
 """The dashboard's background work: the demos, and ``core.projects``'s recipes run as jobs.
 
 Plain Python (no Streamlit), so it runs in a :class:`~dashboard.jobs.Job`
-thread and tests can call it directly. The recipes (fit, score, segment,
-adapt) are ``core.projects`` calls; here they only get the job's progress
-and Stop, and return the new model's id as the job's result.
+thread and tests can call it directly. The recipes (import, fit, score,
+segment, adapt) are ``core.projects`` calls; here they only get the job's
+progress and Stop, and return the new model's id as the job's result.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core import projects
-from core.datasets import read_class_folders, read_mvtec
+from core.config import MethodSettings, PandaSettings, SpadeSettings
+from core.detectors import Detector
 from core.store import ImportReport, Project, Workspace
 from dashboard.jobs import Job
+
+if TYPE_CHECKING:
+    from core.detectors.spade import SpadeDetector
+
+MapsReady = Callable[[int, "SpadeDetector", list[int]], None]
+"""``on_ready(model_id, detector, image_ids)``: a fit's test maps handed to the Segment page's cache."""
 
 DEMO_ROOT = Path(__file__).resolve().parents[1] / "assets" / "demo"
 
@@ -27,7 +35,7 @@ class Demo:
     title: str
     description: str
     folder: Path
-    layout: str  # "mvtec" or "classes"
+    layout: str  # a key of core.projects.LAYOUTS: "mvtec" or "classes"
     first_model: str  # "spade" where there are masks to segment, else "dn2"
     normal_class: str | None = None
 
@@ -63,40 +71,28 @@ DEMOS = {
 def import_demo(workspace: Workspace, key: str) -> tuple[Project, ImportReport]:
     """Create (or reuse) the demo's project and import its sets; importing twice adds nothing."""
     demo = DEMOS[key]
-    if demo.layout == "mvtec":
-        train, test = read_mvtec(demo.folder)
-    else:
-        train, test = read_class_folders(demo.folder, demo.normal_class)
     project = workspace.get_or_create_project(demo.project_name)
-    return project, workspace.import_sets(project.id, {"normal": train, "test": test})
+    return project, projects.import_folder(workspace, project.id, demo.folder, demo.layout, demo.normal_class)
 
 
 # ---------------------------------------------------------------------- core.projects, run as jobs
-# The recipes themselves live in core.projects (the CLI calls them too); here they only get the job's
-# progress and Stop, and return the new model's id as the job's result.
-settings_for = projects.settings_for
-stored_settings = projects.stored_settings
-
-
-DISTANCES = {"euclidean": "Euclidean (paper)", "cosine": "Cosine (direction only)"}
-"""The kNN distances DN2 and PANDA offer (``metric`` of their settings), as the pages label them."""
 
 
 def job_progress(job: Job) -> projects.StageProgress:
     return lambda stage, done, total: job.report(done, total, stage)
 
 
-def fit_and_score(workspace: Workspace, project_id: int, method: str, settings: Any, job: Job) -> int:
+def fit_and_score(workspace: Workspace, project_id: int, method: str, settings: MethodSettings, job: Job) -> int:
     """Fit ``method`` on the project's normal images, score its test images, save both. Returns the model id."""
     return projects.fit_model(workspace, project_id, method, settings, job_progress(job), job.cancelled).model.id
 
 
-def score_missing(workspace: Workspace, model_id: int, detector: Any, job: Job) -> int:
+def score_missing(workspace: Workspace, model_id: int, detector: Detector, job: Job) -> int:
     """Score the test images added after a model was fitted; returns how many were scored."""
     return projects.score_missing(workspace, model_id, detector, job_progress(job), job.cancelled)
 
 
-def panda_settings(values: dict[str, Any], base: Any = None) -> Any:
+def panda_settings(values: dict[str, Any], base: PandaSettings | None = None) -> PandaSettings:
     """PANDA settings from the Adapt page's form values (``core.projects.adaptation.FORM_FIELDS``; every other
     field from ``base``, default: the measured defaults): the one place the page's settings are built."""
     from core.projects import adaptation
@@ -104,7 +100,7 @@ def panda_settings(values: dict[str, Any], base: Any = None) -> Any:
     return adaptation.settings_from_form(values, base)
 
 
-def train_panda(workspace: Workspace, project_id: int, settings: Any, run_id: int, job: Job) -> int:
+def train_panda(workspace: Workspace, project_id: int, settings: PandaSettings, run_id: int, job: Job) -> int:
     """Train PANDA into run ``run_id`` (a Stop keeps the weights trained so far); returns the model id."""
     return projects.adapt(workspace, project_id, settings, run_id, job_progress(job), job.cancelled).model.id
 
@@ -116,7 +112,8 @@ def run_lesson(workspace: Workspace, project_id: int, job: Job) -> float:
     return adaptation.run_lesson(workspace, project_id, job_progress(job), job.cancelled).seconds
 
 
-def fit_segmentation(workspace: Workspace, project_id: int, settings: Any, job: Job, on_ready: Any = None) -> int:
+def fit_segmentation(workspace: Workspace, project_id: int, settings: SpadeSettings, job: Job,
+                     on_ready: MapsReady | None = None) -> int:
     """Fit SPADE with the test set's maps; ``on_ready(model_id, detector, image_ids)`` hands them to the page's cache."""
     result = projects.fit_segmentation(workspace, project_id, settings, job_progress(job), job.cancelled)
     if on_ready is not None:
@@ -124,7 +121,8 @@ def fit_segmentation(workspace: Workspace, project_id: int, settings: Any, job: 
     return result.model.id
 
 
-def tune_segmentation(workspace: Workspace, project_id: int, base: Any, job: Job, on_ready: Any = None) -> int:
+def tune_segmentation(workspace: Workspace, project_id: int, base: SpadeSettings, job: Job,
+                      on_ready: MapsReady | None = None) -> int:
     """Choose SPADE's settings from the normal images, fit with them; as :func:`fit_segmentation` otherwise."""
     result = projects.tune_segmentation(workspace, project_id, base, job_progress(job), job.cancelled)
     if on_ready is not None:
@@ -132,6 +130,6 @@ def tune_segmentation(workspace: Workspace, project_id: int, base: Any, job: Job
     return result.model.id
 
 
-def restore_maps(workspace: Workspace, project_id: int, model_id: int, job: Job) -> tuple[Any, list[int]]:
+def restore_maps(workspace: Workspace, project_id: int, model_id: int, job: Job) -> tuple[SpadeDetector, list[int]]:
     """A saved SPADE model with its test maps (from its maps file, else one backbone pass)."""
     return projects.restore_maps(workspace, model_id, job_progress(job), job.cancelled)

@@ -89,11 +89,12 @@ def tiny_bottle(workspace_dir):
 @pytest.fixture
 def fitted(tiny_bottle):
     """The tiny bottle project with one DN2 model fitted directly (not through the page): (workspace, project, model)."""
+    from core.config import DN2Settings, settings_for
     from dashboard import tasks
     from dashboard.jobs import Job
 
     workspace, project = tiny_bottle
-    settings = tasks.settings_for("dn2", "efficientnet_lite0")
+    settings = settings_for(DN2Settings, backbone="efficientnet_lite0")
     job = Job("fit", lambda j: tasks.fit_and_score(workspace, project.id, "dn2", settings, j))
     assert job.wait(120) and job.status == "finished", job.error
     return workspace, project, workspace.model(job.result)

@@ -99,15 +99,16 @@ def test_explicit_weights_file_and_hub_cache(tmp_path, monkeypatch):
     reference.load_state_dict(
         {k: v for k, v in zip(reference.state_dict(), source.state_dict().values())}
     )
-    path = tmp_path / "resnet18-f37072fd.pth"
+    # Under a name of its own: the published name (resnet18-f37072fd.pth) promises the published contents.
+    path = tmp_path / "resnet18-mine.pth"
     torch.save(reference.state_dict(), path)
     loaded = build_backbone("resnet18", weights=path)
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(loaded(x), reference(loaded.normalise(x)), atol=1e-5)
-    # The same file found through the hub cache, with no explicit path.
+    # A file with the published name is found through the hub cache, with no explicit path.
     (tmp_path / "checkpoints").mkdir()
-    path.rename(tmp_path / "checkpoints" / path.name)
+    path = path.rename(tmp_path / "checkpoints" / "resnet18-f37072fd.pth")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     assert backbones.locate_weights(get_spec("resnet18")) == tmp_path / "checkpoints" / path.name
 

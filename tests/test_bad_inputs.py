@@ -90,32 +90,6 @@ def test_zip_inputs_name_the_archive(tmp_path):
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_restore_recomputes_the_maps_from_any_damaged_cache(workspace_dir):
-    from core import projects
-    from core.config import FeatureSettings, SpadeSettings
-    from core.store import Workspace
-    from tests.conftest import synthetic_images
-
-    workspace = Workspace(workspace_dir)
-    project = workspace.create_project("maps")
-    workspace.import_sets(project.id, {"normal": synthetic_images(8, 0, "n", 0),
-                                       "test": synthetic_images(3, 90, "t", 1)})
-    settings = SpadeSettings(features=FeatureSettings(weights="random", resize=32, crop=32, device="cpu"),
-                             gallery="exact", top_images=4, calibration_images=4)
-    model = projects.fit_segmentation(workspace, project.id, settings).model
-    good = model.maps_path.read_bytes()
-    expected = projects.restore_maps(workspace, model.id)[0].combined_maps()
-    flipped = bytearray(good)
-    flipped[len(good) // 2] ^= 0xFF
-    for damaged in (good[: len(good) // 2], bytes(flipped), b"not a zip", b""):
-        model.maps_path.write_bytes(damaged)
-        detector, ids = projects.restore_maps(workspace, model.id)
-        np.testing.assert_allclose(detector.combined_maps(), expected, rtol=1e-5, atol=1e-6)
-        assert model.maps_path.read_bytes() != damaged  # rewritten from the recomputed maps
-        assert detector.load_raw_maps(model.maps_path) == len(ids) == 3
-
-
-@pytest.mark.usefixtures("one_torch_thread")
 def test_cli_says_which_model_file_is_damaged(tmp_path, capsys):
     from core.__main__ import main
     from core.config import DN2Settings, FeatureSettings

@@ -1,4 +1,4 @@
-"""Benchmarks (core.bench): settings from --param, data set specs, JSON schema, feature reuse."""
+"""Benchmarks (core.bench): options and presets, data set specs, JSON schema, feature reuse."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 
 from core import bench
 from core.bench import BENCH_METHODS, BenchOptions, load_tasks, run_bench
-from core.config import DN2Settings, GaussianSettings, ParamError, apply_params
+from core.config import DN2Settings
 from core.datasets import FASHION_MNIST_DIR
 from core.detectors.base import SegmentationDetector
 from core.features import image_size_for
@@ -24,31 +24,7 @@ OPTIONS = BenchOptions(weights="random", device="cpu", params=TINY)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-# ---------------------------------------------------------------------------------------- params
-
-
-def test_params_convert_to_field_types():
-    settings = apply_params(GaussianSettings(), {
-        "stages": "block4,block6", "include_pooled": "false", "variance": "0.02",
-        "features.backbone": "efficientnet_lite2", "features.crop": "240", "features.weights": "none",
-    })
-    assert settings.stages == ("block4", "block6") and settings.include_pooled is False
-    assert settings.variance == 0.02 and settings.features.backbone == "efficientnet_lite2"
-    assert settings.features.crop == 240 and settings.features.weights is None
-    assert apply_params(DN2Settings(), {"k": "5", "gallery": "kmeans"}) == DN2Settings(k=5, gallery="kmeans")
-
-
-@pytest.mark.parametrize("params, message", [
-    ({"neighbours": "3"}, "unknown setting 'neighbours'.*valid: .*features.backbone"),
-    ({"k": "two"}, "expected int"),
-    ({"include_pooled": "maybe"}, "true or false"),
-    ({"features": "x"}, "is a group"),
-    ({"k.x": "1"}, "no sub-settings"),
-    ({"reduction": "ica"}, "reduction must be one of"),
-])
-def test_bad_params_are_clear_errors(params, message):
-    with pytest.raises(ParamError, match=message):
-        apply_params(GaussianSettings() if "reduction" in params or "include_pooled" in params else DN2Settings(), params)
+# ---------------------------------------------------------------------------------------- options
 
 
 def test_options_settings_apply_options_then_params():

@@ -5,7 +5,8 @@ images): the declared capabilities match the class; fit -> score -> save ->
 load gives the same scores (and maps, for segmentation methods); a truncated
 file, flipped bytes, another method's model, a random npz, a plain zip and
 hand-edited headers each raise ``ModelFileError`` naming the file. Also the
-import rule that keeps the layers apart.
+import rules: the layers of ``core`` and of ``dashboard`` (nothing imports
+upward), and no circle of imports anywhere.
 """
 
 from __future__ import annotations
@@ -303,28 +304,55 @@ def test_fisher_files_fail_with_their_name(tmp_path):
         load_fisher(listed)
 
 
-# ---------------------------------------------------------------------- the import rule
+# ---------------------------------------------------------------------- the import rules
 
 SERVICES = ("core.bench", "core.cli", "core.projects", "core.scoring", "core.tuning", "core.__main__")
 """Modules above the detectors: they may import ``core.detectors``; nothing else outside it may."""
 
+DASHBOARD_FLOORS = {"dashboard.app": 4, "dashboard.views": 3, "dashboard.components": 2, "dashboard.state": 1,
+                    "dashboard.tasks": 1, "dashboard.jobs": 1, "dashboard": 1}
+"""The dashboard's floors, top down: the app, the pages, their widgets, and below them the session state, the
+background work and the job thread (which may import each other, without a circle). A module may import its
+own floor or lower ones only."""
 
-def _imports(path: Path) -> set[str]:
-    """Every module a file imports, at any depth (function-level imports included)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-            found.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return found
+SOURCE_FOLDERS = ("core", "dashboard")
 
 
 def _module_name(path: Path) -> str:
     parts = path.relative_to(REPO_ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _sources() -> dict[str, Path]:
+    """Every module of the project (``core``, ``dashboard``) by dotted name."""
+    return {_module_name(path): path for folder in SOURCE_FOLDERS for path in sorted((REPO_ROOT / folder).rglob("*.py"))}
+
+
+def _imports(path: Path, known: set[str]) -> set[str]:
+    """The project modules a file imports, at any depth (function-level and ``TYPE_CHECKING`` imports included).
+
+    ``from a.b import c`` counts as importing the module ``a.b.c`` when there is one, else ``a.b``: a package's
+    ``__init__`` is only counted when a name is taken from it.
+    """
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolved against this module's package
+                parent = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(parent + ([base] if base else []))
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
+    return {name for name in found if name in known}
+
+
+def _import_graph() -> dict[str, set[str]]:
+    sources = _sources()
+    return {module: _imports(path, set(sources)) for module, path in sources.items()}
 
 
 def _within(module: str, packages: tuple[str, ...]) -> bool:
@@ -334,15 +362,97 @@ def _within(module: str, packages: tuple[str, ...]) -> bool:
 def test_no_upward_imports_in_core():
     """Layers, bottom up: the library (images, datasets, backbones, features, knn, metrics, store,
     npz_io, config, adaptation, ...), then ``core.detectors``, then the services (bench, cli,
-    projects, scoring, tuning). A module may import its own layer or lower ones only."""
+    projects, scoring, tuning). A module may import its own layer or lower ones only; ``core`` never
+    imports the dashboard."""
     problems = []
-    for path in sorted((REPO_ROOT / "core").rglob("*.py")):
-        module = _module_name(path)
-        imported = {name for name in _imports(path) if name.startswith("core")}
-        if _within(module, SERVICES):
+    for module, imported in _import_graph().items():
+        if not _within(module, ("core",)):
             continue
-        upward = {name for name in imported if _within(name, SERVICES)}
-        if not _within(module, ("core.detectors",)):
-            upward |= {name for name in imported if _within(name, ("core.detectors",))}
+        upward = {name for name in imported if _within(name, ("dashboard",))}
+        if not _within(module, SERVICES):
+            upward |= {name for name in imported if _within(name, SERVICES)}
+            if not _within(module, ("core.detectors",)):
+                upward |= {name for name in imported if _within(name, ("core.detectors",))}
         problems.extend(f"{module} imports {name}" for name in sorted(upward))
     assert not problems, "upward imports:\n" + "\n".join(problems)
+
+
+def _dashboard_floor(module: str) -> int:
+    """The floor of the longest ``DASHBOARD_FLOORS`` prefix that holds ``module``."""
+    prefix = max((p for p in DASHBOARD_FLOORS if _within(module, (p,))), key=len)
+    return DASHBOARD_FLOORS[prefix]
+
+
+def test_no_upward_imports_in_the_dashboard():
+    """app -> views -> components -> state / tasks / jobs, never back up (the dashboard may import any of core)."""
+    floors = {module: _dashboard_floor(module) for module in _sources() if _within(module, ("dashboard",))}
+    problems = [f"{module} (floor {floors[module]}) imports {name} (floor {floors[name]})"
+                for module, imported in _import_graph().items() if module in floors
+                for name in sorted(imported) if name in floors and floors[name] > floors[module]]
+    assert not problems, "upward imports:\n" + "\n".join(problems)
+
+
+def test_session_state_and_caches_live_in_state_py():
+    """Every ``st.session_state`` key and ``st.cache_*`` function is in ``dashboard/state.py``, where two browser
+    sessions' separation can be checked in one place; pages and components go through its functions."""
+    problems = []
+    for module, path in _sources().items():
+        if not _within(module, ("dashboard",)) or module == "dashboard.state":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and (node.attr == "session_state" or node.attr.startswith("cache_")):
+                problems.append(f"{module}, line {node.lineno}: {node.attr}")
+    assert not problems, "outside dashboard/state.py:\n" + "\n".join(problems)
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module, or a module importing itself (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1 or node in graph.get(node, ()):
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_circles_are_found_inside_functions_and_packages():
+    # The detector of the test below, on a made-up graph: a circle through a function-level import
+    # reads like any other edge, and a module importing itself counts.
+    graph = {"a.x": {"a.y"}, "a.y": {"a.z"}, "a.z": {"a.x"}, "b": {"a.x"}, "c": {"c"}}
+    assert _circles(graph) == [["a.x", "a.y", "a.z"], ["c"]]
+    assert _circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circles():
+    """No module imports itself through others, at any depth: a circle hidden in a function-level import still
+    makes two modules one, which neither can be read, tested or moved without."""
+    graph = _import_graph()
+    circles = _circles(graph)
+    described = ["  " + " <-> ".join(circle) + ": " + "; ".join(
+        f"{a} imports {b}" for a in circle for b in sorted(graph[a]) if b in circle) for circle in circles]
+    assert not circles, "import circles:\n" + "\n".join(described)

@@ -95,11 +95,12 @@ def test_explanation_searches_only_the_ticked_layers(tiny_bottle):
 def test_tune_button_fits_with_settings_chosen_from_normal_images_and_says_why(tiny_bottle, monkeypatch):
     """'Tune and fit' saves the tuned settings and their table in the model; the page shows them and lets the
     user override them with a new fit."""
+    import core.tuning.proxy as proxy
     import core.tuning.search as search
     from core.detectors import load_detector
 
     monkeypatch.setattr(search, "RESOLUTIONS", (128,))  # a quick tune on the tiny set
-    monkeypatch.setattr(search, "SIGMAS", (2.0, 4.0))
+    monkeypatch.setattr(proxy, "SIGMAS", (2.0, 4.0))
     workspace, project = tiny_bottle
     at = new_app(project.id, page="views/segment.py")
     next(button for button in at.button if button.label == "Tune and fit").click().run()
@@ -107,10 +108,14 @@ def test_tune_button_fits_with_settings_chosen_from_normal_images_and_says_why(t
     assert not at.exception, at.exception
     (model,) = workspace.models(project.id, "spade")
     tuned = load_detector(model.path)
-    assert tuned.tuning_ is not None and tuned.settings.features.resize == 128
-    assert tuned.settings.sigma in (2.0, 4.0)
+    assert tuned.tuning_ is not None
+    # The tuner either keeps the defaults (no significant gain on the proxy) or moves to the searched geometry.
+    searched = tuned.settings.features.resize == 128 and tuned.settings.sigma in (2.0, 4.0)
+    assert searched or tuned.tuning_["kept_base"], tuned.tuning_["reason"]
+    tuned_resize = tuned.settings.features.resize
     captions = " ".join(str(caption.value) for caption in at.caption)
-    assert "Chosen from your normal images alone" in captions
+    verdicts = " ".join(str(box.value) for box in [*at.info, *at.success])
+    assert ("The tuner kept the defaults" if tuned.tuning_["kept_base"] else "The tuner changed the settings") in verdicts
     assert tuned.tuning_["reason"] in captions
 
     # Override: another σ and image score -> a second model with exactly those settings.
@@ -123,4 +128,4 @@ def test_tune_button_fits_with_settings_chosen_from_normal_images_and_says_why(t
     assert newest.id != model.id
     overridden = load_detector(newest.path)
     assert overridden.settings.sigma == 6.0 and overridden.settings.image_score == "max"
-    assert overridden.settings.features.resize == 128  # the rest kept from the tuned model
+    assert overridden.settings.features.resize == tuned_resize  # the rest kept from the tuned model

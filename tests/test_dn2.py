@@ -175,14 +175,6 @@ def test_score_batch_matches_score(fitted, test_set):
         fitted.score_batch(torch.zeros(1, 3, 64, 64))
 
 
-def test_image_size_follows_the_backbone_unless_overridden():
-    assert image_size_for(FeatureSettings()) == ImageSize(256, 224)
-    assert image_size_for(FeatureSettings(backbone="efficientnet_lite2")) == ImageSize(297, 260)
-    assert image_size_for(FeatureSettings(crop=112)) == ImageSize(128, 112)  # keeps 256/224
-    assert image_size_for(FeatureSettings(resize=200)) == ImageSize(200, 200)
-    assert image_size_for(FeatureSettings(resize=300, crop=280)) == ImageSize(300, 280)
-
-
 def test_too_few_images_and_bad_settings_are_clear_errors():
     with pytest.raises(ValueError, match="more than 2"):
         DN2Detector(DN2Settings(features=FEATURES)).fit(images(2, 0, "x", 7))

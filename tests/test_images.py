@@ -16,10 +16,13 @@ from core.images import (
     MAX_PIXELS,
     ImageError,
     ImageSize,
+    as_model_sees,
+    content_box,
     crop_box,
     decode_image,
     decode_mask,
     map_to_original,
+    mask_as_model_sees,
     preprocess,
     preprocess_mask,
     probe_size,
@@ -459,6 +462,47 @@ def test_map_round_trip_puts_a_hot_spot_where_it_was() -> None:
     recovered = np.nan_to_num(back) > 0.5
     overlap = (recovered & mask).sum() / (recovered | mask).sum()
     assert overlap > 0.95
+
+
+def test_letterbox_keeps_the_aspect_ratio_and_maps_back_onto_the_original_pixels():
+    size = ImageSize(resize=128, crop=128, pad=True)
+    image = np.zeros((60, 180, 3), np.uint8)
+    image[20:40, 100:130] = 255
+    mask = np.zeros((60, 180), bool)
+    mask[20:40, 100:130] = True
+    top, left, bottom, right = content_box((60, 180), size)
+    assert (bottom - top, right - left) == (43, 128)  # 60/180 of 128, not squashed
+    canvas = preprocess(image, size)
+    assert canvas.shape == (3, 128, 128)
+    # The grey border is outside the content box; the bright square inside keeps its shape.
+    assert np.allclose(canvas[:, :top], canvas[:, 0:1, 0:1])
+    painted = preprocess_mask(mask, size)
+    ys, xs = np.nonzero(painted)
+    assert top <= ys.min() and ys.max() < bottom
+    height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    assert abs(width / height - 30 / 20) < 0.25
+    back = map_to_original(painted.astype(np.float32), (60, 180), size)
+    assert back.shape == (60, 180)
+    overlap = ((back > 0.5) & mask).sum() / mask.sum()
+    assert overlap > 0.8
+
+
+def test_the_view_a_model_sees_is_its_crop_or_its_letterbox() -> None:
+    image = np.zeros((60, 180, 3), np.uint8)
+    image[:, 90:] = 255  # right half white
+    mask = np.zeros((60, 180), bool)
+    mask[20:40, 100:130] = True
+    squashed = as_model_sees(image, ImageSize(128, 128), 64)
+    assert squashed.shape == (64, 64, 3) and squashed.dtype == np.uint8
+    assert squashed[:, :30].max() == 0 and squashed[:, 34:].min() == 255  # squashed: no border
+    boxed = as_model_sees(image, ImageSize(128, 128, pad=True), 64)
+    top, left, bottom, right = (v // 2 for v in content_box((60, 180), ImageSize(128, 128, pad=True)))
+    grey = boxed[: top - 1].reshape(-1, 3)
+    assert (grey == grey[0]).all() and 0 < grey[0, 0] < 255  # the letterbox's grey bars above the image
+    seen = mask_as_model_sees(mask, ImageSize(128, 128, pad=True), 64)
+    assert seen.dtype == bool and seen.shape == (64, 64)
+    ys, xs = np.nonzero(seen)
+    assert top <= ys.min() and ys.max() < bottom  # the defect stays inside the image's part of the canvas
 
 
 def test_map_to_original_rejects_non_2d() -> None:

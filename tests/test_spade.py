@@ -246,17 +246,18 @@ def test_a_patch_pasted_from_a_normal_image_is_explained_by_that_image_at_its_pl
         assert not boxes_overlap(found.box, pasted_crop)  # the source's place, not where it was pasted
         assert boxes_overlap(found.original_box, mark_original), (found.original_box, mark_original)
         assert found.box[0] <= found.y < found.box[2] and found.box[1] <= found.x < found.box[3]
-    bounds = detector._galleries["block1"].bounds
+    bounds = detector.index_.galleries["block1"].bounds
     if gallery != "exact":
         # A loaded model has no real pixels in memory: it re-reads the images the bounds cannot rule out.
-        detector._real_pixels = None
-        detector._pixel_cache.clear()
+        detector.index_.real_pixels = None
+        detector.pixel_cache_.clear()
         reread = detector.explain(0, y=int(48 * scale), x=int(18 * scale), stages=("block1",))
         assert reread.train_index == source and not reread.approximate and 1 <= reread.searched_images <= 8
         # The bounds the exact search prunes with never exceed an image's true nearest distance.
-        query = detector._pixels_of(detector._last.images[0])["block1"][8, 3]
+        context = detector._explain_context()
+        query = context.read_image(detector._last.images[0])["block1"][8, 3]
         lower = bounds.lower_bounds(query.numpy())
-        true = [float(((detector._pixels_of(normal[i], i)["block1"].reshape(-1, 24) - query) ** 2).sum(1).min().sqrt())
+        true = [float(((context.read_training([i], [normal[i]])[0]["block1"].reshape(-1, 24) - query) ** 2).sum(1).min().sqrt())
                 for i in range(8)]
         assert (lower <= np.array(true) + 1e-5).all(), (lower, true)
     else:
@@ -337,7 +338,7 @@ def test_gallery_memory_cap_fails_early_with_advice():
 
 
 def test_exact_gallery_is_float16(fitted):
-    gallery = fitted._galleries["block1"]
+    gallery = fitted.index_.galleries["block1"]
     assert gallery.features.dtype == torch.float16
     # 10 images x 16 x 16 pixels x (24 float16 channels + one float32 norm).
     assert gallery.nbytes == 10 * 16 * 16 * (2 * 24 + 4) == fitted.gallery_bytes(10) - 10 * (8 * 8 * 84 + 4 * 4 * 228)
@@ -481,3 +482,51 @@ def test_segment_command_fits_saves_and_reuses_a_model(tmp_path, capsys):
     assert main(["segment", "--model", str(model), str(tmp_path / "test"), "--out", str(tmp_path / "x"),
                  "--stages", "block9", "--quiet"]) == 2
     assert "block9" in capsys.readouterr().err
+
+
+def test_nuisance_copies_keep_the_false_positive_rate_of_normal_variation_at_its_target():
+    """Normal images under their line's own variation (brightness, contrast, a small shift and turn) are not
+    flagged more often than the target FPR promises, when the working point saw such copies."""
+    from core.datasets import read_mvtec
+    from core.nuisance import measure_variation, nuisance
+    from core.projects.working_point import clopper_pearson
+    from tests.conftest import DEMO_BOTTLE
+
+    train, _ = read_mvtec(DEMO_BOTTLE)
+    fit, held = train.subset(range(24)), train.subset(range(24, 40))
+    features = FeatureSettings(resize=96, crop=96, precision="float32", batch_size=8)
+    settings = SpadeSettings(features=features, n_means=64, calibration_images=6, image_score="fused", pooled="dn2",
+                             nuisance_copies=3, target_fpr=0.1)
+    detector = SpadeDetector(settings).fit(fit)
+    originals = [item.load() for item in held]
+    variation = measure_variation(originals)
+    rng = np.random.default_rng(7)
+    copies = ImageSet([ImageItem(f"copy{i}-{j}", array=nuisance(image, variation, rng))
+                       for i, image in enumerate(originals) for j in range(3)])
+    flagged = int(detector.decide(detector.score(copies)).sum())
+    low, _ = clopper_pearson(flagged, len(copies))
+    assert low <= settings.target_fpr, f"{flagged} of {len(copies)} nuisance copies flagged at a {settings.target_fpr:.0%} target"
+    # The calibration images and their copies are what the threshold was placed on.
+    assert len(detector.train_scores_) == 6 * (1 + 3)
+
+
+def test_per_cell_gaussian_gallery_scores_each_pixel_against_its_own_cell_and_round_trips(tmp_path):
+    """gallery='gaussian' (PaDiM's model): a Mahalanobis distance per cell, no search; saved and loaded alike."""
+    from core.detectors.spade.gallery import GaussianGallery
+
+    rng = np.random.default_rng(0)
+    normal = rng.normal(0, 1, (50, 4, 3)).astype(np.float16)  # 50 images, 4 cells, 3 channels
+    normal[:, 1] += 5.0  # cell 1's normal pixels sit elsewhere
+    gallery = GaussianGallery.fit(normal, (2, 2), torch.device("cpu"))
+    at_cell_one = torch.tensor([[0.0, 0, 0], [5.0, 5, 5], [0, 0, 0], [0, 0, 0]])
+    distances, rows = gallery.search(at_cell_one, 1)
+    # The same feature vector is normal in cell 1 and far from normal in cell 0: only its own cell counts.
+    shifted = torch.tensor([[5.0, 5, 5], [5.0, 5, 5], [0, 0, 0], [0, 0, 0]])
+    far, _ = gallery.search(shifted, 1)
+    assert far[0, 0] > 20 * distances[0, 0] and far[1, 0] == distances[1, 0]
+    assert rows[:, 0].tolist() == [0, 1, 2, 3]
+    detector = SpadeDetector(settings(gallery="gaussian", calibration_images=3)).fit(normal_set())
+    assert detector.gallery_kind_ == "gaussian"
+    heat = detector.anomaly_maps(normal_set())
+    loaded = load_detector(detector.save(tmp_path / "gauss.npz"))
+    np.testing.assert_allclose(loaded.anomaly_maps(normal_set()), heat, rtol=1e-5, atol=1e-6)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
-COMMANDS: tuple[str, ...] = ("info", "fit", "score", "segment", "bench", "tune", "adapt", "bench_scale", "crops")
+COMMANDS: tuple[str, ...] = ("info", "fit", "score", "segment", "bench", "bench_suite", "tune", "adapt", "bench_scale", "crops")
 """Modules of ``core.cli`` that provide a command, in ``--help`` order."""
 
 

@@ -278,17 +278,15 @@ def merge_tables(paths: list[str], out: str | None) -> dict[str, Any]:
     Raises ``ValueError`` naming the file when one cannot be read, was run with
     other settings, or repeats a class another file has.
     """
+    from core.adaptation.table_io import read_table_part
     from core.datasets.fashion_mnist import FASHION_MNIST_CLASSES
 
     per_class: dict[str, Any] = {}
     settings: dict[str, Any] | None = None
     commands, walls = [], []
     for path in paths:
-        try:
-            document = json.loads(Path(path).read_text())
-            part, part_settings = document["per_class"], document["settings"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}: not a table written by adapt --compare --table ({error})") from None
+        document = read_table_part(path)  # every field used below is checked there, naming the file
+        part, part_settings = document.per_class, document.settings
         if settings is not None and part_settings != settings:
             changed = sorted(k for k in set(settings) | set(part_settings) if settings.get(k) != part_settings.get(k))
             raise ValueError(f"{path}: run with other settings than {paths[0]} ({', '.join(changed)})")
@@ -297,8 +295,8 @@ def merge_tables(paths: list[str], out: str | None) -> dict[str, Any]:
         if repeated:
             raise ValueError(f"{path}: repeats class(es) {', '.join(repeated)} of an earlier file")
         per_class.update(part)
-        commands.append(document.get("command"))
-        walls.append(document.get("wall_seconds"))
+        commands.append(document.command)
+        walls.append(document.wall_seconds)
     order = {name: i for i, name in enumerate(FASHION_MNIST_CLASSES)}
     classes = sorted(per_class, key=lambda name: order.get(name, len(order)))
     extra = {"merged_from": list(paths), "commands": commands, "wall_seconds_per_file": walls}

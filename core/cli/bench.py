@@ -36,6 +36,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--tune", action="store_true",
                         help="SPADE: choose the settings of each task from its normal images first "
                         "(synthetic defects; no test image is read), as `python -m core tune` does")
+    parser.add_argument("--labelled", type=int, default=0, metavar="N",
+                        help="with --tune: N defective and N good test images (random, --seed) are marked evidence for "
+                        "the tuner and left out of the evaluation")
     parser.add_argument("--json", metavar="OUT.json", help="write the full results here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_param_option(parser)
@@ -71,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     options = BenchOptions(
         backbone=args.backbone, weights=args.weights, device=args.device, batch_size=args.batch_size,
         seed=args.seed, params=parse_params(args.param), epochs=args.epochs, outliers=args.outliers, tune=args.tune,
+        labelled=args.labelled,
     )
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     report = run_bench(

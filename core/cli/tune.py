@@ -14,15 +14,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "tune", help="choose SPADE settings from normal images (synthetic defects), optionally fit and save",
         description="Hold out some normal images, paint synthetic defects into them (cut-paste, texture blends, "
-        "scratches, blobs) and pick the input resolution / aspect handling, stages, smoothing and image-score rule "
-        "that find them best. No labelled defects are needed or read. With --out the model is then fitted on all "
-        "normal images with the chosen settings and saved, the candidate table inside.",
+        "scratches, blobs), add copies under the line's normal variation, and pick the input resolution / aspect "
+        "handling, stages and smoothing that find them best; the defaults are kept unless the best beats them "
+        "by more than the proxy's own noise. No labelled defects are needed; --labelled adds a few marked real "
+        "ones as evidence. With --out the model is then fitted on all normal images with the chosen settings "
+        "and saved, the candidate table inside.",
     )
     parser.add_argument("--normal", required=True, metavar="DIR_OR_ZIP", help="folder or zip of normal images")
     parser.add_argument("--out", metavar="MODEL.npz", help="fit on all normal images with the chosen settings and save")
     parser.add_argument("--json", metavar="OUT.json", help="write the candidate table and the choice here")
     parser.add_argument("--resolutions", help="comma-separated input sides to try (default: 256 up to the images' size)")
     parser.add_argument("--max-fit", type=int, default=120, help="normal images the candidates are fitted on (default 120)")
+    parser.add_argument("--labelled", metavar="DIR",
+                        help="a few marked real images in the MVTec layout (test/good, test/<defect>, "
+                        "ground_truth/<defect>/<name>_mask.png; an export of the Review page): they check the "
+                        "synthetic choice and choose among the best candidates, cross-validated")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weights", help="local weights file, or 'random' (tests only)")
     add_param_option(parser)
@@ -61,8 +67,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: no usable images in {args.normal}", file=sys.stderr)
         return 1
     resolutions = [int(r) for r in args.resolutions.split(",")] if args.resolutions else None
+    marked = None
+    if args.labelled:
+        from core.datasets import read_mvtec
+
+        _, marked = read_mvtec(args.labelled, need_train=False)
+        report_problems(marked.problems)
     result = tune_spade(normal, base=base, seed=args.seed, max_fit=args.max_fit, resolutions=resolutions,
-                        log=lambda message: print(message, file=sys.stderr))
+                        log=lambda message: print(message, file=sys.stderr), marked=marked)
     summary = result.summary()
     print(table(summary))
     print(f"chosen: {result.reason}")

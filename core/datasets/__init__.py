@@ -27,7 +27,7 @@ from core.datasets.fashion_mnist import (
     stratified_positions,
 )
 from core.datasets.folders import list_classes, read_class_folders, read_folder
-from core.datasets.image_set import ImageItem, ImageSet, Problem
+from core.datasets.image_set import LABELS, ImageItem, ImageSet, Problem
 from core.datasets.mvtec import read_mvtec
 from core.datasets.uploads import KINDS, Duplicate, UploadPlan, default_kind, plan_upload
 
@@ -39,6 +39,7 @@ __all__ = [
     "FASHION_MNIST_DIR",
     "IMAGE_EXTENSIONS",
     "KINDS",
+    "LABELS",
     "MAX_ZIP_MEMBERS",
     "MAX_ZIP_MEMBER_BYTES",
     "MAX_ZIP_TOTAL_BYTES",

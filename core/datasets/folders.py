@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +13,14 @@ from core.datasets._scan import _FoundImage, _parent_group, _require_folder, _sc
 from core.datasets.image_set import ImageItem, ImageSet, Problem
 
 
-def read_folder(path: str | os.PathLike, label: int | None = None) -> ImageSet:
+def read_folder(path: str | os.PathLike, label: int | None = None, roots: Sequence[Path] | None = None) -> ImageSet:
     """All images in a folder and its subfolders.
 
     Args:
         path: the folder.
         label: label given to every image (0 normal, 1 anomalous, None unknown).
+        roots: when given, a link to a file outside these folders is a problem, not an image
+            (the dashboard passes :func:`core.paths.folder_roots`).
 
     Returns:
         A set named after the folder; item names are paths relative to it,
@@ -27,7 +30,7 @@ def read_folder(path: str | os.PathLike, label: int | None = None) -> ImageSet:
     """
     root = Path(path)
     _require_folder(root)
-    found, problems = _scan_images(root, root)
+    found, problems = _scan_images(root, root, roots)
     items = [
         ImageItem(name=image.relative, path=image.path, label=label, group=_parent_group(image.relative))
         for image in found
@@ -73,6 +76,7 @@ def read_class_folders(
     normal_class: str,
     seed: int = 0,
     test_fraction: float = 0.2,
+    roots: Sequence[Path] | None = None,
 ) -> tuple[ImageSet, ImageSet]:
     """One-class protocol on a data set with one folder per class.
 
@@ -87,6 +91,7 @@ def read_class_folders(
         ``(train, test)``. Train holds the normal class's training images
         (label 0). Test holds the test images of every class, label 0 for the
         normal class and 1 for the others; ``group`` is the class name.
+        ``roots``: as for :func:`read_folder`.
     """
     folder = Path(root)
     _require_folder(folder)
@@ -109,17 +114,17 @@ def read_class_folders(
         normal_train = folder / "train" / normal_class
         if not normal_train.is_dir():
             raise ValueError(f"{folder}: class {normal_class!r} has no train/{normal_class}/ folder")
-        found, train_problems = _scan_images(normal_train, folder)
+        found, train_problems = _scan_images(normal_train, folder, roots)
         train_items = [make_item(image, normal_class, for_test=False) for image in found]
         for class_name in classes:
             class_folder = folder / "test" / class_name
             if class_folder.is_dir():
-                found, problems = _scan_images(class_folder, folder)
+                found, problems = _scan_images(class_folder, folder, roots)
                 test_items.extend(make_item(image, class_name, for_test=True) for image in found)
                 test_problems.extend(problems)
     else:
         for class_name in classes:
-            found, problems = _scan_images(folder / class_name, folder)
+            found, problems = _scan_images(folder / class_name, folder, roots)
             test_positions = set(_split_test_positions(len(found), test_fraction, _class_rng(seed, class_name)).tolist())
             for position, image in enumerate(found):
                 if position in test_positions:

@@ -30,6 +30,9 @@ from core.images import (
 )
 from core.progress import CancelFn, ProgressFn, report_progress
 
+LABELS = {0: "normal", 1: "anomalous"}
+"""What an image's ``label`` means (None: not known)."""
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -355,28 +358,55 @@ class ImageSet:
         self._require_items("load in batches")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, not {batch_size}")
-        return self._batches(size, batch_size, progress, cancel)
+        return self._single_size(self._batches((size,), batch_size, progress, cancel))
+
+    @staticmethod
+    def _single_size(batches: Iterator[tuple[np.ndarray, tuple[torch.Tensor, ...]]]) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        try:
+            for indices, images in batches:
+                yield indices, images[0]
+        finally:
+            batches.close()  # stops the decoding threads when the caller stops early
+
+    def iter_batches_at(
+        self,
+        sizes: Sequence[ImageSize],
+        batch_size: int,
+        progress: ProgressFn | None = None,
+        cancel: CancelFn | None = None,
+    ) -> Iterator[tuple[np.ndarray, tuple[torch.Tensor, ...]]]:
+        """As :meth:`iter_batches`, with each image decoded once and preprocessed at every one of ``sizes``:
+        yields ``(indices, (images at sizes[0], images at sizes[1], ...))``."""
+        self._require_items("load in batches")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, not {batch_size}")
+        return self._batches(tuple(sizes), batch_size, progress, cancel)
 
     def _batches(
         self,
-        size: ImageSize,
+        sizes: tuple[ImageSize, ...],
         batch_size: int,
         progress: ProgressFn | None,
         cancel: CancelFn | None,
-    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    ) -> Iterator[tuple[np.ndarray, tuple[torch.Tensor, ...]]]:
         # Kept apart from iter_batches so that its argument checks run at
         # call time rather than at the first next().
         total = len(self.items)
-        work = lambda index: self._preprocessed(index, size)  # noqa: E731
+
+        def work(index: int) -> list[np.ndarray]:
+            image = self.items[index].load()
+            return [preprocess(image, size) for size in sizes]
+
         # Look one whole batch ahead: while the caller works on batch k, the
         # threads decode all of batch k + 1.
         images = _map_in_order(work, total, batch_size + 1, cancel)
         try:
             for start in range(0, total, batch_size):
                 stop = min(start + batch_size, total)
-                batch = np.stack([next(images) for _ in range(start, stop)])
+                decoded = [next(images) for _ in range(start, stop)]
                 report_progress(progress, stop, total)
-                yield np.arange(start, stop, dtype=np.int64), torch.from_numpy(batch)
+                batches = tuple(torch.from_numpy(np.stack([views[k] for views in decoded])) for k in range(len(sizes)))
+                yield np.arange(start, stop, dtype=np.int64), batches
         finally:
             images.close()
 

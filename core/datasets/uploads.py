@@ -22,7 +22,7 @@ from pathlib import PurePosixPath
 
 from core.datasets._scan import IMAGE_EXTENSIONS, _is_ignored
 from core.datasets.archives import read_zip
-from core.datasets.image_set import ImageItem, ImageSet, Problem
+from core.datasets.image_set import LABELS, ImageItem, ImageSet, Problem
 
 # What a folder's images become: (role, label). "skip" leaves them out.
 KINDS: dict[str, tuple[str, int | None] | None] = {
@@ -101,7 +101,7 @@ def default_kind(folder: str | None, loose_role: str = "normal", loose_label: in
     """
     if folder is None:
         if loose_role == "test":
-            return {0: "test: normal", 1: "test: anomalous"}.get(loose_label, "test: unlabelled")
+            return f"test: {LABELS.get(loose_label, 'unlabelled')}"
         return loose_role
     parts = PurePosixPath(folder).parts
     if "train" in parts:

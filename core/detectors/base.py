@@ -83,11 +83,6 @@ class Detector(ABC):
     def _restore(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         """Inverse of ``_state``."""
 
-    @classmethod
-    def from_header_settings(cls, header: dict[str, Any]) -> "Detector":
-        """An unfitted detector with the settings stored in a model header."""
-        return cls(settings_from_dict(cls.settings_type, header["settings"]))
-
     # ------------------------------------------------------------------ helpers
     @property
     def is_fitted(self) -> bool:

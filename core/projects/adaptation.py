@@ -10,12 +10,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from core.config import PandaSettings, paper_panda_settings
+from core.config import PandaSettings, paper_panda_settings, settings_for
 from core.progress import CancelFn
 from core.projects.common import FitResult, StageProgress, _save, _stage, _summary
 from core.store import Workspace
+
+if TYPE_CHECKING:
+    from core.adaptation.lesson import LessonResult
+    from core.detectors.panda import PandaDetector
 
 FORM_FIELDS = ("strategy", "backbone", "metric", "crop", "epochs", "lr", "batch_size", "snapshot_every",
                "early_rule", "keep_rule", "ewc_lambda", "ewc_step")
@@ -37,12 +41,11 @@ def settings_from_form(values: dict[str, Any], base: PandaSettings | None = None
     """PandaSettings from the page's values (every field not on the page from ``base``, default: the defaults)."""
     base = base or PandaSettings()
     crop = int(values.get("crop") or 0) or None
-    features = dataclasses.replace(base.features, backbone=values.get("backbone", base.features.backbone),
-                                   crop=crop, resize=crop)
-    fields = {name: values[name] for name in FORM_FIELDS if name in values and name not in ("backbone", "crop")}
+    base = dataclasses.replace(base, features=dataclasses.replace(base.features, crop=crop, resize=crop))
     casts = {"epochs": int, "batch_size": int, "snapshot_every": int, "lr": float, "ewc_lambda": float}
-    return dataclasses.replace(base, features=features,
-                               **{name: casts.get(name, lambda v: v)(value) for name, value in fields.items()})
+    fields = {name: casts.get(name, str)(values[name]) for name in FORM_FIELDS
+              if values.get(name) is not None and name not in ("backbone", "crop")}
+    return settings_for(PandaSettings, base, backbone=values.get("backbone"), values=fields)
 
 
 def run_record(settings: PandaSettings) -> dict[str, Any]:
@@ -55,13 +58,13 @@ PRESETS = {"defaults": PandaSettings, "paper": paper_panda_settings}
 """The Adapt page's one-click settings: the measured defaults and the paper's protocol."""
 
 
-def _stop_epoch(detector: Any) -> int | None:
+def _stop_epoch(detector: PandaDetector) -> int | None:
     """The epoch the run's model comes from: the epoch kept (0 = the pretrained network), else the last trained."""
     kept = detector.summary_.get("kept_epoch")
     return kept if kept is not None else detector.summary_.get("epochs")
 
 
-def adapt(workspace: Workspace, project_id: int, settings: Any, run_id: int,
+def adapt(workspace: Workspace, project_id: int, settings: PandaSettings, run_id: int,
           progress: StageProgress | None = None, cancel: CancelFn | None = None) -> FitResult:
     """Train PANDA, streaming each epoch into run ``run_id``; save the model and its test scores; close the run.
 
@@ -107,7 +110,7 @@ def adapt(workspace: Workspace, project_id: int, settings: Any, run_id: int,
 
 
 def run_lesson(workspace: Workspace, project_id: int, progress: StageProgress | None = None,
-               cancel: CancelFn | None = None) -> Any:
+               cancel: CancelFn | None = None) -> LessonResult:
     """Run the collapse lesson on the project's images and keep its result (a project preference)."""
     from core.adaptation.lesson import collapse_lesson
 
@@ -137,7 +140,7 @@ def preset(name: str) -> dict[str, Any]:
     return form_values(PRESETS[name]())
 
 
-def saved_lesson(workspace: Workspace, project_id: int) -> Any:
+def saved_lesson(workspace: Workspace, project_id: int) -> LessonResult | None:
     """The project's last lesson (:class:`~core.adaptation.lesson.LessonResult`), or None."""
     from core.adaptation.lesson import LessonResult
 

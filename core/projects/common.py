@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from core.config import MethodSettings
+from core.detectors import Detector
 from core.progress import ProgressFn
 from core.store import StoredImage, StoredModel, Workspace
 
@@ -37,7 +39,7 @@ class FitResult:
     """
 
     model: StoredModel
-    detector: Any
+    detector: Detector
     image_ids: list[int]
     scores: np.ndarray | None
 
@@ -57,6 +59,7 @@ class ScoredTest:
 
 
 def _summary(n_normal: int, labels: np.ndarray | None, scores: np.ndarray | None, threshold: float) -> dict[str, Any]:
+    """The JSON summary stored with a model: how many normal and test images, its threshold and test AUROC."""
     from core.metrics import image_auroc
 
     summary: dict[str, Any] = {"n_normal": n_normal}
@@ -76,7 +79,7 @@ def last_model(workspace: Workspace, project_id: int) -> int | None:
     return workspace.preference(project_id, LAST_MODEL)
 
 
-def _save(workspace: Workspace, project_id: int, method: str, settings: Any, detector: Any,
+def _save(workspace: Workspace, project_id: int, method: str, settings: MethodSettings, detector: Detector,
           summary: dict[str, Any], image_ids: list[int], scores: np.ndarray | None) -> FitResult:
     model = workspace.add_model(project_id, method, dataclasses.asdict(settings), detector, summary)
     if scores is not None:

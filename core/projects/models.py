@@ -1,38 +1,30 @@
-"""Fit a model for a project, score its test images, and read back what it scored."""
+"""Fit a model for a project, score its test images, and read back what it scored.
+
+Settings come from :func:`core.config.settings_for` (the one builder, shared
+with the CLI); a stored model's settings come back through :func:`stored_settings`.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
 
+from core.config import MethodSettings
+from core.detectors import Detector
 from core.progress import CancelFn
-from core.projects.common import FitResult, ScoredTest, StageProgress, _save, _stage, _summary
+from core.projects.common import (
+    FitResult,
+    ScoredTest,
+    StageProgress,
+    _save,
+    _stage,
+    _summary,
+)
 from core.store import StoredModel, Workspace
 
 
-def settings_for(method: str, backbone: str, k: int = 2, target_fpr: float = 0.05,
-                 weights: str | None = None, metric: str = "euclidean") -> Any:
-    """A method's settings from the few choices the pages offer; everything else the method's defaults.
-
-    Only the backbone (and DN2's k and distance, the target FPR) are the user's:
-    SPADE keeps its measured input geometry.
-    """
-    from core import config
-    from core.detectors import method_info
-
-    defaults = method_info(method).settings_type()
-    features = dataclasses.replace(defaults.features, backbone=backbone, weights=weights)
-    changes: dict[str, Any] = {"features": features}
-    if hasattr(defaults, "target_fpr"):
-        changes["target_fpr"] = target_fpr
-    if isinstance(defaults, config.DN2Settings):
-        changes.update(k=k, metric=metric)
-    return dataclasses.replace(defaults, **changes)
-
-
-def stored_settings(method: str, values: dict[str, Any]) -> Any:
+def stored_settings(method: str, values: dict[str, Any]) -> MethodSettings:
     """The settings dataclass a model was fitted with, from the JSON the store keeps (``StoredModel.settings``)."""
     from core.detectors import detector_class
     from core.detectors.base import settings_from_dict
@@ -40,7 +32,7 @@ def stored_settings(method: str, values: dict[str, Any]) -> Any:
     return settings_from_dict(detector_class(method).settings_type, values)
 
 
-def fit_model(workspace: Workspace, project_id: int, method: str, settings: Any,
+def fit_model(workspace: Workspace, project_id: int, method: str, settings: MethodSettings,
               progress: StageProgress | None = None, cancel: CancelFn | None = None) -> FitResult:
     """Fit ``method`` on the project's normal images, score its test images, save both; the new model is current."""
     from core.detectors import make_detector
@@ -60,7 +52,7 @@ def fit_model(workspace: Workspace, project_id: int, method: str, settings: Any,
                  _summary(len(normal), labels, scores, detector.threshold_), test.ids, scores)
 
 
-def score_missing(workspace: Workspace, model_id: int, detector: Any, progress: StageProgress | None = None,
+def score_missing(workspace: Workspace, model_id: int, detector: Detector, progress: StageProgress | None = None,
                   cancel: CancelFn | None = None) -> int:
     """Score the test images added after a model was fitted; returns how many were scored."""
     model = workspace.model(model_id)

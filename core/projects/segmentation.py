@@ -1,24 +1,41 @@
-"""Segmentation (SPADE) for a project: fit or tune, keep and restore the test maps, thresholds, quality."""
+"""Segmentation (SPADE) for a project: fit or tune, keep and restore the test maps, heatmaps, thresholds, quality.
+
+The Segment and Review pages draw only what these calls return: every
+heatmap is recombined from the raw per-layer maps cached in the detector, so
+no call below the fit runs the backbone (except an exact explanation of a
+model loaded from its file, which re-reads the normal images).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from core.config import SpadeSettings
+from core.datasets import ImageSet
+from core.images import ImageSize
+from core.metrics import SegmentationMetrics
 from core.progress import CancelFn
 from core.projects.common import FitResult, StageProgress, _save, _stage, _summary
 from core.store import StoredImage, Workspace
 
+if TYPE_CHECKING:
+    from core.detectors.spade import Explanation, SpadeDetector
 
-def fit_segmentation(workspace: Workspace, project_id: int, settings: Any, progress: StageProgress | None = None,
-                     cancel: CancelFn | None = None, tuning: dict[str, Any] | None = None) -> FitResult:
+
+def fit_segmentation(workspace: Workspace, project_id: int, settings: SpadeSettings,
+                     progress: StageProgress | None = None, cancel: CancelFn | None = None,
+                     tuning: dict[str, Any] | None = None) -> FitResult:
     """Fit a segmentation model on the normal images; compute the test set's raw maps once; save both.
 
     The backbone runs once over the normal images and once over the test
     images; image scores come from the cached raw maps (no second pass) and
     the maps are saved beside the model, so a restart redraws them.
+    ``tuning``: the tuner's JSON summary, saved in the model (how its settings were chosen).
     """
     from core.detectors import make_detector
 
@@ -40,8 +57,8 @@ def fit_segmentation(workspace: Workspace, project_id: int, settings: Any, progr
     return result
 
 
-def tune_segmentation(workspace: Workspace, project_id: int, base: Any, progress: StageProgress | None = None,
-                      cancel: CancelFn | None = None) -> FitResult:
+def tune_segmentation(workspace: Workspace, project_id: int, base: SpadeSettings,
+                      progress: StageProgress | None = None, cancel: CancelFn | None = None) -> FitResult:
     """Choose SPADE's settings from the project's normal images alone (``core.tuning``), then fit with them.
 
     The test images are not read until the chosen model is fitted; the
@@ -63,7 +80,7 @@ def tune_segmentation(workspace: Workspace, project_id: int, base: Any, progress
     return fit_segmentation(workspace, project_id, result.settings, progress, cancel, tuning=result.summary())
 
 
-def keep_maps(detector: Any, images: Any, path: Any) -> bool:
+def keep_maps(detector: SpadeDetector, images: ImageSet, path: Path) -> bool:
     """Save cached raw maps beside the model. Only a cache: a failed write costs a recomputation, never the model."""
     try:
         detector.save_raw_maps(path, images)
@@ -73,7 +90,7 @@ def keep_maps(detector: Any, images: Any, path: Any) -> bool:
 
 
 def restore_maps(workspace: Workspace, model_id: int, progress: StageProgress | None = None,
-                 cancel: CancelFn | None = None) -> tuple[Any, list[int]]:
+                 cancel: CancelFn | None = None) -> tuple[SpadeDetector, list[int]]:
     """A saved segmentation model with its test maps: from its maps file where it holds them, else the backbone."""
     from core.detectors import ModelFileError, load_detector
 
@@ -93,7 +110,40 @@ def restore_maps(workspace: Workspace, model_id: int, progress: StageProgress | 
     return detector, test.ids
 
 
-def pixel_threshold(detector: Any, stages: Sequence[str], sigma: float, factor: float = 1.0) -> float:
+# ---------------------------------------------------------------------- heatmaps of the cached maps
+@dataclass(frozen=True)
+class Heatmaps:
+    """Test heatmaps recombined for one choice of layers and σ, with what their colours are measured against.
+
+    ``maps``: (N, crop, crop) float32; ``threshold``: pixels above it are
+    flagged; ``typical``: the typical normal pixel score (the colour scale's
+    low anchor, :func:`core.maps.model_scale`).
+    """
+
+    maps: np.ndarray
+    threshold: float
+    typical: float
+
+
+def heatmaps(detector: SpadeDetector, stages: Sequence[str], sigma: float, factor: float = 1.0) -> Heatmaps:
+    """Every test image's heatmap from the ticked ``stages`` at ``sigma``, thresholded at :func:`pixel_threshold`."""
+    return Heatmaps(detector.combined_maps(stages=list(stages), sigma=sigma),
+                    pixel_threshold(detector, stages, sigma, factor), detector.typical_pixel_score(stages, sigma))
+
+
+def default_heatmap(detector: SpadeDetector, index: int) -> Heatmaps:
+    """The model's own view of test image ``index`` (every layer, its σ, the calibrated threshold): maps (1, crop, crop)."""
+    return Heatmaps(detector.combined_maps(indices=[index]), detector.pixel_threshold(),
+                    detector.typical_pixel_score())
+
+
+def peak_scores(detector: SpadeDetector) -> np.ndarray:
+    """(N,) the peak of each test image's default heatmap: an order of the images that no control changes."""
+    default = detector.combined_maps()
+    return default.reshape(len(default), -1).max(axis=1)
+
+
+def pixel_threshold(detector: SpadeDetector, stages: Sequence[str], sigma: float, factor: float = 1.0) -> float:
     """The heatmap threshold: ``factor`` x the calibrated one, measured from the typical normal pixel score.
 
     ×1 lets about ``settings.pixel_fpr`` of normal pixels through; the factor
@@ -105,7 +155,7 @@ def pixel_threshold(detector: Any, stages: Sequence[str], sigma: float, factor: 
     return typical + factor * (calibrated - typical)
 
 
-def ground_truth(rows: Sequence[StoredImage], size: Any) -> np.ndarray:
+def ground_truth(rows: Sequence[StoredImage], size: ImageSize) -> np.ndarray:
     """(N, crop, crop) bool defect masks of stored images at a model's geometry; no mask = all False."""
     from core.images import decode_mask, preprocess_mask
 
@@ -116,17 +166,17 @@ def ground_truth(rows: Sequence[StoredImage], size: Any) -> np.ndarray:
     return masks
 
 
-def segmentation_quality(detector: Any, rows: Sequence[StoredImage], positions: Sequence[int],
-                         stages: Sequence[str], sigma: float) -> Any:
+def segmentation_quality(detector: SpadeDetector, rows: Sequence[StoredImage], positions: Sequence[int],
+                         stages: Sequence[str], sigma: float) -> SegmentationMetrics:
     """Pixel AUROC and PRO of the heatmaps (cached raw maps of ``positions``, recombined) against the masks."""
     from core.metrics import segmentation_metrics
 
-    heatmaps = detector.combined_maps(stages=list(stages), sigma=sigma)[list(positions)]
-    return segmentation_metrics(ground_truth(rows, detector.image_size), heatmaps)
+    maps = detector.combined_maps(stages=list(stages), sigma=sigma)[list(positions)]
+    return segmentation_metrics(ground_truth(rows, detector.image_size), maps)
 
 
-def explain_pixel(detector: Any, image_index: int, y: int, x: int, stages: Sequence[str],
-                  normal: Any = None, exact: bool = True) -> Any:
+def explain_pixel(detector: SpadeDetector, image_index: int, y: int, x: int, stages: Sequence[str],
+                  normal: ImageSet | None = None, exact: bool = True) -> Explanation:
     """The nearest normal patch to pixel (y, x) of image ``image_index``, searched in the ticked ``stages`` only.
 
     Of the ticked stages, the one that flags the pixel most explains it (the

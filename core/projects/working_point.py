@@ -10,10 +10,10 @@ FPR" threshold is a guess, and the interval shows it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
+from core.detectors import Detector
 from core.projects.common import ScoredTest
 from core.store import StoredModel, Workspace
 
@@ -81,13 +81,13 @@ def clopper_pearson(successes: int, trials: int, confidence: float = CONFIDENCE)
     return low, high
 
 
-def _normal_scores(detector: Any) -> np.ndarray:
+def _normal_scores(detector: Detector) -> np.ndarray:
     """The normal scores the threshold is placed on: held-out ones when the model has them, else leave-one-out."""
-    held = getattr(detector, "holdout_scores_", None)
+    held = detector.holdout_scores_
     return np.asarray(held if held is not None else detector.train_scores_, dtype=np.float64).reshape(-1)
 
 
-def working_point(workspace: Workspace, model: StoredModel, detector: Any) -> WorkingPoint:
+def working_point(workspace: Workspace, model: StoredModel, detector: Detector) -> WorkingPoint:
     """The model's threshold: the one the user saved, else the one placed at fit; with its FPR and interval."""
     saved = workspace.model(model.id).summary.get(WORKING_POINT) or {}
     threshold = float(saved.get("threshold", detector.threshold_))
@@ -98,7 +98,7 @@ def working_point(workspace: Workspace, model: StoredModel, detector: Any) -> Wo
     return WorkingPoint(threshold, source, target, int(normal.size), alarms, clopper_pearson(alarms, int(normal.size)))
 
 
-def set_working_point(workspace: Workspace, model: StoredModel, detector: Any, *, threshold: float | None = None,
+def set_working_point(workspace: Workspace, model: StoredModel, detector: Detector, *, threshold: float | None = None,
                       target_fpr: float | None = None) -> WorkingPoint:
     """Save a threshold (or the one a target FPR gives on the normal scores) with the model; returns it."""
     from core.metrics import threshold_at_fpr

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.backbones import default_device
 from core.progress import CancelFn, ProgressFn
 from core.scoring.inputs import Source, count_sources, iter_sources, load_source, numbered
-from core.scoring.outputs import SCORE_COLUMNS, ResultFileError, open_results, read_results
+from core.scoring.outputs import SCORE_COLUMNS, ResultFileError, check_output, open_results, read_results
 from core.scoring.scorers import SEGMENT_COLUMNS, BatchScorer, SegmentOptions, SegmentWriter, model_id
 from core.scoring.stream import DECODE_MODES, DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, StreamSummary, score_stream
 
@@ -62,6 +63,8 @@ def _run(detector: Any, model_path: str | os.PathLike, process, columns, inputs:
          output: str | os.PathLike | None, resume: bool, engine: EngineOptions, segment: SegmentOptions | None,
          out_folder: str | os.PathLike | None, count: bool, progress: ProgressFn | None,
          cancel: CancelFn | None, on_error: Callable[[str, str], None] | None) -> StreamSummary:
+    default_device()  # an ANOMALY_DEVICE this machine lacks is refused before the output is touched
+    check_output(output, [model_path, *inputs])
     writer, done = open_results(output, columns, resume, process.model)
 
     def write(rows: list[dict]) -> None:

@@ -30,6 +30,7 @@ from itertools import islice
 
 from core.images import ImageSize
 from core.progress import CancelFn, Cancelled, check_cancel
+from core.scoring.decoding import Decoded, decode_one
 from core.scoring.inputs import Source
 
 WORKER_CRASHED = "the image decoder crashed on this file (the worker process died); it was not scored"
@@ -47,8 +48,6 @@ class DecodingShutDown(Cancelled):
 
 def decode_chunk(sources: list[Source], size: ImageSize, keep_images: bool) -> list:
     """``[Decoded]`` for ``sources``, in order (runs in a worker process)."""
-    from core.scoring.stream import decode_one
-
     return [decode_one(source, size, keep_images) for source in sources]
 
 
@@ -93,8 +92,6 @@ def _new_pool(workers: int) -> ProcessPoolExecutor:
 def _one_by_one(decode: Callable, chunk: list[Source], size: ImageSize, keep_images: bool) -> list:
     """Decode ``chunk`` one file per task in a single worker: the file that kills it becomes an error row,
     and only then is a new worker started (each start imports the package: about a second)."""
-    from core.scoring.stream import Decoded
-
     decoded = []
     pool = _new_pool(1)
     try:

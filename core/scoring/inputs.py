@@ -16,8 +16,9 @@ a ``problem`` instead and becomes an error row, never an abort.
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import os
+import re
 import threading
 import zipfile
 import zlib
@@ -84,13 +85,91 @@ def _file_source(path: str) -> Source:
     return Source(path, path, key=key)
 
 
+def _unreadable_folder(error: OSError) -> Source:
+    """The row of a folder the walk cannot list (no permission, removed meanwhile): nothing under it is scored."""
+    folder = os.fspath(error.filename) if error.filename is not None else "?"
+    reason = error.strerror or str(error)
+    return Source(folder, folder, problem=f"folder cannot be read ({reason}); nothing in it was scored")
+
+
 def _walk_folder(folder: str) -> Iterator[Source]:
-    """Images under ``folder``, recursively, in name order; hidden files and OS litter are ignored."""
-    for directory, subfolders, files in os.walk(folder):
+    """Images under ``folder``, recursively, in name order; hidden files and OS litter are ignored.
+
+    Links to folders are not followed (a link to a parent would list everything again, without end);
+    a subfolder that cannot be listed becomes an error row.
+    """
+    unreadable: list[OSError] = []
+    for directory, subfolders, files in os.walk(folder, onerror=unreadable.append):
+        while unreadable:
+            yield _unreadable_folder(unreadable.pop(0))
         subfolders[:] = sorted(name for name in subfolders if not _is_ignored(name))
         for name in sorted(files):
             if not _is_ignored(name):
                 yield _file_source(os.path.join(directory, name))
+    while unreadable:
+        yield _unreadable_folder(unreadable.pop(0))
+
+
+def _parts_match(pattern: list[str], parts: list[str]) -> bool:
+    """Whether path ``parts`` match glob ``pattern`` parts (``**`` stands for any number of folders)."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_parts_match(pattern[1:], parts[skip:]) for skip in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatch(parts[0], pattern[0]) and _parts_match(pattern[1:], parts[1:])
+
+
+def _may_hold_matches(pattern: list[str], parts: list[str]) -> bool:
+    """Whether something under the folder ``parts`` could match ``pattern`` (prunes the walk)."""
+    if not parts:
+        return bool(pattern)
+    if not pattern:
+        return False
+    if pattern[0] == "**":
+        return True
+    return fnmatch.fnmatch(parts[0], pattern[0]) and _may_hold_matches(pattern[1:], parts[1:])
+
+
+def _expand_glob(entry: str) -> Iterator[Source]:
+    """The files and folders matching the glob ``entry``, in name order, never through a link to a folder.
+
+    ``glob`` follows folder links, so with ``**`` a link to a parent folder listed every file again
+    (41 times here) and two such links made the listing grow without end. Here the folder of the
+    pattern's fixed start is walked without following links and without entering folders that
+    cannot hold a match; a matching folder is scored whole, like a folder given by name.
+    """
+    separators = "/\\" if os.sep == "\\" else "/"
+    parts = re.split(f"[{re.escape(separators)}]", entry)
+    fixed = 0
+    while fixed < len(parts) - 1 and not _GLOB_CHARACTERS & set(parts[fixed]):
+        fixed += 1
+    base = os.sep.join(parts[:fixed]) if fixed else ""
+    if base == "" and entry.startswith(tuple(separators)):
+        base = os.sep
+    pattern = [part for part in parts[fixed:] if part not in ("", ".")]
+    top = base or os.curdir
+    if not os.path.isdir(top):
+        return
+    unreadable: list[OSError] = []
+    for directory, subfolders, files in os.walk(top, onerror=unreadable.append):
+        while unreadable:
+            yield _unreadable_folder(unreadable.pop(0))
+        relative = os.path.relpath(directory, top)
+        here = [] if relative == os.curdir else relative.split(os.sep)
+        keep = []
+        for name in sorted(subfolders):
+            if _is_ignored(name) or os.path.islink(os.path.join(directory, name)):
+                continue
+            if _parts_match(pattern, here + [name]):
+                yield from _walk_folder(os.path.join(base, *here, name))
+            elif _may_hold_matches(pattern, here + [name]):
+                keep.append(name)
+        subfolders[:] = keep
+        for name in sorted(files):
+            if not _is_ignored(name) and _parts_match(pattern, here + [name]):
+                yield _file_source(os.path.join(base, *here, name))  # the name glob would give
+    while unreadable:
+        yield _unreadable_folder(unreadable.pop(0))
 
 
 def _zip_members(path: str) -> Iterator[Source]:
@@ -106,13 +185,13 @@ def _zip_members(path: str) -> Iterator[Source]:
             if info.is_dir():
                 continue
             parts = [part for part in info.filename.replace("\\", "/").split("/") if part not in ("", ".")]
-            if not parts or any(_is_ignored(part) for part in parts):
-                continue
             relative = "/".join(parts)
             shown = f"{path}!{relative}"
             key = f"zip:{info.file_size}:{info.CRC:08x}"
-            if _unsafe_member_name(info.filename):
+            if _unsafe_member_name(info.filename):  # before the hidden-name rule: '..' starts with a dot
                 yield Source(shown, path, info.filename, key, "unsafe path (absolute or containing '..')")
+                continue
+            if not parts or any(_is_ignored(part) for part in parts):
                 continue
             reason = _zip_member_problem(info, relative, seen)
             seen.add(relative)
@@ -152,9 +231,9 @@ def iter_sources(inputs: Iterable[str | os.PathLike], _depth: int = 0) -> Iterat
                 yield Source(entry, entry, problem=f"cannot read the list of paths ({error})")
         elif not os.path.exists(entry) and _GLOB_CHARACTERS & set(entry):
             matched = False
-            for match in glob.iglob(entry, recursive=True):
+            for source in _expand_glob(entry):
                 matched = True
-                yield from iter_sources([match], _depth)
+                yield source
             if not matched:
                 yield Source(entry, entry, problem="no file matches this pattern")
         elif not os.path.exists(entry):

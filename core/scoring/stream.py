@@ -10,8 +10,9 @@ batch to a :class:`~core.scoring.scorers.BatchScorer` and passes its rows to
 a writer thread that appends and fsyncs them while the next batch is scored:
 peak memory is one model, a few batches of decoded images and of rows.
 
-The Ray engine (:mod:`core.scoring.ray_engine`) reuses :func:`decode_one` and
-the scorer on its workers, so both engines compute the same numbers.
+Every engine decodes through :func:`core.scoring.decoding.decode_one` (the
+Ray engine on its workers too) and scores with the same scorer, so they
+compute the same numbers.
 """
 
 from __future__ import annotations
@@ -25,11 +26,10 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
-
-from core.images import ImageError, ImageSize, preprocess
+from core.images import ImageSize
 from core.progress import CancelFn, ProgressFn, check_cancel
-from core.scoring.inputs import Source, load_source
+from core.scoring.decoding import Decoded, decode_one
+from core.scoring.inputs import Source
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_WORKERS = 2
@@ -49,32 +49,6 @@ def use_processes(decode: str, total: int | None) -> bool:
     if decode != "auto":
         return decode == "processes"
     return (os.cpu_count() or 1) > 1 and (total or 0) >= PROCESS_DECODING_MIN_IMAGES
-
-
-@dataclass
-class Decoded:
-    """One source after decoding: ``image`` (H, W, 3) uint8 and ``tensor`` (3, crop, crop) float32, or an ``error``."""
-
-    source: Source
-    image: np.ndarray | None = None
-    tensor: np.ndarray | None = None
-    error: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return not self.error
-
-
-def decode_one(source: Source, size: ImageSize, keep_image: bool = False) -> Decoded:
-    """Decode and preprocess one source; a bad file becomes ``Decoded(error=...)``, never an exception."""
-    try:
-        image = load_source(source)
-        tensor = preprocess(image, size)
-    except ImageError as error:
-        return Decoded(source, error=error.reason)
-    except (OSError, ValueError, MemoryError) as error:  # anything else a broken file can raise
-        return Decoded(source, error=f"cannot be read ({type(error).__name__}: {error})")
-    return Decoded(source, image if keep_image else None, tensor)
 
 
 def decoded_batches(

@@ -1,4 +1,5 @@
-"""Heatmap viewer pieces: crops at display size, overlays with outlines, the colour scale choice.
+"""Heatmap viewer pieces: crops at display size, overlays with outlines, the colour scale choice; a model's
+default view of one image.
 
 Everything here works on maps already computed (``SpadeDetector.combined_maps``
 recombines cached raw maps): nothing calls the backbone.
@@ -6,13 +7,17 @@ recombines cached raw maps): nothing calls the backbone.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import streamlit as st
 
-from core import maps
-from core.images import ImageSize, preprocess, preprocess_mask
+from core import maps, projects
+from core.images import ImageSize
+from core.store import StoredImage
+from dashboard import state
 
 DISPLAY_SIDE = 336  # every heatmap panel is this many pixels square, whatever the source image size
 GROUND_TRUTH_COLOUR = (0, 255, 0)
@@ -20,15 +25,10 @@ PREDICTION_COLOUR = (255, 255, 255)
 PATCH_COLOUR = (255, 200, 0)
 
 
-def crop_for_display(image: np.ndarray, size: ImageSize) -> np.ndarray:
-    """The part of an (H, W, 3) uint8 image the model saw (resize + centre crop), at DISPLAY_SIDE."""
-    crop = (preprocess(image, size).transpose(1, 2, 0) * 255.0).round().astype(np.uint8)
-    return cv2.resize(crop, (DISPLAY_SIDE, DISPLAY_SIDE), interpolation=cv2.INTER_LINEAR)
-
-
-def mask_for_display(mask: np.ndarray, size: ImageSize) -> np.ndarray:
-    crop = preprocess_mask(mask, size).astype(np.uint8)
-    return cv2.resize(crop, (DISPLAY_SIDE, DISPLAY_SIDE), interpolation=cv2.INTER_NEAREST).astype(bool)
+def model_view(path: str | os.PathLike, size: ImageSize, is_mask: bool = False) -> np.ndarray:
+    """The part of a workspace image (or its mask) a model of geometry ``size`` saw, at DISPLAY_SIDE: uint8
+    (side, side, 3), or bool (side, side) for a mask. Decoded once per process (``state.model_view``)."""
+    return state.model_view(str(path), size.resize, size.crop, size.pad, DISPLAY_SIDE, is_mask)
 
 
 def to_display(heatmap: np.ndarray) -> np.ndarray:
@@ -93,3 +93,17 @@ def with_marker(panel: np.ndarray, point: tuple[int, int], crop_side: int, arm: 
     cv2.line(drawn, (x - arm, y), (x + arm, y), PATCH_COLOUR, 2)
     cv2.line(drawn, (x, y - arm), (x, y + arm), PATCH_COLOUR, 2)
     return drawn
+
+
+def default_view(holder: state.SegmentationCache, image: StoredImage) -> None:
+    """The image as the model sees it, beside its heatmap in the Segment page's default view (every layer, the
+    model's σ, the calibrated threshold), from the cached maps."""
+    found = projects.default_heatmap(holder.detector, holder.image_ids.index(image.id))
+    size = holder.detector.image_size
+    crop = model_view(image.path, size)
+    scale = maps.model_scale(found.threshold, found.typical)
+    pictures = st.columns(2)
+    pictures[0].image(crop, caption="image (the part the model sees)", width="stretch")
+    pictures[1].image(overlay_panel(crop, found.maps[0], Scale(scale.vmin, scale.vmax, True), 0.5, found.threshold,
+                                    True, None),
+                      caption="SPADE heatmap (details on Segment)", width="stretch")

@@ -1,18 +1,33 @@
-"""Picking a saved model, and the test scores that go with it."""
+"""Picking a backbone for a new model, and a saved model (the project's current one) to look at."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import streamlit as st
+from streamlit.delta_generator import DeltaGenerator
 
 from core import projects
-from core.detectors import METHODS
-from core.projects import ScoredTest
+from core.backbones import DEFAULT_BACKBONE, list_backbones
+from core.detectors import METHODS, Detector
 from core.store import Project, StoredModel, Workspace
 from dashboard import state
 
 METHOD_NAMES = {name: info.label for name, info in METHODS.items()}
+
+
+def pick_backbone(place: DeltaGenerator, key: str, mark_offline: bool = False) -> str:
+    """A backbone selectbox in ``place`` (a column), on the default backbone. ``mark_offline``: name the
+    backbones whose weights are not on this machine."""
+    backbones = list(list_backbones())
+    if not mark_offline:
+        return place.selectbox("Backbone", backbones, index=backbones.index(DEFAULT_BACKBONE), key=key)
+    return place.selectbox(
+        "Backbone", backbones, index=backbones.index(DEFAULT_BACKBONE), key=key,
+        format_func=lambda name: name if state.backbone_offline(name) else f"{name} (needs weights file)",
+        help="EfficientNet-Lite weights ship with the app and work offline; the others need their ImageNet "
+        "weights in the torch hub cache.",
+    )
 
 
 def model_label(model: StoredModel) -> str:
@@ -28,10 +43,6 @@ def model_label(model: StoredModel) -> str:
     if auroc is not None:
         parts.append(f"AUROC {auroc:.3f}")
     return " · ".join(part for part in parts if part)
-
-
-DRAWN_PICKERS = "model_picker_widgets"
-"""Session key: picker name -> the widget key it was last drawn with."""
 
 
 def pick_model(workspace: Workspace, project: Project, methods: Sequence[str], key: str,
@@ -50,34 +61,24 @@ def pick_model(workspace: Workspace, project: Project, methods: Sequence[str], k
     # One widget per model list, and only the one drawn last may change the current model: when a fit adds
     # a model, a real browser still sent the previous widget's choice back once, and its on_change made the
     # old model current again (so a restart opened on it). AppTest does not reproduce this; a browser walk did.
-    widget = picker_key(key, ids)
-    st.session_state.setdefault(DRAWN_PICKERS, {})[key] = widget
+    widget = state.picker_widget(key, ids)
     current = projects.last_model(workspace, project.id)
     if current in ids and state.model_seen(key) != current:
-        st.session_state[widget] = current  # before the widget exists: allowed, and it wins over the old choice
-    elif st.session_state.get(widget) not in ids:
-        st.session_state[widget] = current if current in ids else ids[0]
+        state.set_widget_value(widget, current)  # before the widget exists: allowed, and it wins over the old choice
+    elif state.widget_value(widget) not in ids:
+        state.set_widget_value(widget, current if current in ids else ids[0])
     state.set_model_seen(key, current)
 
     def picked() -> None:
-        if st.session_state.get(DRAWN_PICKERS, {}).get(key) != widget:
+        if not state.is_drawn_picker(key, widget):
             return  # a stale widget's late callback: not the user's choice
-        projects.remember_model(workspace, project.id, st.session_state[widget])
-        state.set_model_seen(key, st.session_state[widget])
+        projects.remember_model(workspace, project.id, state.widget_value(widget))
+        state.set_model_seen(key, state.widget_value(widget))
 
     chosen = st.selectbox(label, ids, format_func=lambda i: model_label(next(m for m in models if m.id == i)),
                           key=widget, on_change=picked)
     return next(model for model in models if model.id == chosen)
 
 
-def picker_key(key: str, ids: Sequence[int]) -> str:
-    """The widget key of a model picker (``key``) over models ``ids`` (newest first): it changes with each new model."""
-    return f"{key}-{max(ids)}"
-
-
-def scored_test(workspace: Workspace, model: StoredModel) -> ScoredTest:
-    return projects.scored_test(workspace, model)
-
-
-def loaded_detector(workspace: Workspace, model: StoredModel):
+def loaded_detector(workspace: Workspace, model: StoredModel) -> Detector:
     return state.detector(str(workspace.root), model.id, str(model.path))

@@ -10,6 +10,7 @@ import streamlit as st
 
 from core.backbones import list_backbones
 from core.config import PANDA_STRATEGIES
+from core.knn import KNN_METRICS
 from core.projects import adaptation as service
 from core.store import Run, Workspace
 from dashboard import state, tasks
@@ -44,7 +45,7 @@ def settings_form(disabled_reasons: list[str]) -> dict[str, Any]:
     top = st.columns([3, 2, 2, 3])
     top[0].selectbox("Strategy", list(PANDA_STRATEGIES), format_func=PANDA_STRATEGIES.get, key=keys["strategy"])
     top[1].selectbox("Backbone", list(list_backbones()), key=keys["backbone"])
-    top[2].selectbox("Distance", list(tasks.DISTANCES), format_func=tasks.DISTANCES.get, key=keys["metric"],
+    top[2].selectbox("Distance", list(KNN_METRICS), format_func=KNN_METRICS.get, key=keys["metric"],
                      help="The kNN distance of every score (epoch 0 = DN2, Early, SES, EWC). Cosine compares "
                           "directions only; it is the default (measured best on Fashion-MNIST and bottle).")
     with top[3]:
@@ -137,9 +138,8 @@ def runs_table(workspace: Workspace, runs: list[Run]) -> None:
 def overlay(runs: list[Run]) -> None:
     """The chosen runs' ROC AUC and anomalous/train ratio on one chart each."""
     ids = [run.id for run in runs]
-    state.overlay_runs(ids, {run.id for run in runs if run.status != "running"})
     chosen = st.multiselect("Overlay runs", ids, format_func=lambda i: run_name(next(r for r in runs if r.id == i)),
-                            key=state.COMPARE_RUNS)
+                            key=state.overlay_runs_widget(ids, {run.id for run in runs if run.status != "running"}))
     series = [curve_series(run) for run in runs if run.id in chosen and run.curves]
     if series:
         left, right = st.columns(2)

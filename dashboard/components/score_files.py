@@ -14,6 +14,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from core.datasets import IMAGE_EXTENSIONS
 from core.paths import FolderNotAllowed, allowed_folder
 from core.scoring import read_results
 from core.scoring.runs import ScoringRun, list_runs, new_run, run_scoring
@@ -23,7 +24,7 @@ from dashboard.components.jobs import job_panel
 SCORE_JOB = "score-files"
 """Job kind: one folder-scoring job per session (another session may run one on another project)."""
 
-UPLOAD_TYPES = ["zip", "png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp"]
+UPLOAD_TYPES = ["zip", *sorted(extension.lstrip(".") for extension in IMAGE_EXTENSIONS)]  # what the readers take
 SHOWN_ROWS = 20
 
 
@@ -52,15 +53,14 @@ def _save_uploads(workspace, files) -> list[str]:
 
 def _live_run(project_id: int) -> str | None:
     job = state.job(SCORE_JOB, project_id)
-    return getattr(job, "scoring_run", None) if job is not None and job.running else None
+    return job.subject if job is not None and job.running else None
 
 
 def _start(run: ScoringRun, project_id: int, resume: bool) -> None:
     title = f"{'Resuming' if resume else 'Scoring'} {run.title}"
-    job = state.start_job(SCORE_JOB, title, lambda job: run_scoring(run, resume, job.report, job.cancelled),
-                          project_id, topic=state.DETECT)
-    if job is not None:
-        job.scoring_run = run.folder  # lets the panel tell the live run from an interrupted one
+    # The run's folder as the job's subject lets the panel tell the live run from an interrupted one.
+    state.start_job(SCORE_JOB, title, lambda job: run_scoring(run, resume, job.report, job.cancelled),
+                    project_id, topic=state.DETECT, subject=run.folder)
     st.rerun()
 
 

@@ -4,13 +4,14 @@ import numpy as np
 import streamlit as st
 
 from core import projects
+from core.datasets import LABELS
 from core.detectors import METHODS, methods_with
 from core.images import ImageError
 from core.store import VERDICTS
 from dashboard import state, tasks
 from dashboard.components import heatmap as view
 from dashboard.components.jobs import job_panel
-from dashboard.components.models import loaded_detector, pick_model, scored_test
+from dashboard.components.models import loaded_detector, pick_model
 from dashboard.components.sidebar import require_project, workspace_and_project
 
 IMAGE_SIDE = 420
@@ -30,7 +31,7 @@ try:
 except Exception as error:  # noqa: BLE001
     st.error(f"Cannot load model #{model.id}: {error}")
     st.stop()
-test = scored_test(workspace, model)
+test = projects.scored_test(workspace, model)
 point = projects.working_point(workspace, model, detector)  # saved with the model: the same on every page
 threshold = point.threshold
 annotations = workspace.annotations(project.id)
@@ -72,34 +73,13 @@ navigation[2].markdown(f"**{index + 1} / {len(queue)}** — arrow keys move too"
 image = queue[index]
 position = order[index]
 left, right = st.columns([3, 2])
-
-
-def segmentation_for(image_id: int):
-    """A SPADE model of this project whose heatmaps are in memory and cover the image, else None."""
-    for spade in (m for m in workspace.models(project.id) if m.method in methods_with(segmentation=True)):
-        holder = state.segmentation(str(workspace.root), project.id, spade.id)
-        if holder.ready and image_id in holder.image_ids:
-            return holder
-    return None
-
-
 with left:
     try:
-        holder = segmentation_for(image.id)
+        holder = state.segmentation_covering(workspace, project.id, image.id)
         if holder is None:
             st.image(state.display_image(str(image.path), IMAGE_SIDE), width=IMAGE_SIDE)
         else:
-            # The Segment page's default view (all layers, default σ, calibrated threshold), from cached maps.
-            found = holder.detector
-            size = found.image_size
-            heatmap = found.combined_maps(indices=[holder.image_ids.index(image.id)])[0]
-            crop = state.model_view(str(image.path), size.resize, size.crop)
-            scale = found.colour_scale()
-            pictures = st.columns(2)
-            pictures[0].image(crop, caption="image (the part the model sees)", width="stretch")
-            pictures[1].image(view.overlay_panel(crop, heatmap, view.Scale(scale.vmin, scale.vmax, True), 0.5,
-                                                 found.pixel_threshold(), True, None),
-                              caption="SPADE heatmap (details on Segment)", width="stretch")
+            view.default_view(holder, image)
     except (ImageError, OSError) as error:
         st.error(f"{image.name}: {getattr(error, 'reason', error)}")
 with right:
@@ -107,7 +87,7 @@ with right:
     facts = st.columns(2)
     facts[0].metric("Score", f"{test.scores[position]:.4g}", delta=f"{test.scores[position] - threshold:+.3g} vs threshold",
                     delta_color="inverse")
-    facts[1].metric("Label", {0: "normal", 1: "anomalous"}.get(image.label, "unknown"))
+    facts[1].metric("Label", LABELS.get(image.label, "unknown"))
     if image.group:
         st.caption(f"group: {image.group}")
     current = annotations.get(image.id)

@@ -3,6 +3,8 @@
 import plotly.graph_objects as go
 import streamlit as st
 
+from core.backbones import DEFAULT_BACKBONE
+from core.config import DN2Settings, settings_for
 from dashboard import state, tasks
 from dashboard.components import charts
 from dashboard.components.sidebar import workspace_and_project
@@ -34,10 +36,10 @@ for column, demo in zip(columns, tasks.DEMOS.values()):
                 # it is SPADE, whose one backbone pass gives the image scores (DN2's kNN on pooled features)
                 # and the Segment page's heatmaps; the clothes have no masks, so plain DN2.
                 if demo.first_model == "spade":
-                    state.start_segmentation_fit(workspace, demo_project.id, "efficientnet_lite0")
+                    state.start_segmentation_fit(workspace, demo_project.id, DEFAULT_BACKBONE)
                 else:
-                    settings = tasks.settings_for("dn2", "efficientnet_lite0")
-                    state.start_job(state.FIT, "Fitting DN2 (efficientnet_lite0)",
+                    settings = settings_for(DN2Settings, backbone=DEFAULT_BACKBONE)
+                    state.start_job(state.FIT, f"Fitting DN2 ({DEFAULT_BACKBONE})",
                                     lambda job, p=demo_project.id: tasks.fit_and_score(workspace, p, "dn2", settings, job),
                                     demo_project.id)
                 state.flash("success", f"Demo project “{demo_project.name}” ready ({added} images added). "

@@ -1,6 +1,6 @@
 """Explanations: the normal training patch nearest to one pixel of a scored image, found exactly.
 
-How "exactly" is achieved per gallery kind (``SpadeDetector.gallery_kind_``):
+How "exactly" is achieved per gallery kind (:attr:`PixelIndex.kind <core.detectors.spade.index.PixelIndex>`):
 
 * ``exact``: the query pixel's feature (one backbone pass over the scored
   image) is compared with every normal pixel of the stage (float16 features,
@@ -28,21 +28,42 @@ the stored features).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from core import maps
-from core.datasets import ImageSet
+from core.datasets import ImageItem, ImageSet
+from core.detectors.spade.featurizer import PixelFeaturizer
+from core.detectors.spade.index import PixelIndex
+from core.detectors.spade.raw_cache import ScoredSet
+from core.detectors.spade.training_images import TrainingImages
 from core.images import ImageError, ImageSize, content_box
-
-if TYPE_CHECKING:  # the detector calls in here; importing it at run time would be a loop
-    from core.detectors.spade.detector import SpadeDetector
 
 MAX_IMAGES = 16
 """Training images an exact K-means / IVF-PQ explanation may re-read before it settles for approximate."""
 _BATCH = 8  # training images read per backbone batch
+
+Pixels = dict[str, torch.Tensor]
+"""{key: (h, w, C) float32} pixel features of one image."""
+
+
+@dataclass(frozen=True)
+class ExplainContext:
+    """What an explanation reads: the fitted ``index`` and ``training`` images, the ``featurizer`` (for the
+    averaged patch's reach), the input ``size``, the search's ``k`` and ``top_images``, and two readers of
+    real pixel features: ``read_image(item)`` for a scored image and ``read_training(indices, items)`` for
+    training images (backbone passes, cached by the detector)."""
+
+    index: PixelIndex
+    training: TrainingImages
+    featurizer: PixelFeaturizer
+    size: ImageSize
+    k: int
+    top_images: int
+    read_image: Callable[[ImageItem], Pixels]
+    read_training: Callable[[Sequence[int], Sequence[ImageItem]], list[Pixels]]
 
 
 @dataclass(frozen=True)
@@ -92,58 +113,52 @@ class _Match:
     searched_images: int
 
 
-def explain(
-    detector: "SpadeDetector",
-    image_index: int,
-    y: int | None = None,
-    x: int | None = None,
-    stages: Sequence[str] | None = None,
-    normal: ImageSet | None = None,
-    exact: bool = True,
-) -> Explanation:
-    """See :meth:`SpadeDetector.explain`."""
-    last = detector._require_last()
-    n = len(last.dn2)
-    if not 0 <= image_index < n:
-        raise IndexError(f"image_index {image_index} outside the last scored set of {n} images")
-    chosen = detector.check_stages(stages)
-    crop = detector.image_size.crop
-    if y is None or x is None:
-        y, x = maps.peak(detector.combined_maps(stages=chosen, indices=[image_index])[0])
-    y, x = int(y), int(x)
-    if not (0 <= y < crop and 0 <= x < crop):
-        raise IndexError(f"pixel ({y}, {x}) outside the {crop}x{crop} crop")
-
-    def cell(key: str) -> tuple[int, int]:
-        h, w = detector.stage_shapes_[key]
-        return min(h - 1, int(y * h / crop)), min(w - 1, int(x * w / crop))
+def strongest_stage(scored: ScoredSet, image_index: int, y: int, x: int, stages: Sequence[str],
+                    normalisation: dict[str, maps.StageNormalisation], crop: int) -> str:
+    """Of ``stages``, the one whose raw score at crop pixel (y, x) stands out most from its normal spread."""
 
     def strength(key: str) -> float:
-        norm = detector.normalisation_[key]
-        return (float(last.raw[key][(image_index, *cell(key))]) - norm.mean) / norm.std
+        h, w = scored.raw[key].shape[1:]
+        cy, cx = min(h - 1, int(y * h / crop)), min(w - 1, int(x * w / crop))
+        norm = normalisation[key]
+        return (float(scored.raw[key][image_index, cy, cx]) - norm.mean) / norm.std
 
-    stage = max(chosen, key=strength)
-    cy, cx = cell(stage)
-    pixel_score = float(last.raw[stage][image_index, cy, cx])
-    match = _nearest(detector, last, image_index, stage, cy, cx, normal) if exact else _cached(detector, last, image_index, stage, cy, cx)
+    return max(stages, key=strength)
 
-    h, w = detector.stage_shapes_[stage]
+
+def explain(context: ExplainContext, scored: ScoredSet, image_index: int, stage: str, y: int, x: int,
+            stages: tuple[str, ...], normal: ImageSet | None = None, exact: bool = True) -> Explanation:
+    """The normal training patch nearest to crop pixel (y, x) of image ``image_index`` of ``scored``, on ``stage``.
+
+    ``stages``: the stages the caller asked for (recorded in the answer);
+    ``exact``: search real normal pixels (see the module docstring); False:
+    the heatmap's own match, no backbone pass.
+    """
+    crop = context.size.crop
+    h, w = context.index.shapes[stage]
+    cy, cx = min(h - 1, int(y * h / crop)), min(w - 1, int(x * w / crop))
+    pixel_score = float(scored.raw[stage][image_index, cy, cx])
+    if exact:
+        match = _nearest(context, scored, image_index, stage, cy, cx, normal)
+    else:
+        match = _cached(context, scored, image_index, stage, cy, cx)
+
     train_index, within = divmod(match.row, h * w)
     ty, tx = divmod(within, w)
     step_y, step_x = crop / h, crop / w
-    reach = max(detector.patch_cells(name) for name in detector.backbone_stages() if name in stage.split("+")) // 2
+    reach = context.featurizer.reach(stage)
     box = (
         max(0, int(round((ty - reach) * step_y))), max(0, int(round((tx - reach) * step_x))),
         min(crop, int(round((ty + 1 + reach) * step_y))), min(crop, int(round((tx + 1 + reach) * step_x))),
     )
     centre_y, centre_x = (ty + 0.5) * step_y, (tx + 0.5) * step_x
-    hw = tuple(int(v) for v in detector.train_sizes_[train_index])
-    original_y, original_x = crop_point_to_original(centre_y, centre_x, hw, detector.image_size)
-    top, left = crop_point_to_original(box[0], box[1], hw, detector.image_size, inclusive=False)
-    bottom, right = crop_point_to_original(box[2], box[3], hw, detector.image_size, inclusive=False)
+    hw = tuple(int(v) for v in context.training.sizes[train_index])
+    original_y, original_x = crop_point_to_original(centre_y, centre_x, hw, context.size)
+    top, left = crop_point_to_original(box[0], box[1], hw, context.size, inclusive=False)
+    bottom, right = crop_point_to_original(box[2], box[3], hw, context.size, inclusive=False)
     return Explanation(
         train_index=int(train_index),
-        train_name=detector.train_names_[train_index],
+        train_name=context.training.names[train_index],
         stage=stage,
         y=int(centre_y),
         x=int(centre_x),
@@ -155,7 +170,7 @@ def explain(
         pixel_score=pixel_score,
         query_y=y,
         query_x=x,
-        stages=chosen,
+        stages=stages,
         approximate=match.approximate,
         searched_images=match.searched_images,
     )
@@ -184,43 +199,42 @@ def crop_point_to_original(
 # --------------------------------------------------------------------------- the search
 
 
-def _cached(detector: "SpadeDetector", last, image_index: int, stage: str, cy: int, cx: int) -> _Match:
+def _cached(context: ExplainContext, scored: ScoredSet, image_index: int, stage: str, cy: int, cx: int) -> _Match:
     """The heatmap's own match (no backbone, no search): exact only for an exact gallery searching every image."""
-    s = detector.settings
-    n = len(detector.train_names_)
-    whole = detector.gallery_kind_ == "exact" and (s.top_images == 0 or s.top_images >= n)
-    return _Match(int(last.nearest[stage][image_index, cy, cx]), float(last.raw[stage][image_index, cy, cx]) / s.k,
-                  approximate=not (whole and s.k == 1), searched_images=n if whole else 0)
+    n = len(context.training)
+    whole = context.index.kind == "exact" and (context.top_images == 0 or context.top_images >= n)
+    return _Match(int(scored.nearest[stage][image_index, cy, cx]),
+                  float(scored.raw[stage][image_index, cy, cx]) / context.k,
+                  approximate=not (whole and context.k == 1), searched_images=n if whole else 0)
 
 
-def _nearest(detector: "SpadeDetector", last, image_index: int, stage: str, cy: int, cx: int,
+def _nearest(context: ExplainContext, scored: ScoredSet, image_index: int, stage: str, cy: int, cx: int,
              normal: ImageSet | None) -> _Match:
     """The nearest real normal pixel of ``stage`` to cell (cy, cx) of a scored image."""
-    gallery = detector._galleries[stage]
-    kind = detector.gallery_kind_
-    fallback = _cached(detector, last, image_index, stage, cy, cx)
+    gallery = context.index.galleries[stage]
+    kind = context.index.kind
+    n = len(context.training)
+    fallback = _cached(context, scored, image_index, stage, cy, cx)
     try:
-        query = detector._pixels_of(last.images[image_index])[stage][cy, cx].float()
+        query = context.read_image(scored.images[image_index])[stage][cy, cx].float()
     except ImageError:
         return fallback  # the scored image is gone: the map's own match, not proven nearest
     if kind == "exact":
         distances, rows = gallery.search(query[None], 1)
-        return _Match(int(rows[0, 0]), float(distances[0, 0]), approximate=False, searched_images=len(detector.train_names_))
+        return _Match(int(rows[0, 0]), float(distances[0, 0]), approximate=False, searched_images=n)
     if kind == "ivf-flat":
         found = gallery.index.search(query[None].numpy(), 1, probe=gallery.index.lists)
-        return _Match(int(found.indices[0, 0]), float(found.sq_distances[0, 0]), approximate=False,
-                      searched_images=len(detector.train_names_))
-    real = detector._real_pixels
+        return _Match(int(found.indices[0, 0]), float(found.sq_distances[0, 0]), approximate=False, searched_images=n)
+    real = context.index.real_pixels
     if real is not None:  # fitted in this process: every real pixel is still in memory
         distances, rows = real[stage].search(query[None], 1)
-        return _Match(int(rows[0, 0]), float(distances[0, 0]), approximate=False,
-                      searched_images=len(detector.train_names_))
+        return _Match(int(rows[0, 0]), float(distances[0, 0]), approximate=False, searched_images=n)
     if gallery.bounds is None:
         return fallback  # a model saved before exact explanations
-    return _bounded_search(detector, gallery, stage, query, normal, fallback)
+    return _bounded_search(context, gallery, stage, query, normal, fallback)
 
 
-def _bounded_search(detector: "SpadeDetector", gallery, stage: str, query: torch.Tensor,
+def _bounded_search(context: ExplainContext, gallery, stage: str, query: torch.Tensor,
                     normal: ImageSet | None, fallback: _Match) -> _Match:
     """Read training images in order of their lower bound until none can hold a nearer pixel.
 
@@ -230,7 +244,7 @@ def _bounded_search(detector: "SpadeDetector", gallery, stage: str, query: torch
     bounds = gallery.bounds.lower_bounds(query.numpy()).astype(np.float64) ** 2  # squared, like the distances
     order = [int(i) for i in np.argsort(bounds, kind="stable")]
     per = gallery.pixels_per_image
-    sources = detector._train_sources(normal)
+    sources = context.training.sources(normal)
     best_row, best = fallback.row, float("inf")
     searched, position = 0, 0
     while position < len(order) and bounds[order[position]] < best:
@@ -242,7 +256,7 @@ def _bounded_search(detector: "SpadeDetector", gallery, stage: str, query: torch
             # An image that could hold a nearer pixel cannot be read (or too many were): not proven.
             return fallback if searched == 0 else _Match(best_row, best, approximate=True, searched_images=searched)
         try:
-            features = detector._training_pixels(chunk, [sources[i] for i in chunk])
+            features = context.read_training(chunk, [sources[i] for i in chunk])
         except ImageError:
             return fallback if searched == 0 else _Match(best_row, best, approximate=True, searched_images=searched)
         for image, pixels in zip(chunk, features):

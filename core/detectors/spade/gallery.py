@@ -7,7 +7,11 @@ One gallery per stage key, of one kind (``SpadeSettings.gallery``):
 * ``kmeans``: ``n_means`` K-means centres, each remembering the row of the real
   pixel it stands for;
 * ``ivf-flat`` / ``ivf-pq``: every normal pixel in a FAISS inverted file
-  (float32 vectors / PQ codes), ids = the exact layout's rows.
+  (float32 vectors / PQ codes), ids = the exact layout's rows;
+* ``gaussian``: no search at all: each cell's normal pixels (same place, every
+  normal image) summarised by a Gaussian, and a pixel scored by its
+  Mahalanobis distance to its own cell's (PaDiM, Defard et al. 2021): for lines
+  whose parts sit in the same place in every image.
 
 Searching goes through :mod:`core.knn` (the project's one kNN engine).
 """
@@ -17,15 +21,12 @@ from __future__ import annotations
 import math
 import tempfile
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from core.config import SpadeSettings
 from core.knn import IvfIndex, KnnIndex, blockwise_search, ivf_bytes, ivf_lists_for, kmeans_summary, merge_neighbours
-
-if TYPE_CHECKING:  # the detector builds galleries; importing it here would be a loop
-    from core.detectors.spade.detector import SpadeDetector
 
 # K-means sample per centre: FAISS wants at least 39 points per centre (it warns below);
 # more only lengthens the fit.
@@ -37,7 +38,7 @@ class GalleryTooLargeError(ValueError):
     """The pixel gallery would exceed ``SpadeSettings.max_gallery_bytes``."""
 
 
-GALLERY_KINDS = ("exact", "kmeans", "ivf-flat", "ivf-pq")
+GALLERY_KINDS = ("exact", "kmeans", "ivf-flat", "ivf-pq", "gaussian")
 """Gallery kinds a fitted model can have (``SpadeSettings.gallery`` "auto" resolves to one of them)."""
 
 # Exact galleries are stored in float16 and searched in float32 chunks of at most this many values
@@ -233,10 +234,66 @@ class IvfGallery(StageGallery):
         return arrays
 
 
+class GaussianGallery(StageGallery):
+    """One Gaussian per cell: ``mean`` (P, C) and ``precision`` (P, C, C) float32 (the inverse of each cell's
+    regularised covariance), P = h * w cells. A pixel's distance is the squared Mahalanobis distance to its own
+    cell's Gaussian; the reported row is that cell of training image 0 (there is no nearest neighbour)."""
+
+    kind = "gaussian"
+    REGULARISATION = 0.01
+    """Added to each covariance's diagonal, times the mean variance (PaDiM adds 0.01 I to its features')."""
+
+    def __init__(self, mean: torch.Tensor, precision: torch.Tensor, shape: tuple[int, int]) -> None:
+        super().__init__(shape)
+        self.mean = mean.float()
+        self.precision = precision.float()
+
+    @classmethod
+    def fit(cls, pixels: np.ndarray, shape: tuple[int, int], device: torch.device) -> "GaussianGallery":
+        """(N, P, C) float16 pixels of N normal images -> the per-cell Gaussians (float64 sums, in chunks of cells)."""
+        n, cells, channels = pixels.shape
+        if n < 2:
+            raise ValueError(f"a per-cell Gaussian needs at least 2 normal images, got {n}")
+        means, precisions = [], []
+        step = max(1, (1 << 22) // max(1, n * channels))
+        for start in range(0, cells, step):
+            x = torch.from_numpy(pixels[:, start:start + step].astype(np.float64))  # (n, p, C)
+            mean = x.mean(dim=0)
+            centred = x - mean
+            covariance = torch.einsum("npc,npd->pcd", centred, centred) / (n - 1)
+            scale = covariance.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-6)  # (p,)
+            covariance = covariance + cls.REGULARISATION * scale[:, None, None] * torch.eye(channels, dtype=torch.float64)
+            means.append(mean.float())
+            precisions.append(torch.linalg.inv(covariance).float())
+        return cls(torch.cat(means).to(device), torch.cat(precisions).to(device), shape)
+
+    def search(self, query, k, images=None, exclude=None, probe=None):
+        query = query.to(self.mean.device, torch.float32)
+        if query.shape[0] != self.mean.shape[0]:
+            raise ValueError(f"a per-cell Gaussian scores whole maps of {self.mean.shape[0]} cells, got {query.shape[0]}")
+        centred = query - self.mean
+        distances = torch.einsum("pc,pcd,pd->p", centred, self.precision, centred).clamp_min(0.0)
+        rows = torch.arange(query.shape[0], device=query.device)
+        return distances[:, None].expand(-1, k).contiguous(), rows[:, None].expand(-1, k).contiguous()
+
+    @property
+    def nbytes(self) -> int:
+        return _tensor_bytes(self.mean) + _tensor_bytes(self.precision)
+
+    def arrays(self, index: int) -> dict[str, np.ndarray]:
+        return {f"gmean_{index}": self.mean.cpu().numpy(), f"gprecision_{index}": self.precision.cpu().numpy()}
+
+
 def gallery_from_arrays(
     arrays: dict[str, np.ndarray], index: int, shape: tuple[int, int], device: torch.device, probe: int
 ) -> StageGallery:
     """Inverse of :meth:`StageGallery.arrays` (KeyError when the stage's arrays are missing)."""
+    if f"gmean_{index}" in arrays:
+        mean, precision = arrays[f"gmean_{index}"], arrays[f"gprecision_{index}"]
+        if mean.ndim != 2 or precision.shape != (*mean.shape, mean.shape[1]) or mean.shape[0] != shape[0] * shape[1]:
+            raise ValueError(f"gmean_{index} {mean.shape} / gprecision_{index} {precision.shape} do not fit {shape} cells")
+        return GaussianGallery(torch.from_numpy(mean.astype(np.float32)).to(device),
+                               torch.from_numpy(precision.astype(np.float32)).to(device), shape)
     radii = arrays.get(f"radii_{index}")  # absent in models saved before exact explanations
     if f"ivf_{index}" in arrays:
         ivf = IvfIndex.from_array(arrays[f"ivf_{index}"], probe)
@@ -263,7 +320,7 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def gallery_bytes(kind: str, pixels: int, channels: int, settings) -> int:
+def gallery_bytes(kind: str, pixels: int, channels: int, settings: SpadeSettings) -> int:
     """Memory of one stage's gallery of ``pixels`` normal pixels with ``channels`` features (formula).
 
     exact: float16 features + float32 norms = (2C + 4) per pixel; ivf-flat/ivf-pq:
@@ -275,6 +332,41 @@ def gallery_bytes(kind: str, pixels: int, channels: int, settings) -> int:
         return min(pixels, settings.n_means) * (4 * channels + 12)
     lists = settings.ivf_lists or ivf_lists_for(pixels)
     return ivf_bytes(pixels, channels, kind.removeprefix("ivf-"), lists, settings.pq_dims)
+
+
+def total_bytes(settings: SpadeSettings, shapes: dict[str, tuple[int, int, int]], n_images: int, kind: str) -> int:
+    """Memory (formula) of the ``kind`` galleries of ``n_images`` images whose pixel features have
+    ``shapes`` {key: (h, w, C)}, all keys together (per-cell Gaussians: a mean and a C x C precision per cell,
+    whatever the number of images)."""
+    if kind == "gaussian":
+        return sum(h * w * (c + c * c) * 4 for h, w, c in shapes.values())
+    return sum(gallery_bytes(kind, n_images * h * w, c, settings) for h, w, c in shapes.values())
+
+
+def resolve_kind(settings: SpadeSettings, shapes: dict[str, tuple[int, int, int]], n_images: int) -> str:
+    """The gallery kind a fit on ``n_images`` builds ("auto" picks exact, else IVF-PQ, by size).
+
+    Raises :class:`GalleryTooLargeError`, naming the sizes, when the chosen
+    (or, for "auto", even the IVF-PQ) gallery exceeds ``max_gallery_bytes``.
+    """
+    s = settings
+    cap = s.max_gallery_bytes
+    if s.gallery in ("kmeans", "gaussian"):
+        return s.gallery
+    candidates = ("exact", "ivf-pq") if s.gallery == "auto" else (s.gallery,)
+    for kind in candidates:
+        if total_bytes(s, shapes, n_images, kind) <= cap:
+            return kind
+    sizes = ", ".join(f"{kind} {total_bytes(s, shapes, n_images, kind) / 2**20:,.0f} MiB"
+                      for kind in ("exact", "ivf-flat", "ivf-pq"))
+    described = ", ".join(f"{key} {h}x{w}x{c}" for key, (h, w, c) in shapes.items())
+    raise GalleryTooLargeError(
+        f"the SPADE pixel gallery of {n_images} normal images ({described} pixels x channels per image) "
+        f"would need {sizes}; gallery={s.gallery!r} does not fit max_gallery_bytes = {cap / 2**20:,.0f} MiB. "
+        f"Use gallery='kmeans' (n_means centres per stage), 'ivf-pq' with a larger pq_dims, fewer normal "
+        f"images, coarser strides than {s.strides}, a smaller crop, or raise max_gallery_bytes if the "
+        f"machine has the memory."
+    )
 
 
 class GalleryBuilder:
@@ -290,17 +382,18 @@ class GalleryBuilder:
     the calibration images' full features.
     """
 
-    def __init__(self, detector: "SpadeDetector", n_images: int, kind: str) -> None:
+    def __init__(self, settings: SpadeSettings, n_images: int, kind: str) -> None:
         if kind not in GALLERY_KINDS:
             raise ValueError(f"gallery kind must be one of {GALLERY_KINDS}, got {kind!r}")
-        self.detector = detector
-        self.settings = detector.settings
+        self.settings = settings
         self.n = n_images
         self.kind = kind
         self.kmeans = kind == "kmeans"
+        # Summaries (K-means centres, per-cell Gaussians) must not see the calibration images: they are held
+        # back (a quarter of the images at most), since a summary cannot leave one image out of a search.
+        self.holds_back = kind in ("kmeans", "gaussian")
         rng = np.random.default_rng(self.settings.seed)
-        # K-means centres must not see the calibration images, so hold back a quarter at most.
-        limit = max(1, n_images // 4) if self.kmeans else n_images
+        limit = max(1, n_images // 4) if self.holds_back else n_images
         count = min(self.settings.calibration_images, limit)
         self.calibration_ids = sorted(int(i) for i in rng.choice(n_images, size=count, replace=False))
         self._calibration_set = set(self.calibration_ids)
@@ -355,8 +448,8 @@ class GalleryBuilder:
         self._seen += batch
 
     def exclusion(self, image: int) -> int | None:
-        """The image to leave out of its own calibration search (None: the K-means gallery never saw it)."""
-        return None if self.kmeans else image
+        """The image to leave out of its own calibration search (None: the K-means or Gaussian summary never saw it)."""
+        return None if self.holds_back else image
 
     def calibration_pixels(self, image: int) -> dict[str, torch.Tensor]:
         """{key: (h, w, C)} float32 features of one calibration image."""
@@ -374,6 +467,10 @@ class GalleryBuilder:
             for key, values in self._buffers.items():
                 features = torch.from_numpy(values.reshape(-1, values.shape[-1])).to(device)
                 galleries[key] = ExactGallery(features, self._shapes[key])
+        elif self.kind == "gaussian":
+            fitted = [i for i in range(self.n) if i not in self._calibration_set]
+            for key, values in self._buffers.items():
+                galleries[key] = GaussianGallery.fit(np.asarray(values[fitted]), self._shapes[key], device)
         elif self.kind.startswith("ivf-"):
             for key, values in self._buffers.items():
                 index = self._ivf(values.reshape(-1, values.shape[-1]))
@@ -427,7 +524,7 @@ class GalleryBuilder:
         """For K-means / IVF-PQ fits: every real normal pixel as an exact gallery (sharing the float16
         buffers, no copy), for exact explanations; None when the buffers live in a temporary file
         (larger than ``max_gallery_bytes``) or the gallery already holds real pixels."""
-        if self.kind not in ("kmeans", "ivf-pq") or self._spill is not None or not self._buffers:
+        if self.kind not in ("kmeans", "ivf-pq", "gaussian") or self._spill is not None or not self._buffers:
             return None
         return {key: ExactGallery(torch.from_numpy(values.reshape(-1, values.shape[-1])), self._shapes[key])
                 for key, values in self._buffers.items()}

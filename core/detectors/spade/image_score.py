@@ -10,16 +10,20 @@ defects: a large broken part moves the pooled vector (DN2), a thin crack on a
 * ``"topk"``: the mean of the top :data:`TOPK_FRACTION` of the heatmap's pixels inside the
   image (steadier than one pixel when defects are larger than the smoothing);
 * ``"mix"``: the sum of the DN2 score and the peak, each standardised by its own
-  normal-image statistics (so neither scale dominates).
+  normal-image statistics (so neither scale dominates);
+* ``"fused"``: the same sum with the top-k mean instead of the peak: the pooled
+  evidence of the whole image and the heatmap's evidence of a local defect,
+  each counted in units of its own spread over normal images.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-IMAGE_SCORE_RULES = ("dn2", "max", "topk", "mix")
+from core.config import SPADE_IMAGE_SCORES as IMAGE_SCORE_RULES  # the one list of rules
+
 TOPK_FRACTION = 0.005
 """Share of an image's heatmap pixels averaged by the "topk" rule (at least one pixel)."""
 
@@ -53,5 +57,25 @@ def standardise(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 
 def mix_scores(dn2: np.ndarray, peaks: np.ndarray, dn2_reference: np.ndarray, peak_reference: np.ndarray) -> np.ndarray:
-    """(N,) DN2 scores and (N,) heatmap peaks -> (N,) sum of both, each standardised on normal images."""
+    """(N,) DN2 scores and (N,) heatmap peaks (max or top-k) -> (N,) sum of both, each standardised on normal images."""
     return standardise(dn2, dn2_reference) + standardise(peaks, peak_reference)
+
+
+def rule_scores(kind: str, dn2: np.ndarray, heatmaps: Callable[[], np.ndarray],
+                boxes: Sequence[tuple[int, int, int, int]] | None, dn2_reference: Callable[[], np.ndarray],
+                peak_reference: Callable[[str], np.ndarray]) -> np.ndarray:
+    """(N,) image scores by rule ``kind`` from (N,) DN2 scores and ``heatmaps()`` (N, H, W) (not made for "dn2").
+
+    ``boxes``: where each image lies on its map (see :func:`peak_scores`); ``dn2_reference()``: normal
+    images' DN2 scores; ``peak_reference(rule)``: normal images' heatmap peaks by ``rule`` "max" or "topk"
+    (both only read by "mix" and "fused", to standardise their two parts).
+    """
+    if kind not in IMAGE_SCORE_RULES:
+        raise ValueError(f"image score kind must be one of {', '.join(IMAGE_SCORE_RULES)}, got {kind!r}")
+    if kind == "dn2":
+        return np.asarray(dn2, dtype=np.float64)
+    heat = heatmaps()
+    if kind in ("mix", "fused"):
+        peak = "max" if kind == "mix" else "topk"
+        return mix_scores(dn2, peak_scores(heat, boxes, peak), dn2_reference(), peak_reference(peak))
+    return peak_scores(heat, boxes, kind)

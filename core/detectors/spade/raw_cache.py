@@ -35,6 +35,21 @@ class ScoredSet:
     dn2: np.ndarray
     images: ImageSet
 
+    @classmethod
+    def empty(cls, images: ImageSet, shapes: dict[str, tuple[int, int]]) -> "ScoredSet":
+        """Room for the results of ``images``, with maps of ``shapes`` {key: (h, w)}."""
+        n = len(images)
+        return cls({key: np.empty((n, *shape), dtype=np.float32) for key, shape in shapes.items()},
+                   {key: np.empty((n, *shape), dtype=np.int64) for key, shape in shapes.items()},
+                   np.empty(n, dtype=np.float64), images)
+
+    def put(self, position: int, raw: dict[str, np.ndarray], nearest: dict[str, np.ndarray], dn2: float) -> None:
+        """One image's results at ``position``."""
+        for key in self.raw:
+            self.raw[key][position] = raw[key]
+            self.nearest[key][position] = nearest[key]
+        self.dn2[position] = dn2
+
 
 @dataclass
 class CacheEntry:
@@ -76,6 +91,17 @@ class RawCache:
             _, dropped = self._entries.popitem(last=False)
             self.used -= dropped.nbytes
 
+    def fill(self, scored: ScoredSet, keys: list[Any]) -> list[int]:
+        """Put every cached image of ``scored`` (cache ``keys`` in its order) in place; returns the positions missing."""
+        missing = []
+        for position, key in enumerate(keys):
+            entry = self.get(key)
+            if entry is None:
+                missing.append(position)
+            else:
+                scored.put(position, entry.raw, entry.nearest, entry.dn2)
+        return missing
+
     def clear(self) -> None:
         self._entries.clear()
         self.used = 0
@@ -116,3 +142,48 @@ def read_raw_map_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str
     """(header, arrays) of a file written by :func:`write_raw_map_file`; :class:`ModelFileError` naming it otherwise
     (missing, truncated, damaged, or a header that is not a JSON object)."""
     return read_npz(path, _HEADER, "raw-map file", ModelFileError)
+
+
+def save_scored_set(path: str | os.PathLike, scored: ScoredSet, signature: tuple, stages: tuple[str, ...],
+                    shapes: dict[str, tuple[int, int]]) -> Path:
+    """Write a scored set's raw results: ``raw_<i>`` / ``nearest_<i>`` (N, h, w) per stage ``i`` of ``stages``,
+    ``dn2`` (N,), and a JSON header with the stages, their shapes and each image's cache key
+    ([``signature``, content key])."""
+    keys = [[list(signature), item_key(item)] for item in scored.images]
+    header = {"stages": list(stages), "shapes": [list(shapes[k]) for k in stages], "keys": keys}
+    arrays = {"dn2": scored.dn2}
+    for index, key in enumerate(stages):
+        arrays[f"raw_{index}"] = scored.raw[key]
+        arrays[f"nearest_{index}"] = scored.nearest[key]
+    return write_raw_map_file(path, header, arrays)
+
+
+def load_scored_entries(path: str | os.PathLike, stages: tuple[str, ...],
+                        shapes: dict[str, tuple[int, int]]) -> list[tuple[Any, CacheEntry]]:
+    """(cache key, entry) of every image a :func:`save_scored_set` file holds.
+
+    Raises :class:`ModelFileError` naming the file when it is unreadable or
+    was made for other stages or map sizes than ``stages`` / ``shapes``.
+    """
+    header, arrays = read_raw_map_file(path)
+    try:
+        saved_stages, saved_shapes, keys = header["stages"], header["shapes"], header["keys"]
+    except KeyError as error:
+        raise ModelFileError(f"{path}: not a raw-map file of this tool (no {error})") from error
+    expected = [list(shapes[k]) for k in stages]
+    if saved_stages != list(stages) or saved_shapes != expected or not isinstance(keys, list):
+        raise ModelFileError(f"{path}: maps of stages {saved_stages} {saved_shapes}, but the model has "
+                             f"{list(stages)} {expected}")
+    n = len(keys)
+    for index in range(len(stages)):
+        for kind in ("raw", "nearest"):
+            if arrays.get(f"{kind}_{index}", np.empty(0)).shape != (n, *saved_shapes[index]):
+                raise ModelFileError(f"{path}: array {kind}_{index} does not hold {n} maps of {saved_shapes[index]}")
+    if arrays.get("dn2", np.empty(0)).shape != (n,):
+        raise ModelFileError(f"{path}: array dn2 does not hold {n} scores")
+    entries = []
+    for position, key in enumerate(keys):
+        found = {stage: arrays[f"raw_{i}"][position].astype(np.float32) for i, stage in enumerate(stages)}
+        rows = {stage: arrays[f"nearest_{i}"][position].astype(np.int64) for i, stage in enumerate(stages)}
+        entries.append((as_tuples(key), CacheEntry.of(found, rows, float(arrays["dn2"][position]))))
+    return entries

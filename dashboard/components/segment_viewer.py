@@ -1,0 +1,192 @@
+"""The Segment page's heatmap viewer: its controls, the three pictures, the nearest normal patch, the set's quality.
+
+Everything is drawn from the raw per-layer maps a SPADE model keeps
+(``core.projects.segmentation``): moving a control recombines them, the
+backbone never runs again. The viewer is a fragment, so a control reruns
+only the viewer, not the page's sidebar and store queries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import streamlit as st
+from streamlit.delta_generator import DeltaGenerator
+
+from core import projects
+from core.datasets import LABELS
+from core.images import ImageError
+from core.maps import peak
+from core.store import Project, StoredImage, StoredModel, Workspace
+from dashboard import state
+from dashboard.components import heatmap as view
+
+EXACT_BY_DEFAULT = 64
+"""Normal images up to which the exact nearest-normal search runs unasked (for a model fitted in this process)."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the viewer's controls ask for: an image (its store id), the layers, σ, the threshold factor, the look."""
+
+    image_id: int
+    stages: list[str]
+    sigma: float
+    factor: float
+    alpha: float
+    per_image: bool
+    contour: bool
+    truth: bool
+
+
+@dataclass(frozen=True)
+class TestMaps:
+    """The test images a model holds maps of: store rows by id, the ids still in the project (in the maps'
+    order, and most anomalous first by the default heatmap's peak: an order no control changes), and each
+    id's position in the maps. Read once per page run, not per control move."""
+
+    rows: dict[int, StoredImage]
+    present: list[int]
+    order: list[int]
+    positions: dict[int, int]
+
+    @classmethod
+    def of(cls, workspace: Workspace, project: Project, holder: state.SegmentationCache) -> TestMaps:
+        if holder.default_peaks is None:
+            holder.default_peaks = projects.peak_scores(holder.detector)
+        rows = {row.id: row for row in workspace.images(project.id, "test")}
+        positions = {image_id: index for index, image_id in enumerate(holder.image_ids)}
+        present = [image_id for image_id in holder.image_ids if image_id in rows]  # removed images drop out
+        order = sorted(present, key=lambda i: -holder.default_peaks[positions[i]])
+        return cls(rows, present, order, positions)
+
+
+def controls(holder: state.SegmentationCache, test: TestMaps) -> Choice | None:
+    """Two rows of controls above the pictures (so the pictures get the page's full width); None: no layer ticked."""
+    settings = holder.detector.settings
+    first = st.columns([3, 2, 2, 2])
+    image_id = first[0].selectbox(
+        "Image (most anomalous first)", test.order, key="seg-image",
+        format_func=lambda i: test.rows[i].name + (f" · {LABELS[test.rows[i].label]}" if test.rows[i].label in LABELS
+                                                   else ""),
+    )
+    sigma = first[1].slider("Smoothing σ (pixels)", 0.0, 16.0, float(settings.sigma), 0.5, key="seg-sigma")
+    alpha = first[2].slider("Heatmap opacity", 0.0, 1.0, 0.5, 0.05, key="seg-alpha")
+    # A factor keeps the slider's range fixed while σ and the layers change the scores' scale.
+    factor = first[3].slider("Pixel threshold (× calibrated)", 0.5, 2.0, 1.0, 0.05, key="seg-threshold",
+                             help=f"×1: about {settings.pixel_fpr:.0%} of normal pixels lie above it "
+                                  "(calibrated on normal images scored without themselves).")
+    all_stages = list(holder.detector.map_stages)
+    second = st.columns(len(all_stages) + 3)
+    stages = [stage for column, stage in zip(second, all_stages)
+              if column.checkbox(f"layer {stage}", True, key=f"seg-stage-{stage}")]
+    per_image = second[-3].toggle("Scale per image", key="seg-per-image",
+                                  help="Off: one colour scale for every image, the threshold mid-scale, so colours "
+                                       "compare across images. On: stretched to this image's range.")
+    contour = second[-2].checkbox("Outline > threshold", True, key="seg-contour")
+    truth = second[-1].checkbox("Ground truth", True, key="seg-truth")
+    if not stages:
+        st.warning("Tick at least one layer.")
+        return None
+    return Choice(image_id, stages, sigma, factor, alpha, per_image, contour, truth)
+
+
+def pictures(choice: Choice, heatmap: np.ndarray, point: tuple[int, int], found: projects.Heatmaps,
+             row: StoredImage, holder: state.SegmentationCache) -> DeltaGenerator | None:
+    """The heatmap over the image (with its colour bar) and the input; returns the third column, None when the
+    image cannot be read."""
+    size = holder.detector.image_size
+    try:
+        crop = view.model_view(row.path, size)
+        mask = view.model_view(row.mask_path, size, is_mask=True) if row.mask_path else None
+    except ImageError as error:
+        st.error(f"{row.name}: {error.reason}")
+        return None
+    scale = view.colour_scale(heatmap, found.threshold, found.typical, choice.per_image)
+    left, middle, right = st.columns(3)
+    overlay = view.overlay_panel(crop, heatmap, scale, choice.alpha, found.threshold, choice.contour,
+                                 mask if choice.truth else None)
+    left.image(view.with_marker(overlay, point, size.crop),
+               caption="heatmap · white: above threshold · green: ground truth · +: peak", width="stretch",
+               alt="heatmap")
+    left.image(view.colour_bar(scale, found.threshold), width="stretch",
+               caption=f"colour scale {scale.vmin:.3g} … {scale.vmax:.3g}, threshold {found.threshold:.3g}"
+               + (" (mid-scale)" if scale.anchored else ""))
+    middle.image(crop if mask is None else view.overlay_panel(crop, np.zeros_like(heatmap), scale, 0.0,
+                                                              found.threshold, False, mask),
+                 caption="input" + (" with ground truth" if mask is not None else " (no mask)"), width="stretch")
+    return right
+
+
+def nearest_normal(place: DeltaGenerator, workspace: Workspace, project: Project, model: StoredModel,
+                   holder: state.SegmentationCache, index: int, stages: list[str], point: tuple[int, int],
+                   n_normal: int) -> None:
+    """The normal patch nearest to the heatmap's peak, in the ticked layers (cached: a σ move costs nothing)."""
+    # Exact by default only when it is cheap: fitted in this process (the normal pixels are in memory) on a
+    # small normal set. On the full bottle set (209 images) under load the page waited minutes for it, so
+    # there the user asks for it; a model loaded from its file must also re-read normal images.
+    exact = place.toggle("Exact nearest-normal search", holder.fitted_here and n_normal <= EXACT_BY_DEFAULT,
+                         key=f"seg-exact-{model.id}",
+                         help="Compare the peak with every normal pixel of the layer (can take a while on large "
+                              "normal sets). Off: the heatmap's own match, instant.")
+    y, x = point
+    key = (index, tuple(stages), y, x, exact)
+    try:
+        if key not in holder.explanations:
+            normal = None if holder.fitted_here or not exact else workspace.image_set(project.id, "normal").images
+            holder.explanations[key] = projects.explain_pixel(holder.detector, index, y, x, stages, normal, exact)
+        explanation = holder.explanations[key]  # only the ticked layers, at the peak
+    except Exception as error:  # noqa: BLE001 - an explanation is a bonus, never a reason to fail
+        place.caption(f"No nearest-normal explanation: {error}")
+        return
+    # By name: the normal set may have grown since the model was fitted.
+    normal_row = next((r for r in workspace.images(project.id, "normal") if r.name == explanation.train_name), None)
+    if normal_row is None:
+        place.caption(f"The nearest normal image ({explanation.train_name}) is no longer in the project.")
+        return
+    size = holder.detector.image_size
+    place.image(view.with_box(view.model_view(normal_row.path, size), explanation.box, size.crop), width="stretch",
+                caption=f"nearest normal patch to the peak ({explanation.stage}): {normal_row.name}"
+                + (" (approximate: the heatmap's match, not searched exhaustively)"
+                   if explanation.approximate else " (exact)"))
+
+
+def set_quality(model: StoredModel, holder: state.SegmentationCache, test: TestMaps, choice: Choice) -> None:
+    """On request, pixel AUROC and PRO of the whole set's heatmaps for these layers and σ (kept per session)."""
+    if not any(test.rows[i].mask_path for i in test.present):
+        return
+    key = (model.id, tuple(choice.stages), choice.sigma)
+    results = state.segment_metrics()
+    if st.button("Pixel AUROC / PRO of the whole set for these settings", key="seg-evaluate"):
+        found = projects.segmentation_quality(holder.detector, [test.rows[i] for i in test.present],
+                                              [test.positions[i] for i in test.present], choice.stages, choice.sigma)
+        results[key] = (found.pixel_auroc, found.pro)
+    if key in results:
+        auroc, pro = results[key]
+        metric_columns = st.columns(4)
+        metric_columns[0].metric("Pixel AUROC", f"{auroc:.3f}")
+        metric_columns[1].metric("PRO (FPR ≤ 0.3)", f"{pro:.3f}")
+
+
+@st.fragment
+def viewer(workspace: Workspace, project: Project, model: StoredModel, holder: state.SegmentationCache,
+           test: TestMaps, n_normal: int) -> None:
+    """The whole viewer; a fragment: moving a control reruns only this, not the page above it.
+
+    ``n_normal``: the project's normal images (the exact nearest-normal search runs unasked on few).
+    """
+    choice = controls(holder, test)
+    if choice is None:
+        return
+    found = projects.heatmaps(holder.detector, choice.stages, choice.sigma, choice.factor)  # from cached raw maps
+    index = test.positions[choice.image_id]
+    heatmap = found.maps[index]
+    y, x = peak(heatmap)
+    right = pictures(choice, heatmap, (y, x), found, test.rows[choice.image_id], holder)
+    if right is None:
+        return
+    nearest_normal(right, workspace, project, model, holder, index, choice.stages, (y, x), n_normal)
+    st.caption(f"Peak score {heatmap[y, x]:.4g} at x={x}, y={y}; {len(choice.stages)} layer(s), σ={choice.sigma:g}. "
+               "Every control recombines cached per-layer maps: the network does not run again.")
+    set_quality(model, holder, test, choice)
