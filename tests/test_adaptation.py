@@ -23,7 +23,7 @@ from core.adaptation.schedule import PAPER_MINIBATCHES, Schedule, resolve_schedu
 from core.adaptation.ses import SesScorer, holdout_split
 from core.adaptation.strategies import CompactnessObjective
 from core.adaptation.training import OptimiserSettings, train
-from core.config import FeatureSettings, PandaSettings
+from core.config import FeatureSettings, PandaSettings, paper_panda_settings
 from core.datasets import ImageItem, ImageSet
 from core.images import ImageSize
 
@@ -55,7 +55,7 @@ def test_set() -> ImageSet:
 def settings(**changes) -> PandaSettings:
     # The paper's keep rule: these tests check the mechanics of each strategy (the signal's choice between the
     # pretrained and the trained network is tested in test_panda_signal.py).
-    base = PandaSettings(features=FEATURES, epochs=2, batch_size=8, snapshot_every=1, fisher_batches=2, keep_rule="last")
+    base = PandaSettings(features=FEATURES, strategy="early", epochs=2, batch_size=8, snapshot_every=1, fisher_batches=2, keep_rule="last")
     return dataclasses.replace(base, **changes)
 
 
@@ -129,14 +129,18 @@ def test_cache_falls_back_to_float16_over_budget(normal):
 
 # ---------------------------------------------------------------------- schedule
 def test_schedule_follows_the_paper_and_scales_with_dataset_size():
-    cifar = resolve_schedule(PandaSettings(strategy="ses"), 5000)
+    paper = paper_panda_settings()
+    cifar = resolve_schedule(dataclasses.replace(paper, strategy="ses"), 5000)
     assert cifar.batches_per_epoch == 157
     assert cifar.epochs == 30 and cifar.snapshot_epochs == (5, 10, 15, 20, 25, 30)
-    assert resolve_schedule(PandaSettings(strategy="early"), 5000).epochs == 15
-    small = resolve_schedule(PandaSettings(strategy="early"), 500)
+    assert resolve_schedule(dataclasses.replace(paper, strategy="early"), 5000).epochs == 15
+    small = resolve_schedule(dataclasses.replace(paper, strategy="early"), 500)
     assert small.batches_per_epoch == 16 and abs(small.minibatches - PAPER_MINIBATCHES["early"]) <= 16
     assert resolve_schedule(PandaSettings(strategy="ewc", epochs=3), 500).epochs == 3
-    assert resolve_schedule(PandaSettings(strategy="ewc", minibatches=64), 500).epochs == 4
+    assert resolve_schedule(PandaSettings(strategy="ewc", epochs=0, minibatches=64), 500).epochs == 4
+    # The measured defaults: 16 epochs whatever the set's size, a snapshot every 2.
+    measured = resolve_schedule(PandaSettings(), 500)
+    assert measured.epochs == 16 and measured.snapshot_epochs == tuple(range(2, 17, 2))
 
 
 # ---------------------------------------------------------------------- curves and cancel

@@ -47,8 +47,9 @@ def test_set() -> ImageSet:
 
 
 def settings(strategy: str, **changes) -> PandaSettings:
+    # The paper's keep rule: these tests check each strategy's mechanics (the signal's choice: test_panda_signal.py).
     base = PandaSettings(features=FEATURES, strategy=strategy, epochs=2, batch_size=8, snapshot_every=1,
-                         fisher_batches=1, grad_clip=1.0)
+                         fisher_batches=1, grad_clip=1.0, keep_rule="last")
     return dataclasses.replace(base, **changes)
 
 

@@ -66,9 +66,9 @@ def test_measure_separates_probes_from_held_out_normals():
     rng = np.random.default_rng(0)
     trained, held = rng.normal(size=(60, 16)), rng.normal(size=(10, 16))
     far = rng.normal(size=(20, 16)) * 4 + 3
-    values = measure(trained, held, far, ["pool"] * 10 + ["rot90"] * 10, 2, "euclidean")
+    values = measure(trained, held, far, ["pool"] * 10 + ["blend"] * 10, 2, "euclidean")
     assert values["probe_auroc"] > 0.95 and values["probe_separation"] > 0.5
-    assert {"far_auroc", "near_auroc", "rot90_auroc", "holdout_knn_gap", "spread"} <= set(values) and SIGNAL in values
+    assert {"far_auroc", "near_auroc", "blend_auroc", "holdout_knn_gap", "spread"} <= set(values) and SIGNAL in values
     alike = measure(trained, held, rng.normal(size=(20, 16)), ["pool"] * 20, 2, "euclidean")
     assert alike["probe_separation"] < values["probe_separation"] and 0.2 < alike["probe_auroc"] < 0.8
     assert measure(trained, held, None, (), 2, "cosine").keys() == {"holdout_knn_gap", "spread"}

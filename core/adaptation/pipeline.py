@@ -27,7 +27,7 @@ from core.adaptation.prefix_cache import TrainingInputs, build_inputs
 from core.adaptation.probes import probe_kinds, probe_set
 from core.adaptation.schedule import Schedule, resolve_schedule
 from core.adaptation.ses import SesScorer
-from core.adaptation.signals import SIGNAL, KeptChoice, keep_choice, score_statistics
+from core.adaptation.signals import PROBE_CHANGES, PROBE_POOL_CROPS, SIGNAL, KeptChoice, keep_choice, score_statistics
 from core.adaptation.stopping import BestSignal
 from core.adaptation.strategies import CompactnessObjective, Objective
 from core.adaptation.training import OptimiserSettings, TrainingResult, train
@@ -100,7 +100,7 @@ def prepare(
     if holdout > 0:
         normal, held = split_holdout(normal, holdout, settings.seed)
         held_inputs = _inputs(prefix_network, held, size, settings, progress, cancel)
-        probes = probe_set(held, size.crop, settings.seed)
+        probes = probe_set(held, size.crop, settings.seed, PROBE_POOL_CROPS, PROBE_CHANGES)
         probe_inputs, kinds = _inputs(prefix_network, probes, size, settings, progress, cancel), probe_kinds(probes)
     normal_inputs = _inputs(prefix_network, normal, size, settings, progress, cancel)
     test_inputs = _inputs(prefix_network, test, size, settings, progress, cancel) if test is not None and len(test) else None

@@ -63,7 +63,7 @@ def probe_set(held_out: ImageSet, crop: int, seed: int = 0, pool_crops: int = PO
     import cv2
 
     rng = np.random.default_rng([seed, 24])
-    photos = [decode_image(str(path), path.name) for path in natural_photos()]
+    photos = [decode_image(str(path), path.name) for path in natural_photos()] if pool_crops else []
     items = []
     for index in range(pool_crops):
         colour = random_crop(photos[index % len(photos)], rng, crop)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from core.cli import add_param_option, add_threads_option, apply_threads, parse_params
-from core.config import PANDA_STRATEGIES, FeatureSettings, PandaSettings, apply_params
+from core.config import PANDA_STRATEGIES, PandaSettings, apply_params, paper_panda_settings, settings_for
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -45,8 +45,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                                          "required except with --merge")
     parser.add_argument("--test", help="labelled test images for the curves (MVTec category or fashion-mnist:CLASS[:N])")
     parser.add_argument("--outliers", help="outlier exposure images (strategy oe)")
-    parser.add_argument("--strategy", choices=list(PANDA_STRATEGIES), default=PandaSettings.strategy)
-    parser.add_argument("--epochs", type=int, default=0, help="epochs (0 = the paper's minibatch count, scaled)")
+    parser.add_argument("--strategy", choices=list(PANDA_STRATEGIES), default=None,
+                        help=f"default: {PandaSettings.strategy} (with --paper: early)")
+    parser.add_argument("--paper", action="store_true",
+                        help="start from the paper's protocol (Lite0 at its own size, Euclidean, lr 1e-2, the "
+                             "paper's minibatch counts, the strategy's result always kept) instead of the "
+                             "measured defaults (Lite2 224², cosine, lr 0.1, 16 epochs, the signal's choice)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"epochs (default {PandaSettings.epochs}; 0 = the paper's minibatch count, scaled)")
     parser.add_argument("--minibatches", type=int, default=0, help="training length in minibatches when --epochs is 0")
     parser.add_argument("--backbone", default=None)
     parser.add_argument("--weights", default=None, help="local weights file, or 'random' (tests only)")
@@ -141,13 +147,17 @@ def labelled_test_spec(normal_spec: str, test_spec: str) -> str:
 
 def settings_from_args(args: argparse.Namespace) -> PandaSettings:
     """PandaSettings from the command line; ``--param`` overrides any field by name (type-checked)."""
-    features = FeatureSettings(
-        **{key: value for key, value in (("backbone", args.backbone), ("weights", args.weights), ("crop", args.crop),
-                                         ("resize", args.resize), ("device", args.device)) if value is not None}
-    )
-    base = PandaSettings(features=features, strategy=args.strategy, epochs=args.epochs, minibatches=args.minibatches,
-                         **({"fisher_file": args.fisher} if args.fisher else {}))
-    return apply_params(base, parse_params(args.param))
+    base = paper_panda_settings() if args.paper else PandaSettings()
+    geometry = {key: value for key, value in (("crop", args.crop), ("resize", args.resize)) if value is not None}
+    if args.backbone is not None and args.backbone != base.features.backbone and not geometry:
+        geometry = {"crop": None, "resize": None}  # another backbone at its own size, not at Lite2's 224²
+    base = dataclasses.replace(base, features=dataclasses.replace(base.features, **geometry))
+    values = {key: value for key, value in (("strategy", args.strategy), ("epochs", args.epochs),
+                                            ("fisher_file", args.fisher)) if value is not None}
+    if args.minibatches:  # a length in minibatches replaces the default epochs
+        values.update(minibatches=args.minibatches, epochs=values.get("epochs", 0))
+    return settings_for(PandaSettings, base, backbone=args.backbone, weights=args.weights, device=args.device,
+                        values=values, params=parse_params(args.param))
 
 
 def _printer(quiet: bool, prefix: str = ""):
