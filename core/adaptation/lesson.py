@@ -1,7 +1,7 @@
 """The collapse lesson: the paper's Fig. 3 in about a minute on the bundled Fashion-MNIST trousers demo.
 
 One unregularised compactness run and one EWC run on the same cached
-inputs, trained hard enough (64² input, lr 5, minibatches of 8, 20 epochs)
+inputs, trained hard enough (32² input, lr 5, minibatches of 8, 20 epochs)
 that the unregularised features collapse within the run while SES (the best
 snapshot per image) and EWC (a Fisher-weighted pull back to the pretrained
 weights) hold. What is returned are three per-epoch ROC AUC curves and the
@@ -13,11 +13,12 @@ final ROC AUC of each strategy:
   what SES would give if training stopped there;
 * ``ewc``: each epoch of the EWC run scored on its own.
 
-Measured on the demo (100 trousers, 100 test images of all ten classes) on a
-loaded 2-core CPU, one thread: ROC AUC 98.6 (pretrained) -> 99.0 at epoch 14,
-then 93.8, 77.8, 74.4 and 57.2 at epochs 17-20 without regularisation; SES
-99.0, EWC 98.9 at the end; 62 s of wall time (`python -m core adapt --lesson`
-prints its own).
+Measured on the demo (100 trousers, 100 test images of all ten classes), one
+thread, `python -m core adapt --lesson --threads 1`: ROC AUC 90.8 (pretrained)
+-> 99.9 at epoch 10, then 96.7, 78.9, 53.3 and 50.0 at epochs 15-18 without
+regularisation; SES 98.9, EWC 98.1 at the end. 137 s of wall time on the
+2-core machine with five other processes running (load 6-7), of which 27 s
+of CPU: alone on a core it is about half a minute (docs/RESULTS-panda.md).
 """
 
 from __future__ import annotations
