@@ -96,6 +96,8 @@ def test_defaults_and_the_papers_settings_are_one_click_each(tiny_bottle):
         return {name: at.session_state[key] for name, key in PANDA_FORM.items()}
 
     assert shown() == service.preset("defaults")  # the page opens on the measured defaults
+    assert shown()["backbone"] == "efficientnet_lite2" and shown()["metric"] == "cosine" and shown()["crop"] == 224
+    assert shown()["strategy"] == "ses" and shown()["keep_rule"] == "signal" and shown()["lr"] == 0.1
     at.button(key="panda-preset-paper").click().run()
     paper = shown()
     assert paper == service.preset("paper")

@@ -302,3 +302,21 @@ def test_bench_entries_build_panda_detectors(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "o.png")
     detector = BENCH_METHODS["panda-oe"](BenchOptions(outliers=str(tmp_path)))
     assert len(detector.outliers) == 1 and detector.outliers.labels.tolist() == [1]
+
+
+def test_adapt_command_starts_from_the_measured_defaults_or_the_papers():
+    from core.cli import adapt as adapt_cli
+    from core.config import paper_panda_settings
+
+    def built(*extra: str) -> PandaSettings:
+        return adapt_cli.settings_from_args(_adapt_parser().parse_args(["--normal", "unused", *extra]))
+
+    assert built() == PandaSettings()
+    assert built().features.backbone == "efficientnet_lite2" and built().metric == "cosine" and built().epochs == 16
+    assert built("--paper") == paper_panda_settings()
+    # Another backbone without a size runs at its own geometry, not at Lite2's 224².
+    lite0 = built("--backbone", "efficientnet_lite0")
+    assert lite0.features.backbone == "efficientnet_lite0" and lite0.features.crop is None
+    assert built("--backbone", "efficientnet_lite0", "--crop", "64", "--resize", "64").features.crop == 64
+    assert built("--paper", "--strategy", "ses", "--epochs", "3").epochs == 3
+    assert built("--minibatches", "50").minibatches == 50 and built("--minibatches", "50").epochs == 0
