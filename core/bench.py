@@ -126,14 +126,14 @@ class BenchOptions:
 def _factory(info: MethodInfo, preset: Preset) -> Callable[[BenchOptions], Detector]:
     """A bench factory for one preset of a registered method.
 
-    Adapting methods (PANDA) take their length from ``--epochs``; strategy
+    Adapting methods (PANDA) take their length from ``--epochs`` (else their settings' own); strategy
     "oe" needs ``--outliers`` (a folder or zip of outlier images).
     """
 
     def make(options: BenchOptions) -> Detector:
         base = preset_settings(preset, info)
-        if info.adaptation:
-            base = dataclasses.replace(base, epochs=options.epochs or 0)
+        if info.adaptation and options.epochs:  # else the settings' own length (the measured default)
+            base = dataclasses.replace(base, epochs=options.epochs)
         detector = info.make(options.settings(info.settings_type, base))
         if info.adaptation and detector.settings.strategy == "oe":
             if not options.outliers:
@@ -539,6 +539,7 @@ def run_bench(
             if adapting:  # PANDA: the labelled test set only feeds its per-epoch curves
                 detector.fit(task.train, phase(f"fit {task.name}"), cancel, test=task.test)
                 entry["curves"] = [record.to_dict() for record in detector.curves_]
+                entry["kept"] = {key: detector.summary_.get(key) for key in ("kept_epoch", "adapted_epoch", "kept_reason")}
             else:
                 detector.fit(task.train, phase(f"fit {task.name}"), cancel)
             fit_s += time.perf_counter() - start

@@ -305,6 +305,31 @@ def set_live_run(run_id: int) -> None:
     st.session_state[LIVE_RUN] = run_id
 
 
+# ---------------------------------------------------------------------- the Adapt page (PANDA)
+PANDA_FORM = {  # PandaSettings value (core.projects.adaptation.FORM_FIELDS) -> the Adapt page widget holding it
+    "strategy": "panda-strategy", "backbone": "panda-backbone", "metric": "panda-metric", "crop": "panda-crop",
+    "epochs": "panda-epochs", "lr": "panda-lr", "batch_size": "panda-batch", "snapshot_every": "panda-snapshots",
+    "early_rule": "panda-early-rule", "keep_rule": "panda-keep-rule", "ewc_lambda": "panda-lambda",
+    "ewc_step": "panda-ewc-step",
+}
+
+
+def panda_form_start(values: dict[str, Any]) -> None:
+    """Give the Adapt page's settings widgets their first values (once per session; the user's choices stay)."""
+    for name, value in values.items():
+        st.session_state.setdefault(PANDA_FORM[name], value)
+
+
+def set_panda_form(values: dict[str, Any]) -> None:
+    """Fill the settings widgets (from a button's callback, which runs before the widgets are drawn)."""
+    st.session_state.update({PANDA_FORM[name]: value for name, value in values.items()})
+
+
+def panda_form() -> dict[str, Any]:
+    """The values the Adapt page's settings widgets hold now."""
+    return {name: st.session_state.get(key) for name, key in PANDA_FORM.items()}
+
+
 def overlay_runs_widget(ids: Sequence[int], finished: set[int]) -> str:
     """The Adapt page's "Overlay runs" widget key, its choice updated: runs that finished since this session
     last looked join it, selected (newest first); at first the three newest runs are."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core import projects
-from core.config import MethodSettings, SpadeSettings
+from core.config import MethodSettings, PandaSettings, SpadeSettings
 from core.detectors import Detector
 from core.store import ImportReport, Project, Workspace
 from dashboard.jobs import Job
@@ -92,22 +92,24 @@ def score_missing(workspace: Workspace, model_id: int, detector: Detector, job: 
     return projects.score_missing(workspace, model_id, detector, job_progress(job), job.cancelled)
 
 
-def panda_settings(strategy: str, backbone: str, epochs: int, lr: float, ewc_lambda: float,
-                   weights: str | None = None, ewc_step: str = "gradient", crop: int | None = None,
-                   **options: Any) -> Any:
-    """PANDA settings from the Adapt page; ``crop`` (None = the backbone's) sets a square input of that side,
-    ``options`` any other PandaSettings field (batch_size, snapshot_every, early_rule...)."""
-    from core import config
+def panda_settings(values: dict[str, Any], base: PandaSettings | None = None) -> PandaSettings:
+    """PANDA settings from the Adapt page's form values (``core.projects.adaptation.FORM_FIELDS``; every other
+    field from ``base``, default: the measured defaults): the one place the page's settings are built."""
+    from core.projects import adaptation
 
-    return config.PandaSettings(
-        features=config.FeatureSettings(backbone=backbone, weights=weights, crop=crop, resize=crop),
-        strategy=strategy, epochs=epochs, lr=lr, ewc_lambda=ewc_lambda, ewc_step=ewc_step, **options,
-    )
+    return adaptation.settings_from_form(values, base)
 
 
-def train_panda(workspace: Workspace, project_id: int, settings: Any, run_id: int, job: Job) -> int:
+def train_panda(workspace: Workspace, project_id: int, settings: PandaSettings, run_id: int, job: Job) -> int:
     """Train PANDA into run ``run_id`` (a Stop keeps the weights trained so far); returns the model id."""
     return projects.adapt(workspace, project_id, settings, run_id, job_progress(job), job.cancelled).model.id
+
+
+def run_lesson(workspace: Workspace, project_id: int, job: Job) -> float:
+    """The collapse lesson on the project's images, kept with the project; returns its wall time in seconds."""
+    from core.projects import adaptation
+
+    return adaptation.run_lesson(workspace, project_id, job_progress(job), job.cancelled).seconds
 
 
 def fit_segmentation(workspace: Workspace, project_id: int, settings: SpadeSettings, job: Job,

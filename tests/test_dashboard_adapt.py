@@ -1,18 +1,46 @@
-"""AppTest: the Adapt page trains PANDA in the background, streams curves to the store, compares runs."""
+"""AppTest: the Adapt page trains PANDA in the background, streams curves to the store, compares runs, and
+offers the measured defaults, the paper's settings and the collapse lesson."""
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import finish_jobs, new_app, model_picker
+from core.projects import adaptation as service
+from dashboard.state import PANDA_FORM
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SMALL = {"panda-backbone": "efficientnet_lite0", "panda-crop": 32}
+"""What every training test sets first: the smallest backbone at 32² (the defaults are Lite2 at 224²)."""
+
+
+@pytest.fixture(autouse=True)
+def _private_fisher_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANOMALY_FISHER_CACHE", str(tmp_path / "fisher"))
+
+
+def set_form(at, values: dict) -> None:
+    for key, value in values.items():
+        widget = at.selectbox(key=key) if key in {b.key for b in at.selectbox} else at.number_input(key=key)
+        widget.set_value(value).run()
+
+
+def train_one_run(at, workspace, project, choices: dict, epochs: int):
+    """Set ``choices`` (widget key -> value) at 32² for ``epochs``, train, return the project's newest run."""
+    set_form(at, {**SMALL, **choices, "panda-epochs": epochs})
+    next(b for b in at.button if b.label == "Start training").click().run()
+    finish_jobs(at, timeout=150)
+    return workspace.runs(project.id)[0]
 
 
 def test_adapt_page_trains_streams_curves_and_keeps_the_run(tiny_bottle):
     workspace, project = tiny_bottle
     at = new_app(project.id, page="views/adapt.py")
     assert not at.exception
-    assert {box.label for box in at.selectbox} >= {"Strategy", "Backbone"}
+    assert {box.label for box in at.selectbox} >= {"Strategy", "Backbone", "Distance", "Keep"}
     assert {field.label for field in at.number_input} >= {"Epochs", "Learning rate", "EWC λ"}
     assert "OE" in " ".join(at.selectbox(key="panda-strategy").options)
-    assert at.selectbox(key="panda-ewc-step").disabled  # only EWC has a penalty step to choose
     at.selectbox(key="panda-strategy").set_value("ewc").run()
     assert not at.selectbox(key="panda-ewc-step").disabled
     assert at.selectbox(key="panda-ewc-step").options == ["in the loss (paper)", "proximal (stable)"]
@@ -22,28 +50,22 @@ def test_adapt_page_trains_streams_curves_and_keeps_the_run(tiny_bottle):
     assert any("outlier" in caption.value for caption in at.caption)
     assert next(b for b in at.button if b.label == "Start training").disabled
 
-    at.selectbox(key="panda-strategy").set_value("early").run()
-    at.number_input(key="panda-epochs").set_value(1).run()
-    next(b for b in at.button if b.label == "Start training").click().run()
-    (run,) = workspace.runs(project.id)
-    assert run.strategy == "early"
-
-    # Switching pages while it trains loses nothing: the thread and the store keep going.
-    at.switch_page("views/data.py").run()
-    at.switch_page("views/adapt.py")
-    finish_jobs(at, timeout=150)
-    assert not at.exception
-    run = workspace.run(run.id)
-    assert run.status == "finished" and run.stop_epoch == 1
+    run = train_one_run(at, workspace, project, {"panda-strategy": "early", "panda-early-rule": "fixed"}, epochs=1)
+    assert run.strategy == "early" and run.status == "finished"
     assert [record["epoch"] for record in run.curves] == [0, 1]  # epoch 0 = the pretrained features
     assert run.curves[-1]["auroc"] is not None and run.curves[-1]["test_anomalous_ratio"] is not None
+    # The normal-only signal was measured each epoch; the run's model epoch is the one the choice kept.
+    assert all(record["signal"] is not None for record in run.curves)
     model = workspace.model(run.model_id)
+    assert run.stop_epoch == model.summary["kept_epoch"] in (0, 1) and model.summary["kept_reason"]
+    assert run.message == model.summary["kept_reason"]
     assert model.method == "panda" and len(workspace.scores(model.id)) == 6
-    # Curves (ratio + ROC AUC), the comparison table and the overlay are drawn.
+    # Curves (ROC AUC + signal), the comparison table and the overlay are drawn; the table names the choice.
     assert len(at.get("plotly_chart")) >= 4
-    assert at.dataframe[0].value["strategy"].tolist() == ["early"]
+    row = at.dataframe[0].value.iloc[0]
+    assert row["strategy"] == "early" and row["kept"] == model.summary["kept_reason"]
 
-    # The PANDA model is offered on the Detect page.
+    # Switching pages loses nothing; the PANDA model is offered on the Detect page.
     at.switch_page("views/detect.py").run()
     assert "PANDA" in model_picker(at, "detect-model").format_func(model_picker(at, "detect-model").value)
 
@@ -51,7 +73,7 @@ def test_adapt_page_trains_streams_curves_and_keeps_the_run(tiny_bottle):
 def test_another_session_sees_a_running_job_and_can_stop_it(tiny_bottle):
     workspace, project = tiny_bottle
     first = new_app(project.id, page="views/adapt.py")
-    first.number_input(key="panda-epochs").set_value(200).run()  # long enough to still run below
+    set_form(first, {**SMALL, "panda-epochs": 200})  # long enough to still run below
     next(b for b in first.button if b.label == "Start training").click().run()
     (job,) = first.session_state["jobs"].values()
     assert job.running
@@ -67,81 +89,82 @@ def test_another_session_sees_a_running_job_and_can_stop_it(tiny_bottle):
     assert workspace.run(run.id).status == "stopped"
 
 
-def test_preset_snapshots_one_auroc_fisher_source_and_overlay(tiny_bottle, tmp_path, monkeypatch):
-    """Issue 15 (5): the preset fills the settings, SES uses the page's snapshot interval, the run table and the
-    model list show the same ROC AUC, the Fisher source is named, and each finished run joins the overlay."""
-    from dashboard.components.models import model_label
-
-    monkeypatch.setenv("ANOMALY_FISHER_CACHE", str(tmp_path / "fisher"))
+def test_defaults_and_the_papers_settings_are_one_click_each(tiny_bottle):
     workspace, project = tiny_bottle
     at = new_app(project.id, page="views/adapt.py")
-    at.button(key="panda-preset").click().run()
-    preset = {"panda-crop": 64, "panda-epochs": 30, "panda-lr": 1.0, "panda-batch": 8, "panda-snapshots": 3}
-    assert {key: at.number_input(key=key).value for key in preset} == preset
-    assert at.selectbox(key="panda-ewc-step").value == "proximal"
+    def shown() -> dict:
+        return {name: at.session_state[key] for name, key in PANDA_FORM.items()}
 
-    # A short SES run with the page's own snapshot interval (smaller than the preset, for the test's sake).
-    at.selectbox(key="panda-strategy").set_value("ses").run()
-    for key, value in {"panda-crop": 32, "panda-epochs": 2, "panda-snapshots": 1, "panda-batch": 4}.items():
-        at.number_input(key=key).set_value(value).run()
-    next(b for b in at.button if b.label == "Start training").click().run()
-    finish_jobs(at, timeout=150)
-    (ses,) = workspace.runs(project.id)
-    assert ses.status == "finished" and ses.settings["snapshot_every"] == 1 and ses.settings["crop"] == 32
-    model = workspace.model(ses.model_id)
+    assert shown() == service.preset("defaults")  # the page opens on the measured defaults
+    assert shown()["backbone"] == "efficientnet_lite2" and shown()["metric"] == "cosine" and shown()["crop"] == 224
+    assert shown()["strategy"] == "ses" and shown()["keep_rule"] == "signal" and shown()["lr"] == 0.1
+    at.button(key="panda-preset-paper").click().run()
+    paper = shown()
+    assert paper == service.preset("paper")
+    assert paper["metric"] == "euclidean" and paper["keep_rule"] == "last" and paper["lr"] == 1e-2
+    assert paper["epochs"] == 0 and paper["early_rule"] == "fixed" and paper["backbone"] == "efficientnet_lite0"
+    at.button(key="panda-preset-defaults").click().run()
+    assert shown() == service.preset("defaults")
+
+    # A run trained from the paper's button stores exactly what the settings say (typed once).
+    at.button(key="panda-preset-paper").click().run()
+    run = train_one_run(at, workspace, project, {"panda-strategy": "ses", "panda-snapshots": 1}, epochs=2)
+    model = workspace.model(run.model_id)
+    assert run.settings["snapshot_every"] == 1 and run.settings["crop"] == 32 and run.settings["keep_rule"] == "last"
     assert model.settings["snapshot_every"] == 1 and model.settings["features"]["crop"] == 32
-    assert [r["snapshot"] for r in ses.curves] == [None, 0, 1]  # snapshots after epochs 1 and 2
-    # One ROC AUC: the table's figure is the model's, as in the model pickers.
-    row = at.dataframe[0].value.set_index("run").loc[ses.id]
-    assert row["ROC AUC"] == model.summary["auroc"]
-    assert f"AUROC {model.summary['auroc']:.3f}" in model_label(model)
-    assert at.multiselect(key="compare-runs").value == [ses.id]
+    assert model.settings["keep_rule"] == "last" and model.summary["kept_epoch"] == 2  # no comparison: SES kept
+    assert [r["snapshot"] for r in run.curves] == [None, 0, 1]
+    row = at.dataframe[0].value.set_index("run").loc[run.id]
+    assert row["ROC AUC"] == model.summary["auroc"]  # one figure: the model's
+    assert at.multiselect(key="compare-runs").value == [run.id]
 
-    # An EWC run: the Fisher's source is recorded with the model and shown; the new run joins the overlay.
-    at.selectbox(key="panda-strategy").set_value("ewc").run()
-    at.number_input(key="panda-epochs").set_value(1).run()
-    next(b for b in at.button if b.label == "Start training").click().run()
-    finish_jobs(at, timeout=150)
-    ewc = workspace.runs(project.id)[0]
+
+def test_an_ewc_run_names_its_fisher_and_joins_the_overlay(tiny_bottle):
+    workspace, project = tiny_bottle
+    at = new_app(project.id, page="views/adapt.py")
+    first = train_one_run(at, workspace, project, {"panda-strategy": "early", "panda-metric": "cosine"}, epochs=1)
+    assert first.settings["metric"] == "cosine"
+    assert at.dataframe[0].value.set_index("run").loc[first.id, "distance"] == "cosine"
+    ewc = train_one_run(at, workspace, project, {"panda-strategy": "ewc", "panda-ewc-step": "proximal"}, epochs=1)
     assert ewc.strategy == "ewc" and ewc.status == "finished"
     source = workspace.model(ewc.model_id).summary["fisher_source"]
     assert source.startswith("offline photo pool")
     assert at.dataframe[0].value.set_index("run").loc[ewc.id, "Fisher"] == source
     assert any(source in caption.value for caption in at.caption)
-    assert at.multiselect(key="compare-runs").value == [ewc.id, ses.id]
+    assert at.multiselect(key="compare-runs").value == [ewc.id, first.id]
 
 
-def train_one_run(at, workspace, project, choices: dict, epochs: int):
-    """Pick ``choices`` (selectbox key -> value), train 32² for ``epochs`` and return the project's only run."""
-    for key, value in choices.items():
-        at.selectbox(key=key).set_value(value).run()
-    at.number_input(key="panda-crop").set_value(32).run()
-    at.number_input(key="panda-epochs").set_value(epochs).run()
-    next(b for b in at.button if b.label == "Start training").click().run()
-    finish_jobs(at, timeout=150)
-    (run,) = workspace.runs(project.id)
-    return run
-
-
-def test_early_with_the_automatic_stop_marks_its_epoch(tiny_bottle):
+def test_early_with_the_automatic_rule_keeps_the_best_signal(tiny_bottle):
     workspace, project = tiny_bottle
     at = new_app(project.id, page="views/adapt.py")
-    assert at.selectbox(key="panda-early-rule").value == "fixed"  # the paper's, unless asked
-    run = train_one_run(at, workspace, project, {"panda-early-rule": "auto"}, epochs=3)
+    run = train_one_run(at, workspace, project, {"panda-strategy": "early", "panda-early-rule": "auto"}, epochs=3)
     assert run.settings["early_rule"] == "auto" and run.status == "finished"
-    # Each epoch measured the held-out normal images; the model comes from the marked epoch (or the last).
-    assert all(record["holdout_distance"] is not None for record in run.curves)
-    marked = [record["epoch"] for record in run.curves if record.get("auto_stop")]
-    assert run.stop_epoch == (marked[0] if marked else run.curves[-1]["epoch"])
+    best = max(run.curves, key=lambda record: record["signal"])
+    # The model comes from the best signal's epoch (0 = the pretrained network) and the star marks it.
+    assert run.stop_epoch == best["epoch"] == workspace.model(run.model_id).summary["kept_epoch"]
     assert "auto stop" in at.dataframe[0].value["strategy"].iloc[0]
 
 
-def test_a_run_with_the_cosine_distance_records_it(tiny_bottle):
-    workspace, project = tiny_bottle
-    at = new_app(project.id, page="views/adapt.py")
-    run = train_one_run(at, workspace, project, {"panda-metric": "cosine"}, epochs=1)
-    assert run.status == "finished" and run.settings["metric"] == "cosine"
-    assert at.dataframe[0].value.set_index("run").loc[run.id, "distance"] == "cosine"
-    from core.projects import stored_settings
+def test_the_collapse_lesson_runs_and_draws_three_curves(workspace_dir, monkeypatch):
+    import dataclasses
 
-    assert stored_settings("panda", workspace.model(run.model_id).settings).metric == "cosine"
+    import core.adaptation.lesson as lesson
+    from core.store import Workspace
+    from dashboard import tasks
+
+    # The lesson's own settings, shortened for the test (the full one is a benchmark command: adapt --lesson).
+    monkeypatch.setattr(lesson, "LESSON_SETTINGS", dataclasses.replace(lesson.LESSON_SETTINGS, epochs=3))
+    workspace = Workspace(workspace_dir)
+    project, _ = tasks.import_demo(workspace, "fashion")
+    at = new_app(project.id, page="views/adapt.py")
+    assert not at.exception
+    at.button(key="panda-lesson").click().run()
+    finish_jobs(at, timeout=150)
+    saved = service.saved_lesson(workspace, project.id)
+    assert set(saved.curves) == {"unregularised", "ses", "ewc"} and saved.epochs == [0, 1, 2, 3]
+    assert all(0.0 <= value <= 1.0 for value in saved.auroc.values()) and saved.seconds > 0
+    assert "SES" in " ".join(m.value for m in at.markdown)
+    assert {metric.label for metric in at.metric} >= {"no regularisation, last epoch", "EWC, last epoch"}
+    # After a restart (a new session) the lesson is still there.
+    again = new_app(project.id, page="views/adapt.py")
+    assert {metric.label for metric in again.metric} >= {"SES (snapshots so far), last epoch"}

@@ -47,8 +47,9 @@ def test_set() -> ImageSet:
 
 
 def settings(strategy: str, **changes) -> PandaSettings:
+    # The paper's keep rule: these tests check each strategy's mechanics (the signal's choice: test_panda_signal.py).
     base = PandaSettings(features=FEATURES, strategy=strategy, epochs=2, batch_size=8, snapshot_every=1,
-                         fisher_batches=1, grad_clip=1.0)
+                         fisher_batches=1, grad_clip=1.0, keep_rule="last")
     return dataclasses.replace(base, **changes)
 
 
@@ -211,8 +212,9 @@ def test_adapt_compare_over_fashion_mnist_classes_writes_table6(tmp_path, capsys
     assert adapt_cli.run(args) == 0
     written = json.loads(table.read_text())
     assert written["classes"] == ["Trouser", "Bag"] and set(written["table"]) == {"Trouser", "Bag"}
-    methods = {"DN2", "PANDA-Early", "PANDA-Early (auto)", "PANDA-SES", "PANDA-EWC",
-               "Unregularised (last epoch)", "Unregularised (best epoch)"}
+    # With the signal's keep rule SES and EWC may give back DN2; their paper rows and the automatic choice join.
+    methods = {"DN2", "PANDA-Early", "PANDA-Early (auto)", "PANDA-SES", "PANDA-SES (paper)", "PANDA-EWC",
+               "PANDA-EWC (paper)", "Unregularised (last epoch)", "Unregularised (best epoch)", "Automatic choice"}
     assert set(written["mean"]) == methods
     for method, mean in written["mean"].items():
         assert mean == pytest.approx(np.mean([written["table"][c][method] for c in ("Trouser", "Bag")]))
@@ -248,6 +250,29 @@ def test_adapt_compare_over_fashion_mnist_classes_writes_table6(tmp_path, capsys
         adapt_cli.merge_tables([str(tmp_path / "broken.json")], None)
 
 
+def test_adapt_compare_one_class_against_the_test_images_of_all(tmp_path, capsys):
+    """Issue 24, part 5: ``--normal fashion-mnist:Sandal:N --test fashion-mnist:all:M`` compares Sandal against the
+    stratified test images of every class (it used to stop with "unknown Fashion-MNIST class 'all'")."""
+    from core.cli import adapt as adapt_cli
+    from core.datasets.fashion_mnist import FASHION_MNIST_DIR
+
+    if not Path(FASHION_MNIST_DIR).is_dir():
+        pytest.skip(f"Fashion-MNIST not installed at {FASHION_MNIST_DIR}")
+    curves = tmp_path / "sandal.json"
+    args = _adapt_parser().parse_args([
+        "--compare", "--normal", "fashion-mnist:Sandal:16", "--test", "fashion-mnist:all:40", "--weights", "random",
+        "--crop", "32", "--resize", "32", "--device", "cpu", "--epochs", "1", "--strategies", "early",
+        "--param", "batch_size=8", "--param", "grad_clip=1", "--curves", str(curves), "--quiet",
+    ])
+    assert adapt_cli.run(args) == 0
+    assert "DN2" in capsys.readouterr().out
+    assert adapt_cli.labelled_test_spec("fashion-mnist:Sandal:16", "fashion-mnist:all:40") == "fashion-mnist:Sandal:40"
+    assert adapt_cli.labelled_test_spec("fashion-mnist:Sandal", "fashion-mnist:Bag,Coat:9") == "fashion-mnist:Sandal:9"
+    assert adapt_cli.labelled_test_spec("fashion-mnist:Sandal", "fashion-mnist:Bag:9") == "fashion-mnist:Bag:9"
+    with pytest.raises(SystemExit, match="labelled against one normal class"):
+        adapt_cli.labelled_test_spec(str(tmp_path), "fashion-mnist:all:40")
+
+
 def test_adapt_command_times_the_prefix_cache(tmp_path, capsys):
     from core.cli import adapt as adapt_cli
 
@@ -277,3 +302,21 @@ def test_bench_entries_build_panda_detectors(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "o.png")
     detector = BENCH_METHODS["panda-oe"](BenchOptions(outliers=str(tmp_path)))
     assert len(detector.outliers) == 1 and detector.outliers.labels.tolist() == [1]
+
+
+def test_adapt_command_starts_from_the_measured_defaults_or_the_papers():
+    from core.cli import adapt as adapt_cli
+    from core.config import paper_panda_settings
+
+    def built(*extra: str) -> PandaSettings:
+        return adapt_cli.settings_from_args(_adapt_parser().parse_args(["--normal", "unused", *extra]))
+
+    assert built() == PandaSettings()
+    assert built().features.backbone == "efficientnet_lite2" and built().metric == "cosine" and built().epochs == 16
+    assert built("--paper") == paper_panda_settings()
+    # Another backbone without a size runs at its own geometry, not at Lite2's 224².
+    lite0 = built("--backbone", "efficientnet_lite0")
+    assert lite0.features.backbone == "efficientnet_lite0" and lite0.features.crop is None
+    assert built("--backbone", "efficientnet_lite0", "--crop", "64", "--resize", "64").features.crop == 64
+    assert built("--paper", "--strategy", "ses", "--epochs", "3").epochs == 3
+    assert built("--minibatches", "50").minibatches == 50 and built("--minibatches", "50").epochs == 0

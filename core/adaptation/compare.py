@@ -27,16 +27,16 @@ from core.adaptation.curves import EpochRecord, curves_to_list
 from core.adaptation.fisher import FisherDiagonal
 from core.adaptation.network import TrainableNetwork, resolve_trainable
 from core.adaptation.pipeline import PreparedData, adapt, optimiser_for, prepare, with_strategy
+from core.adaptation.signals import KeptChoice, keep_choice
 from core.adaptation.prefix_cache import build_image_inputs, build_prefix_cache, peak_memory_bytes
 from core.adaptation.schedule import Schedule, resolve_schedule, snapshot_epochs, snapshot_interval
 from core.adaptation.ses import SesScorer
-from core.adaptation.stopping import AutoStop
+from core.adaptation.stopping import BestSignal
 from core.adaptation.strategies import CompactnessObjective
 from core.adaptation.training import train
 from core.config import PandaSettings
 from core.datasets import ImageSet
 from core.features import extractor_for, image_size_for
-from core.knn import KnnIndex
 from core.metrics import image_auroc
 from core.progress import CancelFn, ProgressFn
 
@@ -95,6 +95,10 @@ def _record(records: list[EpochRecord], epoch: int) -> EpochRecord | None:
     return records[epoch] if 0 <= epoch < len(records) else None
 
 
+COMPARE_STRATEGIES = ("early", "auto", "ses", "ewc")
+"""What :func:`compare_strategies` can run beside DN2 and the long run; "auto" = Early at the signal's epoch."""
+
+
 def compare_strategies(
     train_set: ImageSet,
     test_set: ImageSet,
@@ -102,7 +106,7 @@ def compare_strategies(
     epochs: int | None = None,
     early_epoch: int | None = None,
     ewc_epochs: int | None = None,
-    strategies: tuple[str, ...] = ("early", "auto", "ses", "ewc"),
+    strategies: tuple[str, ...] = COMPARE_STRATEGIES,
     fisher: FisherDiagonal | None = None,
     fisher_reference: ImageSet | None = None,
     prepared: PreparedData | None = None,
@@ -119,17 +123,26 @@ def compare_strategies(
     SES uses the snapshots within its own span (150k samples, scaled) or
     ``epochs``, whichever is shorter. ``ewc_epochs``: length of the EWC run
     (default: the paper's 7.8k minibatches, scaled); ``ewc_curves=False``
-    evaluates it only at its end (cheaper; no EWC curve). ``settings`` gives the
+    evaluates it only at its ends (cheaper; no EWC curve). ``settings`` gives the
     backbone, optimiser and the other knobs; its ``strategy`` is ignored.
-    "auto" in ``strategies`` adds PANDA-Early with the automatic stopping rule:
-    the runs then train on all but ``settings.stop_holdout`` of the normal
-    images (the held-out ones still join every kNN gallery, DN2's included),
-    and the rule reads the long run's held-out ratios (no test labels).
+
+    With "auto" in ``strategies`` or ``settings.keep_rule == "signal"`` the runs
+    train on all but ``settings.stop_holdout`` of the normal images (the
+    held-out ones still join every kNN gallery, DN2's included) and every
+    epoch gets the normal-only signal (:mod:`core.adaptation.signals`). Then
+    "PANDA-Early (auto)" is the long run's best-signal epoch (epoch 0 included),
+    SES and EWC each fall back to DN2 when the signal says so (the paper's
+    rows, without that fallback, are kept as "... (paper)"), and "Automatic
+    choice" is whichever of DN2 / Early (auto) / SES / EWC has the best signal:
+    what a user who reads no test label would keep. No choice reads the test labels.
     """
     if not test_set.has_labels or len(np.unique(test_set.labels)) < 2:
         raise ValueError("compare_strategies needs a test set with normal and anomalous labels")
+    signal = "auto" in strategies or settings.keep_rule == "signal"
     prepared = prepared or prepare(train_set, settings, test_set, None, None, cancel,
-                                   holdout=settings.stop_holdout if "auto" in strategies else 0.0)
+                                   holdout=settings.stop_holdout if signal else 0.0)
+    signal = signal and prepared.holdout is not None
+    fallback = signal and settings.keep_rule == "signal"  # SES and EWC may then give back DN2
     n = len(prepared.normal)
     early_schedule = resolve_schedule(settings, n, "early")
     ses_schedule = resolve_schedule(settings, n, "ses")
@@ -150,24 +163,19 @@ def compare_strategies(
         schedule=Schedule(long_epochs, early_schedule.batches_per_epoch, ses_epochs if "ses" in strategies else ()),
         early_epoch=early_at if "early" in strategies else None, keep_epoch_zero=True,
         on_epoch=relay("unregularised"), progress=progress, cancel=cancel,
-        stop_rule=AutoStop(settings.stop_fraction) if "auto" in strategies and prepared.holdout is not None else None,
+        stop_rule=BestSignal(settings.stop_fraction) if signal else None,
     )
     records = unregularised.result.records
     timing["cache"] = unregularised.result.cache
     timing["unregularised_epoch_seconds"] = unregularised.result.mean_epoch_seconds
-    rows = []
-    first = records[0]
-    rows.append(ComparisonRow("DN2", first.auroc, 0, 0, "pretrained features"))
+    dn2 = records[0]
+    rows = [ComparisonRow("DN2", dn2.auroc, 0, 0, "pretrained features")]
+    candidates: dict[str, tuple[float | None, float | None]] = {"DN2": (dn2.signal, dn2.auroc)}
     if "early" in strategies and _record(records, early_at) is not None:
         r = records[early_at]
         rows.append(ComparisonRow("PANDA-Early", r.auroc, r.epoch, r.minibatches))
-    auto_at = unregularised.result.auto_stop_epoch
-    if "auto" in strategies and prepared.holdout is not None:
-        # Not reached within the run: the automatic Early model is the last epoch (as adapt() keeps it).
-        r = records[auto_at] if auto_at is not None else records[-1]
-        rows.append(ComparisonRow("PANDA-Early (auto)", r.auroc, r.epoch, r.minibatches,
-                                  "stop chosen from held-out normal images" if auto_at is not None
-                                  else f"held-out distance never fell to {settings.stop_fraction:.0%}: last epoch"))
+    if "auto" in strategies and signal:
+        rows.append(_auto_row(unregularised.result, settings, candidates))
     choice_counts: list[int] = []
     kept = [e for e in ses_epochs if e in unregularised.result.snapshots]
     if "ses" in strategies and kept:
@@ -176,8 +184,9 @@ def compare_strategies(
         found = scorer.score([s.test_features for s in snaps])
         choice_counts = np.bincount(found.choice, minlength=len(kept)).tolist()
         last = records[kept[-1]]
-        rows.append(ComparisonRow("PANDA-SES", image_auroc(labels, found.scores), last.epoch, last.minibatches,
-                                  f"max over {len(kept)} snapshots"))
+        ses_auroc = image_auroc(labels, found.scores)
+        row = ComparisonRow("PANDA-SES", ses_auroc, last.epoch, last.minibatches, f"max over {len(kept)} snapshots")
+        rows.extend(_with_fallback(row, unregularised.kept if fallback else None, dn2.auroc, candidates))
     last = records[-1]
     rows.append(ComparisonRow("Unregularised (last epoch)", last.auroc, last.epoch, last.minibatches,
                               "compactness only, no stopping"))
@@ -195,18 +204,49 @@ def compare_strategies(
             schedule=Schedule(ewc_len, early_schedule.batches_per_epoch), on_epoch=relay("ewc"),
             evaluate=ewc_curves, progress=progress, cancel=cancel,
         )
-        r = ewc.result.records[-1]
-        auroc = r.auroc
-        if auroc is None and labels is not None:  # evaluated only at the end: score the final features
-            auroc = image_auroc(labels, KnnIndex(settings.k, metric=settings.metric).fit(ewc.result.final_train_features)
-                                .score(ewc.result.final_test_features))
+        r = ewc.result.records[-1]  # the last epoch is always evaluated
         note = f"lambda={settings.ewc_lambda:g}, Fisher: {ewc.fisher.source}" if ewc.fisher else ""
-        rows.append(ComparisonRow("PANDA-EWC", auroc, r.epoch, r.minibatches, note))
+        row = ComparisonRow("PANDA-EWC", r.auroc, r.epoch, r.minibatches, note)
+        rows.extend(_with_fallback(row, ewc.kept if fallback else None, dn2.auroc, candidates))
         timing["fisher"] = None if ewc.fisher is None else {"source": ewc.fisher.source, **ewc.fisher.statistics()}
         curves["ewc"] = ewc.result.records
         timing["ewc_epoch_seconds"] = ewc.result.mean_epoch_seconds
+    if fallback and len(candidates) > 1:
+        rows.append(_automatic_row(candidates))
     timing["peak_memory_bytes"] = peak_memory_bytes(prepared.extractor.device)
     return ComparisonResult(rows, curves, kept, choice_counts, timing)
+
+
+def _auto_row(result, settings: PandaSettings, candidates: dict) -> ComparisonRow:
+    """Early (auto): the long run's best-signal epoch, kept only if it beats epoch 0 by the margin."""
+    records = result.records
+    best = result.auto_stop_epoch if result.auto_stop_epoch is not None else 0
+    signals = result.signals()
+    margin = settings.keep_margin if settings.keep_rule == "signal" else float("-inf")
+    choice = keep_choice(signals.get(0), signals.get(best), best, f"epoch {best}", margin)
+    r = records[choice.epoch]
+    candidates["PANDA-Early (auto)"] = (signals.get(choice.epoch), r.auroc)
+    return ComparisonRow("PANDA-Early (auto)", r.auroc, r.epoch, r.minibatches, choice.reason)
+
+
+def _with_fallback(row: ComparisonRow, kept: KeptChoice | None, dn2_auroc: float | None,
+                   candidates: dict) -> list[ComparisonRow]:
+    """The strategy's row; with a signal choice, the row as kept (DN2 or the strategy) and the paper's row."""
+    if kept is None:
+        return [row]
+    auroc = dn2_auroc if kept.pretrained else row.auroc
+    candidates[row.method] = (kept.pretrained_signal if kept.pretrained else kept.adapted_signal, auroc)
+    chosen = dataclasses.replace(row, auroc=auroc, epoch=kept.epoch, note=kept.reason)
+    paper = dataclasses.replace(row, method=f"{row.method} (paper)", note=f"{row.note}; no fallback".lstrip("; "))
+    return [chosen, paper]
+
+
+def _automatic_row(candidates: dict[str, tuple[float | None, float | None]]) -> ComparisonRow:
+    """The candidate with the best signal (ties: the first, DN2 before the adapted ones)."""
+    name, (value, auroc) = max(((name, pair) for name, pair in candidates.items() if pair[0] is not None),
+                               key=lambda item: item[1][0], default=("DN2", candidates["DN2"]))
+    return ComparisonRow("Automatic choice", auroc, None, None,
+                         f"{name} (best normal-only signal{'' if value is None else f' {value:.3f}'})")
 
 
 @dataclass(frozen=True)

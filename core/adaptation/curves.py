@@ -43,6 +43,11 @@ class EpochRecord:
             (not trained on) against the trained-on ones, see :mod:`core.adaptation.stopping`;
             None unless the run holds some out.
         auto_stop: True on the epoch the automatic Early rule chose (marked once known).
+        signal: the normal-only signal of this epoch (held-out normal images against
+            probe images, :mod:`core.adaptation.signals`; higher = they separate better),
+            None unless the run holds normal images out.
+        signals: every candidate value the signal was chosen from, by name.
+        kept: True on the epoch whose network the model keeps (epoch 0 = the pretrained one).
     """
 
     epoch: int
@@ -64,9 +69,15 @@ class EpochRecord:
     holdout_ratio: float | None = None
     holdout_knn_ratio: float | None = None
     auto_stop: bool = False
+    signal: float | None = None
+    signals: dict[str, float] | None = None
+    kept: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {key: _finite_or_none(value) for key, value in dataclasses.asdict(self).items()}
+        values = {key: _finite_or_none(value) for key, value in dataclasses.asdict(self).items()}
+        if self.signals is not None:
+            values["signals"] = {key: _finite_or_none(value) for key, value in self.signals.items()}
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "EpochRecord":

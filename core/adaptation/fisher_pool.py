@@ -48,7 +48,7 @@ def pool_description(photos: list[Path], count: int) -> str:
     return f"offline photo pool: {count} augmented crops of {len(photos)} photos ({names}), predicted labels"
 
 
-def _random_crop(image: np.ndarray, rng: np.random.Generator, side: int) -> np.ndarray:
+def random_crop(image: np.ndarray, rng: np.random.Generator, side: int) -> np.ndarray:
     """ImageNet-style augmentation of (H, W, 3) uint8: random resized crop (8-100 % area), flip, colour."""
     import cv2
 
@@ -86,7 +86,7 @@ def pool_batches(size: ImageSize, batches: int, batch_size: int, seed: int = 0,
     for _ in range(batches):
         crops = []
         for _ in range(batch_size):
-            crops.append(_random_crop(decoded[made % len(decoded)], rng, size.crop))
+            crops.append(random_crop(decoded[made % len(decoded)], rng, size.crop))
             made += 1
         yield torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255.0
 

@@ -24,8 +24,11 @@ from core.adaptation.network import TrainableNetwork, resolve_trainable
 from core.adaptation.objectives import EwcPenalty
 from core.adaptation.outlier_exposure import OutlierExposureObjective
 from core.adaptation.prefix_cache import TrainingInputs, build_inputs
+from core.adaptation.probes import probe_kinds, probe_set
 from core.adaptation.schedule import Schedule, resolve_schedule
-from core.adaptation.stopping import AutoStop
+from core.adaptation.ses import SesScorer
+from core.adaptation.signals import PROBE_CHANGES, PROBE_POOL_CROPS, SIGNAL, KeptChoice, keep_choice, score_statistics
+from core.adaptation.stopping import BestSignal
 from core.adaptation.strategies import CompactnessObjective, Objective
 from core.adaptation.training import OptimiserSettings, TrainingResult, train
 from core.backbones import FeatureExtractor, resolve_precision
@@ -43,8 +46,9 @@ class PreparedData:
     ``normal``/``test``/``outliers`` are prefix caches (or images when
     ``settings.prefix_cache`` is False); ``test_labels`` is (M,) int64 when
     the test set is labelled. ``holdout`` holds the normal images kept out of
-    training for the automatic Early rule (then ``normal`` has the rest).
-    ``seconds`` is the time spent building them.
+    training for the normal-only signal (then ``normal`` has the rest), ``probe``
+    the probe images made for it (:mod:`core.adaptation.probes`) and
+    ``probe_kinds`` their kinds. ``seconds`` is the time spent building them.
     """
 
     extractor: FeatureExtractor
@@ -56,6 +60,8 @@ class PreparedData:
     outliers: TrainingInputs | None
     seconds: float
     holdout: TrainingInputs | None = None
+    probe: TrainingInputs | None = None
+    probe_kinds: tuple[str, ...] = ()
 
     def new_network(self) -> TrainableNetwork:
         """A fresh private copy of the pretrained network with the trainable pieces unfrozen."""
@@ -80,7 +86,7 @@ def prepare(
     """Build the inputs of a PANDA run (runs the frozen prefix once per image). Raises ``Cancelled``.
 
     ``holdout`` > 0 keeps that share of the normal images (seeded) out of
-    training, for the automatic Early rule.
+    training and makes the probe images of the normal-only signal from them.
     """
     started = time.perf_counter()
     extractor = extractor_for(settings.features)
@@ -88,17 +94,20 @@ def prepare(
     trainable = resolve_trainable(extractor.spec.default_trainable, settings.trainable)
     # A private copy even for the frozen prefix: wrapping the shared network would
     # change its requires_grad flags under other users.
-    probe = TrainableNetwork(extractor.copy_network(), trainable)
-    held_inputs = None
+    prefix_network = TrainableNetwork(extractor.copy_network(), trainable)
+    held_inputs = probe_inputs = None
+    kinds: tuple[str, ...] = ()
     if holdout > 0:
         normal, held = split_holdout(normal, holdout, settings.seed)
-        held_inputs = _inputs(probe, held, size, settings, progress, cancel)
-    normal_inputs = _inputs(probe, normal, size, settings, progress, cancel)
-    test_inputs = _inputs(probe, test, size, settings, progress, cancel) if test is not None and len(test) else None
+        held_inputs = _inputs(prefix_network, held, size, settings, progress, cancel)
+        probes = probe_set(held, size.crop, settings.seed, PROBE_POOL_CROPS, PROBE_CHANGES)
+        probe_inputs, kinds = _inputs(prefix_network, probes, size, settings, progress, cancel), probe_kinds(probes)
+    normal_inputs = _inputs(prefix_network, normal, size, settings, progress, cancel)
+    test_inputs = _inputs(prefix_network, test, size, settings, progress, cancel) if test is not None and len(test) else None
     labels = test.labels if test is not None and len(test) and test.has_labels else None
-    outlier_inputs = _inputs(probe, outliers, size, settings, progress, cancel) if outliers is not None and len(outliers) else None
+    outlier_inputs = _inputs(prefix_network, outliers, size, settings, progress, cancel) if outliers is not None and len(outliers) else None
     return PreparedData(extractor, size, trainable, normal_inputs, test_inputs, labels, outlier_inputs,
-                        time.perf_counter() - started, held_inputs)
+                        time.perf_counter() - started, held_inputs, probe_inputs, kinds)
 
 
 def split_holdout(normal: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
@@ -208,7 +217,8 @@ def pool_fisher(settings: PandaSettings, prepared: PreparedData, network: Traina
 
 @dataclass
 class AdaptationRun:
-    """One trained strategy: the network (trained in place), its schedule and the training result."""
+    """One trained strategy: the network (trained in place, or put back to the epoch kept), its schedule,
+    the training result and, with ``keep_rule="signal"``, which network was kept and why (``kept``)."""
 
     settings: PandaSettings
     strategy: str
@@ -218,6 +228,23 @@ class AdaptationRun:
     fisher: FisherDiagonal | None
     head: dict[str, np.ndarray] | None
     prepared: PreparedData
+    kept: KeptChoice
+
+
+def holdout_share(settings: PandaSettings, n_normal: int) -> float:
+    """The share of the normal images a run holds out for the signal: ``stop_holdout``, or 0 when it needs none.
+
+    The signal is needed by Early (auto) and, with ``keep_rule="signal"``, by
+    every strategy but OE. A set too small to spare images (fewer than 4 left
+    to train on) trains on all of them (then no signal: the strategy's result is kept);
+    Early (auto) cannot do without and says so (:func:`split_holdout`).
+    """
+    if auto_early(settings):
+        return settings.stop_holdout
+    if settings.keep_rule != "signal" or settings.strategy == "oe":
+        return 0.0
+    held = max(2, int(round(settings.stop_holdout * n_normal)))
+    return settings.stop_holdout if n_normal - held >= 4 else 0.0
 
 
 def adapt(
@@ -235,7 +262,7 @@ def adapt(
     on_epoch: EpochCallback | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
-    stop_rule: AutoStop | None = None,
+    stop_rule: BestSignal | None = None,
 ) -> AdaptationRun:
     """Train PANDA with ``settings.strategy`` on the normal images; the dashboard's and CLI's entry point.
 
@@ -248,13 +275,16 @@ def adapt(
     extra epoch; for "early" it defaults to the last epoch. ``stop_rule``
     marks the automatic Early epoch on a run that goes on training (the
     comparison's long run); Early with ``early_rule="auto"`` uses its own and stops there.
+    With ``keep_rule="signal"`` and held-out normal images the pretrained network
+    competes with the trained one (:func:`choose_kept`); ``run.network`` and
+    ``run.result``'s final weights and features are then those of the network kept.
     """
     strategy = settings.strategy
     if prepared is None:
         if normal is None:
             raise ValueError("adapt needs the normal images or prepared data")
         prepared = prepare(normal, settings, test, outliers if strategy == "oe" else None, None, cancel,
-                           holdout=settings.stop_holdout if auto_early(settings) else 0.0)
+                           holdout=holdout_share(settings, len(normal)))
     if strategy == "oe" and prepared.outliers is None:
         raise ValueError("strategy 'oe' needs an outlier exposure image set")
     schedule = schedule or resolve_schedule(settings, len(prepared.normal))
@@ -262,9 +292,10 @@ def adapt(
     if auto_early(settings):
         if prepared.holdout is None:
             raise ValueError("the automatic Early rule needs held-out normal images (prepare(..., holdout=...))")
-        rule, stop_here = AutoStop(settings.stop_fraction), True
+        rule, stop_here = BestSignal(settings.stop_fraction), True
     elif strategy == "early" and early_epoch is None:
         early_epoch = schedule.epochs
+    competing = settings.keep_rule == "signal" and strategy != "oe" and prepared.holdout is not None
     network = prepared.new_network()
     used_fisher: FisherDiagonal | None = None
     objective: Objective
@@ -281,17 +312,77 @@ def adapt(
     result = train(
         network, prepared.normal, objective, schedule, optimiser_for(settings, device=prepared.extractor.device),
         test_inputs=prepared.test, test_labels=prepared.test_labels, holdout_inputs=prepared.holdout,
-        early_epoch=early_epoch, keep_epoch_zero=keep_epoch_zero, evaluate=evaluate or rule is not None,
+        early_epoch=early_epoch, keep_epoch_zero=keep_epoch_zero or competing, evaluate=evaluate or rule is not None,
         on_epoch=on_epoch, progress=progress, cancel=cancel, stop_rule=rule, stop_when_done=stop_here,
+        probe_inputs=prepared.probe, probe_kinds=prepared.probe_kinds,
     )
+    last = result.epochs_done
     if stop_here and result.auto_stop_epoch is not None:
-        # Early (auto) keeps the weights of the epoch the rule chose, not the last one trained.
-        chosen = result.snapshots[result.auto_stop_epoch]
+        # Early (auto) keeps the epoch with the best signal (epoch 0 included), not the last one trained.
+        kept = choose_kept(settings, result, schedule, "auto", prepared.probe_kinds)
+    elif competing and not result.cancelled:
+        kept = choose_kept(settings, result, schedule, strategy, prepared.probe_kinds)
+    else:
+        kept = KeptChoice(last, last, None, None, _uncompared(settings, strategy, result.cancelled))
+    if kept.epoch != last:
+        chosen = result.snapshots[kept.epoch]
         network.load_suffix_state(chosen.state)
         result = dataclasses.replace(result, final_state=chosen.state, final_train_features=chosen.train_features,
                                      final_test_features=chosen.test_features)
+    if kept.epoch < len(result.records):
+        records = list(result.records)
+        records[kept.epoch] = dataclasses.replace(records[kept.epoch], kept=True)
+        result = dataclasses.replace(result, records=records)
     head = objective.head_state() if isinstance(objective, OutlierExposureObjective) else None
-    return AdaptationRun(settings, strategy, schedule, network, result, used_fisher, head, prepared)
+    return AdaptationRun(settings, strategy, schedule, network, result, used_fisher, head, prepared, kept)
+
+
+def _uncompared(settings: PandaSettings, strategy: str, cancelled: bool) -> str:
+    """Why a run keeps what it trained without asking the signal."""
+    if cancelled:
+        return "stopped by the user: the weights trained so far"
+    if strategy == "oe":
+        return "OE keeps its trained network and head"
+    if settings.keep_rule != "signal":
+        return "the strategy's own result, as in the paper (keep_rule=last)"
+    return "the strategy's own result: too few normal images to hold some out for the signal"
+
+
+def choose_kept(settings: PandaSettings, result: TrainingResult, schedule: Schedule, strategy: str,
+                kinds: tuple[str, ...]) -> KeptChoice:
+    """The pretrained network or the trained one, by the normal-only signal (``strategy`` "auto" = Early (auto)).
+
+    Early (auto): the best-signal epoch (:class:`~core.adaptation.stopping.BestSignal`);
+    Early (fixed) and EWC: the last epoch; SES: its snapshots together, scored
+    as SES scores (:func:`ses_signal`). Each must beat epoch 0's signal by
+    ``settings.keep_margin``; Early (auto) with ``keep_rule="last"`` skips that comparison.
+    """
+    signals = result.signals()
+    margin = settings.keep_margin if settings.keep_rule == "signal" else float("-inf")
+    if strategy == "auto":
+        epoch = result.auto_stop_epoch
+        return keep_choice(signals.get(0), signals.get(epoch), epoch, f"epoch {epoch}", margin)
+    last = result.epochs_done
+    if strategy == "ses":
+        epochs = [e for e in schedule.snapshot_epochs if e in result.snapshots]
+        if epochs:
+            adapted = ses_signal([result.snapshots[e] for e in epochs], result.trained_count, kinds, settings)
+            return keep_choice(signals.get(0), adapted, epochs[-1], f"SES ({len(epochs)} snapshots)", margin)
+    return keep_choice(signals.get(0), signals.get(last), last, f"epoch {last}", margin)
+
+
+def ses_signal(snapshots: list, trained_count: int, kinds: tuple[str, ...], settings: PandaSettings) -> float | None:
+    """The signal of SES's own scores: snapshots fitted on the trained-on rows, held-out normals and probes scored."""
+    if any(s.probe_features is None for s in snapshots):
+        return None
+    scorer = SesScorer(settings.k, settings.ses_holdout, settings.seed, settings.metric)
+    try:
+        scorer.fit([s.train_features[:trained_count] for s in snapshots])
+    except ValueError:  # every snapshot collapsed: SES has nothing to offer
+        return float("-inf")
+    held = scorer.score([s.train_features[trained_count:] for s in snapshots]).scores
+    probes = scorer.score([s.probe_features for s in snapshots]).scores
+    return score_statistics(held, probes, kinds).get(SIGNAL)
 
 
 def auto_early(settings: PandaSettings) -> bool:

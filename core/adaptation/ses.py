@@ -10,6 +10,11 @@ largest of these ratios; the arg max says which snapshot "won".
 
 Queries are scored against the 90% gallery, the very gallery s_t was measured
 on, so that a normal image's ratio is about 1 under every snapshot.
+
+A snapshot whose held-out normal images sit exactly on their gallery
+neighbours (s_t = 0: the features collapsed to a point, as a long
+unregularised run at a high learning rate ends) can separate nothing and has
+no scale to normalise by, so SES leaves it out (``snapshots_used_``).
 """
 
 from __future__ import annotations
@@ -49,9 +54,11 @@ class SesScorer:
         self.holdout = holdout
         self.seed = seed
         self.indexes_: list[KnnIndex] = []
+        self.n_snapshots = 0
         self.normalisers_: np.ndarray | None = None
         self.gallery_positions_: np.ndarray | None = None
         self.holdout_positions_: np.ndarray | None = None
+        self.snapshots_used_: np.ndarray | None = None
         self._train_ratios: np.ndarray | None = None
 
     def fit(self, train_features: Sequence[np.ndarray]) -> "SesScorer":
@@ -63,14 +70,15 @@ class SesScorer:
             raise ValueError("every snapshot must have features of the same normal images")
         gallery, holdout = holdout_split(n, self.holdout, self.k, self.seed)
         self.gallery_positions_, self.holdout_positions_ = gallery, holdout
-        self.indexes_, normalisers, ratios = [], [], []
-        for features in train_features:
+        self.indexes_, normalisers, ratios, used = [], [], [], []
+        for position, features in enumerate(train_features):
             features = as_float32(features)
             index = KnnIndex(self.k, metric=self.metric).fit(features[gallery])
             held = index.score(features[holdout])
             s = float(held.mean())
-            if not s > 0:
-                raise ValueError("the holdout's mean kNN distance is zero (duplicate images?): SES cannot normalise")
+            if not s > 0:  # collapsed snapshot: nothing to separate, no scale (module docstring)
+                continue
+            used.append(position)
             # Train scores for the threshold: holdout images against the gallery,
             # gallery images leave-one-out within it.
             own = np.empty(n, dtype=np.float64)
@@ -79,13 +87,14 @@ class SesScorer:
             self.indexes_.append(index)
             normalisers.append(s)
             ratios.append(own / s)
+        if not used:
+            raise ValueError("every SES snapshot's held-out normal images sit on their neighbours (collapsed "
+                             "features, or duplicate images): SES cannot normalise")
+        self.snapshots_used_ = np.asarray(used, dtype=np.int64)
+        self.n_snapshots = len(train_features)
         self.normalisers_ = np.asarray(normalisers, dtype=np.float64)
         self._train_ratios = np.stack(ratios)
         return self
-
-    @property
-    def n_snapshots(self) -> int:
-        return len(self.indexes_)
 
     def score(self, query_features: Sequence[np.ndarray]) -> SesScores:
         """One (M, D) array per snapshot (same M images) -> max normalised score and the winning snapshot."""
@@ -93,15 +102,20 @@ class SesScorer:
             raise RuntimeError("SesScorer.score called before fit")
         if len(query_features) != self.n_snapshots:
             raise ValueError(f"expected features from {self.n_snapshots} snapshots, got {len(query_features)}")
-        normalised = np.stack([index.score(q) / s for index, q, s in zip(self.indexes_, query_features, self.normalisers_)])
-        return SesScores(scores=normalised.max(axis=0), choice=normalised.argmax(axis=0), normalised=normalised)
+        used = [query_features[i] for i in self.snapshots_used_]
+        normalised = np.stack([index.score(q) / s for index, q, s in zip(self.indexes_, used, self.normalisers_)])
+        return self._scores(normalised)
 
     def train_scores(self) -> SesScores:
         """The same for the normal training images (holdout vs gallery, gallery leave-one-out)."""
         if self._train_ratios is None:
             raise RuntimeError("SesScorer.train_scores called before fit")
-        ratios = self._train_ratios
-        return SesScores(scores=ratios.max(axis=0), choice=ratios.argmax(axis=0), normalised=ratios)
+        return self._scores(self._train_ratios)
+
+    def _scores(self, normalised: np.ndarray) -> SesScores:
+        """(U, M) ratios of the used snapshots -> max and the winning snapshot's index among all of them."""
+        return SesScores(scores=normalised.max(axis=0), choice=self.snapshots_used_[normalised.argmax(axis=0)],
+                         normalised=normalised)
 
     # ------------------------------------------------------------------ persistence
     def state(self) -> dict[str, np.ndarray]:
@@ -114,6 +128,8 @@ class SesScorer:
             "gallery_positions": self.gallery_positions_,
             "holdout_positions": self.holdout_positions_,
             "train_ratios": self._train_ratios,
+            "snapshots_used": self.snapshots_used_,
+            "snapshot_count": np.asarray([self.n_snapshots], dtype=np.int64),
         }
 
     @classmethod
@@ -125,4 +141,11 @@ class SesScorer:
         scorer.gallery_positions_ = np.asarray(arrays["gallery_positions"])
         scorer.holdout_positions_ = np.asarray(arrays["holdout_positions"])
         scorer._train_ratios = np.asarray(arrays["train_ratios"], dtype=np.float64)
+        # Models saved before collapsed snapshots were left out used every snapshot.
+        count = len(scorer.indexes_)
+        scorer.snapshots_used_ = np.asarray(arrays.get("snapshots_used", np.arange(count)), dtype=np.int64)
+        scorer.n_snapshots = int(np.asarray(arrays.get("snapshot_count", [count])).reshape(-1)[0])
+        used = scorer.snapshots_used_
+        if len(used) != count or (count and not 0 <= used.min() <= used.max() < scorer.n_snapshots):
+            raise ValueError(f"SES state names snapshots {used.tolist()} of {scorer.n_snapshots} for {count} galleries")
         return scorer

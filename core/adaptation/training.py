@@ -31,7 +31,8 @@ from core.adaptation.curves import EpochCallback, EpochRecord, distance_summary
 from core.adaptation.network import TrainableNetwork
 from core.adaptation.prefix_cache import PrefixCache, TrainingInputs, peak_memory_bytes
 from core.adaptation.schedule import Schedule
-from core.adaptation.stopping import SIGNAL, AutoStop, holdout_statistics
+from core.adaptation.signals import SIGNAL, measure
+from core.adaptation.stopping import BestSignal, holdout_statistics
 from core.adaptation.strategies import Objective
 from core.backbones import autocast_to, to_channels_last
 from core.metrics import image_auroc
@@ -56,16 +57,18 @@ class OptimiserSettings:
 
 @dataclass
 class Snapshot:
-    """The network at one epoch: trainable weights (CPU float32) and features (N, D) / (M, D).
+    """The network at one epoch: trainable weights (CPU float32) and features (N, D) / (M, D) / (P, D).
 
     ``train_features`` are those of every normal image: the trained-on ones
-    first, then the held-out ones (when the run holds some out for the stopping rule).
+    first, then the held-out ones (when the run holds some out for the signal);
+    ``probe_features`` those of the probe images (:mod:`core.adaptation.probes`), if any.
     """
 
     epoch: int
     state: dict[str, torch.Tensor]
     train_features: np.ndarray
     test_features: np.ndarray | None
+    probe_features: np.ndarray | None = None
 
 
 @dataclass
@@ -83,6 +86,11 @@ class TrainingResult:
     cache: dict[str, object] = field(default_factory=dict)
     peak_memory_bytes: int = 0
     auto_stop_epoch: int | None = None
+    trained_count: int = 0
+
+    def signals(self) -> dict[int, float | None]:
+        """The normal-only signal of every evaluated epoch, by epoch (None where it was not measured)."""
+        return {record.epoch: record.signal for record in self.records}
 
     @property
     def epochs_done(self) -> int:
@@ -129,8 +137,10 @@ def train(
     on_epoch: EpochCallback | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
-    stop_rule: AutoStop | None = None,
+    stop_rule: BestSignal | None = None,
     stop_when_done: bool = False,
+    probe_inputs: TrainingInputs | None = None,
+    probe_kinds: tuple[str, ...] = (),
 ) -> TrainingResult:
     """Train ``network``'s trainable pieces in place for ``schedule.epochs`` epochs.
 
@@ -143,9 +153,12 @@ def train(
     ``evaluate=False`` skips the per-epoch feature pass except at kept epochs
     (records then carry NaN distances): the cheapest way to train.
     ``progress(done, total)`` counts minibatches.
-    ``stop_rule`` (needs ``holdout_inputs``) is fed every epoch's held-out
-    kNN ratio; its current choice is kept as a snapshot, and with ``stop_when_done``
-    training ends once the rule has decided.
+    ``probe_inputs`` (P images that are not normal, of ``probe_kinds``) with
+    ``holdout_inputs`` give every evaluated epoch its normal-only ``signal``
+    (:mod:`core.adaptation.signals`); epoch 0 and the last epoch are always evaluated.
+    ``stop_rule`` (needs ``holdout_inputs``) is fed every epoch's record; its
+    current choice is kept as a snapshot, and with ``stop_when_done`` training
+    ends once its collapse guard fires.
     """
     device = network.device
     labels = None if test_labels is None else np.asarray(test_labels)
@@ -163,18 +176,22 @@ def train(
         return trained, held
 
     def observe(epoch: int, minibatches: int, seconds: float, parts: dict[str, list[float]], losses: list[float]) -> tuple[np.ndarray | None, np.ndarray | None]:
-        needed = evaluate or epoch in keep or epoch == 0
+        needed = evaluate or epoch in keep or epoch in (0, schedule.epochs)
         started = time.perf_counter()
         train_f, held_f = normal_features() if needed else (None, None)
         test_f = (features_of(network, test_inputs, optimiser.eval_batch_size, optimiser.dtype)
                   if needed and test_inputs is not None else None)
+        probe_f = (features_of(network, probe_inputs, optimiser.eval_batch_size, optimiser.dtype)
+                   if needed and probe_inputs is not None and held_f is not None else None)
         summary: dict[str, float | None] = {"train_distance": float("nan")}
         auroc = None
         gallery = train_f
+        signals = None
         if train_f is not None:
             summary = distance_summary(train_f, centre, test_f, labels)
             if held_f is not None:
                 summary.update(holdout_statistics(train_f, held_f, centre, optimiser.k))
+                signals = measure(train_f, held_f, probe_f, probe_kinds, optimiser.k, optimiser.metric)
                 gallery = np.concatenate([train_f, held_f])
             if with_auroc and test_f is not None:
                 auroc = image_auroc(labels, objective.test_scores(network, gallery, test_f, optimiser.k, optimiser.metric))
@@ -189,17 +206,19 @@ def train(
             snapshot=snapshot_index.get(epoch),
             early_stop=epoch == early_epoch,
             eval_seconds=time.perf_counter() - started,
+            signal=None if signals is None else signals.get(SIGNAL),
+            signals=signals,
             **summary,
         )
         if epoch in keep and gallery is not None:
-            snapshots[epoch] = Snapshot(epoch, network.suffix_state(), gallery, test_f)
+            snapshots[epoch] = Snapshot(epoch, network.suffix_state(), gallery, test_f, probe_f)
         if stop_rule is not None and gallery is not None:
             previous = stop_rule.chosen
-            if stop_rule.update(epoch, getattr(record, SIGNAL)):
+            if stop_rule.update(epoch, record):
                 # Keep only the rule's current choice (one extra copy of the trainable weights).
                 if previous is not None and previous not in keep:
                     snapshots.pop(previous, None)
-                snapshots[epoch] = Snapshot(epoch, network.suffix_state(), gallery, test_f)
+                snapshots[epoch] = Snapshot(epoch, network.suffix_state(), gallery, test_f, probe_f)
         records.append(record)
         if on_epoch is not None:
             on_epoch(record)
@@ -252,8 +271,8 @@ def train(
             break
 
     ruled = stop_rule is not None and stop_rule.done and stop_when_done and evaluate
-    if (records[-1].epoch != schedule.epochs and not ruled) or train_f is None or not evaluate:
-        # Cancelled, or evaluation skipped: the final features describe the weights as they are now.
+    if (records[-1].epoch != schedule.epochs and not ruled) or train_f is None:
+        # Cancelled: the final features describe the weights as they are now.
         trained, held = normal_features()
         train_f = trained if held is None else np.concatenate([trained, held])
         test_f = (features_of(network, test_inputs, optimiser.eval_batch_size, optimiser.dtype)
@@ -273,4 +292,5 @@ def train(
         cache=cache_description(train_inputs),
         peak_memory_bytes=peak_memory_bytes(device),
         auto_stop_epoch=chosen,
+        trained_count=len(train_inputs),
     )

@@ -11,6 +11,7 @@ Examples::
     python -m core adapt --compare --normal fashion-mnist:all:1000 --test fashion-mnist:all:10000 \\
         --table table6.json            # the paper's Table 6: every class in turn, a mean row
     python -m core adapt --merge t6_a.json t6_b.json --table t6.json   # classes run in separate processes
+    python -m core adapt --lesson      # the collapse lesson on the bundled demo: three curves, wall time
 
 ``--normal`` / ``--test`` / ``--outliers`` take a folder of images, an MVTec
 category folder (its ``train/good`` for normal images, its labelled ``test/``
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from core.cli import add_param_option, add_threads_option, apply_threads, parse_params
-from core.config import PANDA_STRATEGIES, FeatureSettings, PandaSettings, apply_params
+from core.config import PANDA_STRATEGIES, PandaSettings, apply_params, paper_panda_settings, settings_for
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -44,8 +45,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                                          "required except with --merge")
     parser.add_argument("--test", help="labelled test images for the curves (MVTec category or fashion-mnist:CLASS[:N])")
     parser.add_argument("--outliers", help="outlier exposure images (strategy oe)")
-    parser.add_argument("--strategy", choices=PANDA_STRATEGIES, default="early")
-    parser.add_argument("--epochs", type=int, default=0, help="epochs (0 = the paper's minibatch count, scaled)")
+    parser.add_argument("--strategy", choices=list(PANDA_STRATEGIES), default=None,
+                        help=f"default: {PandaSettings.strategy} (with --paper: early)")
+    parser.add_argument("--paper", action="store_true",
+                        help="start from the paper's protocol (Lite0 at its own size, Euclidean, lr 1e-2, the "
+                             "paper's minibatch counts, the strategy's result always kept) instead of the "
+                             "measured defaults (Lite2 224², cosine, lr 0.1, 16 epochs, the signal's choice)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"epochs (default {PandaSettings.epochs}; 0 = the paper's minibatch count, scaled)")
     parser.add_argument("--minibatches", type=int, default=0, help="training length in minibatches when --epochs is 0")
     parser.add_argument("--backbone", default=None)
     parser.add_argument("--weights", default=None, help="local weights file, or 'random' (tests only)")
@@ -60,7 +67,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--ewc-epochs", type=int, default=None, help="with --compare: length of the EWC run")
     parser.add_argument("--strategies", default="early,auto,ses,ewc",
                         help="with --compare: which of early,auto,ses,ewc to run (DN2 and the long run always are; "
-                             "auto = Early with the stop chosen from held-out normal images)")
+                             "auto = Early at the epoch the normal-only signal picks)")
     parser.add_argument("--no-ewc-curves", action="store_true",
                         help="with --compare: evaluate the EWC run only at its end (faster; no EWC curve)")
     parser.add_argument("--table", default=None,
@@ -68,6 +75,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--merge", nargs="+", metavar="TABLE.json", default=None,
                         help="join --table files of processes that ran different classes with the same settings, "
                              "print the whole table (and write it to --table)")
+    parser.add_argument("--lesson", action="store_true",
+                        help="the collapse lesson (unregularised / SES / EWC, about a minute) on the bundled "
+                             "Fashion-MNIST demo, or on --normal and --test; prints the curves and its wall time")
     parser.add_argument("--time-cache", action="store_true",
                         help="only time one training epoch with and without the frozen-prefix cache, and exit")
     parser.add_argument("--rounds", type=int, default=3, help="with --time-cache: alternating repetitions (fastest kept)")
@@ -121,15 +131,33 @@ def _with_class(spec: str, name: str) -> str:
     return ":".join(parts)
 
 
+def labelled_test_spec(normal_spec: str, test_spec: str) -> str:
+    """The test spec for one normal class: ``fashion-mnist:all[:N]`` (or a class list) names the test images of
+    every class, labelled against the one normal class of ``--normal``, so it takes that class."""
+    if not test_spec.startswith("fashion-mnist:"):
+        return test_spec
+    named = test_spec.split(":")[1]
+    if named.lower() != "all" and "," not in named:
+        return test_spec
+    if not normal_spec.startswith("fashion-mnist:") or fashion_classes(normal_spec) is not None:
+        raise SystemExit(f"--test {test_spec}: the test images of several Fashion-MNIST classes are labelled "
+                         "against one normal class; give --normal fashion-mnist:CLASS[:N]")
+    return _with_class(test_spec, normal_spec.split(":")[1])
+
+
 def settings_from_args(args: argparse.Namespace) -> PandaSettings:
     """PandaSettings from the command line; ``--param`` overrides any field by name (type-checked)."""
-    features = FeatureSettings(
-        **{key: value for key, value in (("backbone", args.backbone), ("weights", args.weights), ("crop", args.crop),
-                                         ("resize", args.resize), ("device", args.device)) if value is not None}
-    )
-    base = PandaSettings(features=features, strategy=args.strategy, epochs=args.epochs, minibatches=args.minibatches,
-                         **({"fisher_file": args.fisher} if args.fisher else {}))
-    return apply_params(base, parse_params(args.param))
+    base = paper_panda_settings() if args.paper else PandaSettings()
+    geometry = {key: value for key, value in (("crop", args.crop), ("resize", args.resize)) if value is not None}
+    if args.backbone is not None and args.backbone != base.features.backbone and not geometry:
+        geometry = {"crop": None, "resize": None}  # another backbone at its own size, not at Lite2's 224²
+    base = dataclasses.replace(base, features=dataclasses.replace(base.features, **geometry))
+    values = {key: value for key, value in (("strategy", args.strategy), ("epochs", args.epochs),
+                                            ("fisher_file", args.fisher)) if value is not None}
+    if args.minibatches:  # a length in minibatches replaces the default epochs
+        values.update(minibatches=args.minibatches, epochs=values.get("epochs", 0))
+    return settings_for(PandaSettings, base, backbone=args.backbone, weights=args.weights, device=args.device,
+                        values=values, params=parse_params(args.param))
 
 
 def _printer(quiet: bool, prefix: str = ""):
@@ -144,6 +172,8 @@ def _printer(quiet: bool, prefix: str = ""):
             parts.append(f"anomalous/normal ratio {record.test_anomalous_ratio:.3f}/{record.test_normal_ratio:.3f}")
         if record.holdout_ratio is not None:
             parts.append(f"held-out/train {record.holdout_ratio:.3f} (kNN {record.holdout_knn_ratio:.3f})")
+        if record.signal is not None:
+            parts.append(f"signal {record.signal:.4f}")
         if record.auroc is not None:
             parts.append(f"ROC AUC {100 * record.auroc:.2f}")
         if record.snapshot is not None:
@@ -156,14 +186,43 @@ def _printer(quiet: bool, prefix: str = ""):
 
 
 def _strategies(text: str) -> tuple[str, ...]:
+    from core.adaptation.compare import COMPARE_STRATEGIES
+
     chosen = tuple(part.strip() for part in text.split(",") if part.strip())
-    unknown = [name for name in chosen if name not in ("early", "auto", "ses", "ewc")]
+    unknown = [name for name in chosen if name not in COMPARE_STRATEGIES]
     if unknown:
-        raise SystemExit(f"--strategies: unknown {', '.join(unknown)} (choose from early, auto, ses, ewc)")
+        raise SystemExit(f"--strategies: unknown {', '.join(unknown)} (choose from {', '.join(COMPARE_STRATEGIES)})")
     return chosen
 
 
 # ---------------------------------------------------------------------- run
+def _lesson(args: argparse.Namespace) -> int:
+    """The collapse lesson: per-epoch ROC AUC of the three strategies, their last ROC AUC and the wall time."""
+    import time
+
+    from core.adaptation.lesson import LESSON_SETTINGS, collapse_lesson, demo_images
+
+    started = time.perf_counter()
+    if args.normal or args.test:
+        if not (args.normal and args.test):
+            raise SystemExit("--lesson takes both --normal and --test, or neither (then the bundled demo)")
+        normal, test = read_images(args.normal, "normal"), read_images(labelled_test_spec(args.normal, args.test), "test")
+    else:
+        normal, test = demo_images()
+    settings = apply_params(LESSON_SETTINGS, parse_params(args.param))
+    result = collapse_lesson(normal, test, settings)
+    print(f"{'epoch':>5}" + "".join(f"{name:>16}" for name in result.curves))
+    for position, epoch in enumerate(result.epochs):
+        print(f"{epoch:>5}" + "".join("{:>16}".format("-" if values[position] is None else f"{100 * values[position]:.1f}")
+                                      for values in result.curves.values()))
+    print("last epoch: " + ", ".join(f"{name} {100 * value:.1f}" for name, value in result.auroc.items()))
+    print(f"wall time {time.perf_counter() - started:.1f} s (training and scoring {result.seconds:.1f} s; "
+          f"{len(normal)} normal, {len(test)} test images)")
+    if args.curves:
+        Path(args.curves).write_text(json.dumps(result.to_dict(), indent=1))
+    return 0
+
+
 def _table6(args: argparse.Namespace, settings: PandaSettings, classes: list[str]) -> int:
     """Table 6 over several Fashion-MNIST classes: one comparison per normal class, a mean row, a JSON file."""
     import time
@@ -258,14 +317,17 @@ def run(args: argparse.Namespace) -> int:
     if args.merge:
         merge_tables(args.merge, args.table)
         return 0
+    if args.lesson:
+        apply_threads(args.threads)
+        return _lesson(args)
     if not args.normal:
-        raise SystemExit("--normal is required (except with --merge)")
+        raise SystemExit("--normal is required (except with --merge and --lesson)")
     apply_threads(args.threads)
     settings = settings_from_args(args)
     if args.compare and fashion_classes(args.normal):
         return _table6(args, settings, fashion_classes(args.normal))
     normal = read_images(args.normal, "normal")
-    test = read_images(args.test, "test") if args.test else None
+    test = read_images(labelled_test_spec(args.normal, args.test), "test") if args.test else None
     outliers = read_images(args.outliers, "outliers") if args.outliers else None
     fisher_images = read_images(args.fisher_images, "normal") if args.fisher_images else None
     for name, image_set in (("normal", normal), ("test", test), ("outliers", outliers)):
@@ -320,6 +382,7 @@ def run(args: argparse.Namespace) -> int:
             summary["ses_choice_counts"] = [int((details.choice == i).sum()) for i in range(len(detector.states_))]
         print(f"test ROC AUC {100 * summary['test_auroc']:.2f}%  ({settings.strategy}, "
               f"{summary['epochs']} epochs, {summary['minibatches']} minibatches)")
+    print(f"model keeps epoch {summary['kept_epoch']}: {summary['kept_reason']}")
     if args.out:
         print(f"model written to {detector.save(args.out)}")
     if args.curves:

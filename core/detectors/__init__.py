@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.config import DN2Settings, GaussianSettings, PandaSettings, SpadeSettings
+from core.config import PANDA_STRATEGIES, DN2Settings, GaussianSettings, PandaSettings, SpadeSettings
 from core.detectors.base import (
     Detector, ModelFileError, NotFittedError, SegmentationDetector, SettingsMismatch, read_model_file,
     restore_common, settings_from_dict,
@@ -94,7 +94,7 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("panda", "PANDA", "fine-tuned features (Early, SES, EWC, OE)", PandaSettings,
                    "core.detectors.panda", "PandaDetector", adaptation=True,
                    presets=tuple(Preset(f"panda-{strategy}", {"strategy": strategy})
-                                 for strategy in ("early", "ses", "ewc", "oe"))),
+                                 for strategy in PANDA_STRATEGIES)),
     )
 }
 """Method name -> :class:`MethodInfo`; the one list of methods."""

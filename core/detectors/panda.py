@@ -124,7 +124,8 @@ class PandaDetector(BackboneUser, Detector):
         self._network = run.network
         self._index = None
         self.gallery_, self.ses_, self.head_, self.train_choice_ = None, None, None, None
-        if run.strategy == "ses":
+        kept = run.kept
+        if run.strategy == "ses" and not kept.pretrained:
             epochs = sorted(e for e in result.snapshots if e in run.schedule.snapshot_epochs)
             if not epochs:  # cancelled before the first snapshot: the weights as they are
                 self.states_, self.state_epochs_ = [result.final_state], [result.epochs_done]
@@ -138,7 +139,9 @@ class PandaDetector(BackboneUser, Detector):
             train_scores = self.ses_.train_scores()
             train, self.train_choice_ = train_scores.scores, train_scores.choice
         else:
-            self.states_, self.state_epochs_ = [result.final_state], [result.epochs_done]
+            # The final weights are those of the network kept (adapt() put them back): epoch 0 = DN2's features.
+            self.states_ = [result.final_state]
+            self.state_epochs_ = [kept.epoch]
             features = as_float32(result.final_train_features)
             if run.strategy == "oe":
                 self.head_ = run.head
@@ -153,6 +156,7 @@ class PandaDetector(BackboneUser, Detector):
             "planned_epochs": run.schedule.epochs,
             "cancelled": result.cancelled,
             "state_epochs": list(self.state_epochs_),
+            **kept.to_dict(),
             "fisher_source": None if run.fisher is None else run.fisher.source,
             "fisher_statistics": None if run.fisher is None else run.fisher.statistics(),
             "cache": result.cache,
@@ -246,7 +250,10 @@ class PandaDetector(BackboneUser, Detector):
         self.gallery_ = as_float32(arrays["gallery"], "gallery") if "gallery" in arrays else None
         ses = {key[len(_SES):]: value for key, value in arrays.items() if key.startswith(_SES)}
         s = self.settings
-        self.ses_ = SesScorer.from_state(ses, s.k, s.ses_holdout, s.seed, s.metric) if ses else None
+        try:
+            self.ses_ = SesScorer.from_state(ses, s.k, s.ses_holdout, s.seed, s.metric) if ses else None
+        except (KeyError, ValueError) as problem:
+            raise ModelFileError(f"damaged PANDA SES state ({problem})") from None
         self.head_ = ({"weight": arrays["head/weight"], "bias": arrays["head/bias"]} if "head/weight" in arrays else None)
         if self.gallery_ is None and self.ses_ is None and self.head_ is None:
             raise ModelFileError("PANDA model file has neither a gallery, SES snapshots nor an OE head")

@@ -86,7 +86,7 @@ def training_curves(runs: Sequence[dict], metric_sets: Sequence[tuple[str, str, 
                 position = run["epochs"].index(stop)
                 figure.add_scatter(
                     x=[stop], y=[values[position]], mode="markers", showlegend=False, hoverinfo="text",
-                    hovertext=f"{run['name']}: stopped at epoch {stop}",
+                    hovertext=f"{run['name']}: the model keeps epoch {stop}" + (" (pretrained)" if stop == 0 else ""),
                     marker=dict(color=colour, size=13, symbol="star", line=dict(color="#0f172a", width=1)),
                 )
     figure.update_layout(
