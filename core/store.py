@@ -149,6 +149,11 @@ class StoredImage:
     path: Path
     mask_path: Path | None
 
+    def item(self) -> ImageItem:
+        """The image as an :class:`ImageItem` reading its workspace files (what detectors take)."""
+        return ImageItem(name=self.name, path=str(self.path), label=self.label,
+                         mask_path=str(self.mask_path) if self.mask_path else None, group=self.group)
+
 
 @dataclass(frozen=True)
 class StoredModel:
@@ -582,16 +587,7 @@ class Workspace:
     def image_set(self, project_id: int, role: str) -> ProjectSet:
         """A role's images as an ImageSet reading the workspace files (what detectors take)."""
         rows = self.images(project_id, role)
-        items = [
-            ImageItem(
-                name=row.name,
-                path=str(row.path),
-                label=row.label,
-                mask_path=str(row.mask_path) if row.mask_path else None,
-                group=row.group,
-            )
-            for row in rows
-        ]
+        items = [row.item() for row in rows]
         project = self.project(project_id)
         return ProjectSet([row.id for row in rows], ImageSet(items, name=f"{project.name}/{role}"), rows)
 
