@@ -29,7 +29,7 @@ ROLE_HELP = {
 def show_report(report: ImportReport, what: str) -> None:
     """Say what was imported, and list every refused file with its reason."""
     if report.added:
-        st.success(f"{what}: imported {len(report.added)} images.")
+        st.success(f"{what}: imported {len(report.added)} image{'s' if len(report.added) != 1 else ''}.")
     if report.duplicates:
         st.info(f"{what}: {len(report.duplicates)} duplicates (same bytes as an image already there) were skipped.")
         st.dataframe(pd.DataFrame([{"file": name, "same bytes as": report.duplicate_of.get(name, "")}
