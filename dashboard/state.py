@@ -440,14 +440,15 @@ def backbone_offline(name: str) -> bool:
 
 
 def start_segmentation_fit(workspace_: Workspace, project: int, backbone: str, settings: SpadeSettings | None = None,
-                           tune: bool = False) -> Job | None:
+                           tune: bool = False, with_marked: bool = False) -> Job | None:
     """Fit SPADE in the background; its heatmaps land in :func:`segmentation` the moment they exist.
 
     One backbone pass over the normal and the test images gives both the
     image scores and the raw maps every slider recombines. ``settings`` (None =
     the defaults for ``backbone``) are used as given, or with ``tune`` only as
     the base the tuner starts from: it chooses input size, aspect handling,
-    stages, σ and the image score from the normal images first.
+    stages, σ and the image score from the normal images first; ``with_marked``: the project's marked test
+    images join its evidence (``core.projects.tune_segmentation``).
     """
     from core.config import settings_for
     from dashboard import tasks
@@ -459,9 +460,11 @@ def start_segmentation_fit(workspace_: Workspace, project: int, backbone: str, s
         segmentation_ready(folder, project, model_id, found, ids, True)  # fitted here: its normal pixels are in memory
 
     if tune:
+        evidence = "synthetic defects and your marked images" if with_marked else "synthetic defects in normal images"
         return start_job(
-            FIT, f"Tuning SPADE ({backbone}) on synthetic defects in normal images, then fitting",
-            lambda job: tasks.tune_segmentation(workspace_, project, settings, job, on_ready=on_ready),
+            FIT, f"Tuning SPADE ({backbone}) on {evidence}, then fitting",
+            lambda job: tasks.tune_segmentation(workspace_, project, settings, job, on_ready=on_ready,
+                                                with_marked=with_marked),
             project, topic=SEGMENT,
         )
     return start_job(
@@ -499,6 +502,12 @@ REGION_DRAW_WIDGET = "region-draw"  # Review's toggle: draw the defect's region 
 REGION_TOOL_WIDGET = "region-tool"  # the drawing tool (brush, rectangle, polygon), kept across images
 REGION_WIDTH_WIDGET = "region-width"  # the brush's width in screen pixels
 REGION_CANVAS_WIDGET = "region-{image_id}-{version}"  # one image's drawing canvas; a new one after each save
+LINE_FIGURES = "line_figures"  # dict[(model, stages, sigma, marked images), LineFigures]: Segment's own-line figures
+
+
+def line_figures() -> dict[tuple[Any, ...], Any]:
+    """Segment's figures on the user's marked images, by what they rest on (kept for the session)."""
+    return _session_default(LINE_FIGURES, dict)
 
 
 def region_canvas_widget(image_id: int, version: float) -> str:

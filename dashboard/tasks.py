@@ -120,9 +120,11 @@ def fit_segmentation(workspace: Workspace, project_id: int, settings: SpadeSetti
 
 
 def tune_segmentation(workspace: Workspace, project_id: int, base: SpadeSettings, job: Job,
-                      on_ready: MapsReady | None = None) -> int:
-    """Choose SPADE's settings from the normal images, fit with them; as :func:`fit_segmentation` otherwise."""
-    result = projects.tune_segmentation(workspace, project_id, base, job_progress(job), job.cancelled)
+                      on_ready: MapsReady | None = None, with_marked: bool = False) -> int:
+    """Choose SPADE's settings from the normal images (and, ``with_marked``, the project's marked test images),
+    fit with them; as :func:`fit_segmentation` otherwise."""
+    result = projects.tune_segmentation(workspace, project_id, base, job_progress(job), job.cancelled,
+                                        with_marked=with_marked)
     if on_ready is not None:
         on_ready(result.model.id, result.detector, result.image_ids)
     return result.model.id

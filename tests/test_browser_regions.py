@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from test_segment_figures import fitted_spade  # noqa: F401 - a fixture
 from test_browser_e2e import (  # noqa: F401 - browser is a fixture
     TIME_LIMIT as _E2E_LIMIT, AppServer, body_text, browser, button, keyed, open_page, screenshot, wait_for_text,
 )
@@ -28,19 +29,6 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 pytestmark = [pytest.mark.browser]
 TIME_LIMIT = int(os.environ.get("E2E_TIME_LIMIT", "90"))  # the walk itself; the brief asks for about a minute
-
-
-@pytest.fixture
-def fitted_spade(tiny_bottle):
-    """The tiny bottle project with a small SPADE model (128-pixel crops) and its saved maps."""
-    from core import projects
-    from core.config import SpadeSettings, settings_for
-
-    workspace, project = tiny_bottle
-    settings = settings_for(SpadeSettings, backbone="efficientnet_lite0", params={"features.resize": "128", "features.crop": "128"})
-    result = projects.fit_segmentation(workspace, project.id, settings)
-    assert result.model.maps_path.exists()
-    return workspace, project, result.model
 
 
 def upper_canvas(driver):
@@ -58,7 +46,7 @@ def pick_image(driver, name: str) -> None:
 
 
 def test_draw_on_review_outline_on_segment_after_restart(fitted_spade, browser, tmp_path):
-    workspace, project, model = fitted_spade
+    workspace, project, _ = fitted_spade
     server = AppServer(tmp_path)
     server.start()
     began = time.time()

@@ -152,21 +152,47 @@ def nearest_normal(place: DeltaGenerator, workspace: Workspace, project: Project
                    if explanation.approximate else " (exact)"))
 
 
-def set_quality(model: StoredModel, holder: state.SegmentationCache, test: TestMaps, choice: Choice) -> None:
-    """On request, pixel AUROC and PRO of the whole set's heatmaps for these layers and σ (kept per session)."""
-    if not any(test.rows[i].mask_path for i in test.present):
+AUTO_FIGURES = 60
+"""Evaluable test images up to which Segment computes its pixel figures unasked (at the original resolution each)."""
+
+
+def _interval(bounds: tuple[float, float] | None) -> str:
+    return f"95% interval {bounds[0]:.3f}–{bounds[1]:.3f}" if bounds is not None else "no interval (under 3 marked)"
+
+
+def line_quality(model: StoredModel, holder: state.SegmentationCache, test: TestMaps, choice: Choice) -> None:
+    """Pixel AUROC and PRO of these layers and σ on the project's marked images (a drawn or imported mask;
+    labelled-normal images count as all normal), at their original resolution as ``bench`` computes them,
+    with bootstrap intervals; images the model's tuning chose with are left out."""
+    rows = [test.rows[i] for i in test.present]
+    chose_with = set(model.summary.get("marked_image_ids", []))
+    keep = projects.evaluable(rows, chose_with)
+    marked = [rows[k] for k in keep if rows[k].label == 1]
+    if not marked:
+        st.caption("Pixel AUROC / PRO on your own images: mark a defect's region on Review (or import masks).")
         return
-    key = (model.id, tuple(choice.stages), choice.sigma)
-    results = state.segment_metrics()
-    if st.button("Pixel AUROC / PRO of the whole set for these settings", key="seg-evaluate"):
-        found = projects.segmentation_quality(holder.detector, [test.rows[i] for i in test.present],
-                                              [test.positions[i] for i in test.present], choice.stages, choice.sigma)
-        results[key] = (found.pixel_auroc, found.pro)
-    if key in results:
-        auroc, pro = results[key]
-        metric_columns = st.columns(4)
-        metric_columns[0].metric("Pixel AUROC", f"{auroc:.3f}")
-        metric_columns[1].metric("PRO (FPR ≤ 0.3)", f"{pro:.3f}")
+    chosen = [rows[k] for k in keep]
+    key = (model.id, tuple(choice.stages), choice.sigma,
+           tuple((row.id, row.mask_sha, row.label) for row in chosen))
+    results = state.line_figures()
+    if key not in results:
+        if len(chosen) > AUTO_FIGURES and not st.button(
+                f"Pixel AUROC / PRO on your {len(chosen)} marked and normal test images", key="seg-evaluate"):
+            return
+        with st.spinner("Pixel figures at the images' own resolution…"):
+            results[key] = projects.line_figures(holder.detector, chosen, [test.positions[row.id] for row in chosen],
+                                                 choice.stages, choice.sigma,
+                                                 left_out=sum(row.id in chose_with for row in rows))
+    figures: projects.LineFigures = results[key]
+    columns = st.columns([1, 1, 2])
+    columns[0].metric("Pixel AUROC", f"{figures.pixel_auroc:.3f}", help=_interval(figures.pixel_auroc_interval))
+    columns[1].metric("PRO (FPR ≤ 0.3)", f"{figures.pro:.3f}", help=_interval(figures.pro_interval))
+    columns[2].caption(
+        f"On your own line: {figures.n_images} test images ({figures.n_defective} with a marked defect, the rest "
+        f"labelled normal), at their original resolution, these layers and σ. Pixel AUROC "
+        f"{_interval(figures.pixel_auroc_interval)}, PRO {_interval(figures.pro_interval)} (bootstrap over images, "
+        f"{figures.resamples} resamples)."
+        + (f" {figures.left_out} marked images chose this model's settings and are left out." if figures.left_out else ""))
 
 
 @st.fragment
@@ -189,4 +215,4 @@ def viewer(workspace: Workspace, project: Project, model: StoredModel, holder: s
     nearest_normal(right, workspace, project, model, holder, index, choice.stages, (y, x), n_normal)
     st.caption(f"Peak score {heatmap[y, x]:.4g} at x={x}, y={y}; {len(choice.stages)} layer(s), σ={choice.sigma:g}. "
                "Every control recombines cached per-layer maps: the network does not run again.")
-    set_quality(model, holder, test, choice)
+    line_quality(model, holder, test, choice)
