@@ -80,7 +80,7 @@ def controls(holder: state.SegmentationCache, test: TestMaps) -> Choice | None:
     all_stages = list(holder.detector.map_stages)
     second = st.columns(len(all_stages) + 3)
     stages = [stage for column, stage in zip(second, all_stages)
-              if column.checkbox(f"layer {stage}", True, key=f"seg-stage-{stage}")]
+              if column.checkbox(f"layer {stage_label(holder.detector, stage)}", True, key=f"seg-stage-{stage}")]
     per_image = second[-3].toggle("Scale per image", key="seg-per-image",
                                   help="Off: one colour scale for every image, the threshold mid-scale, so colours "
                                        "compare across images. On: stretched to this image's range.")
@@ -121,8 +121,9 @@ def pictures(choice: Choice, heatmap: np.ndarray, point: tuple[int, int], found:
 
 def nearest_normal(place: DeltaGenerator, workspace: Workspace, project: Project, model: StoredModel,
                    holder: state.SegmentationCache, index: int, stages: list[str], point: tuple[int, int],
-                   n_normal: int) -> None:
-    """The normal patch nearest to the heatmap's peak, in the ticked layers (cached: a σ move costs nothing)."""
+                   n_normal: int, query: StoredImage) -> None:
+    """The normal patch nearest to the heatmap's peak of ``query``, in the ticked layers, boxed and zoomed beside
+    the peak's own patch (cached: a σ move costs nothing)."""
     # Exact by default only when it is cheap: fitted in this process (the normal pixels are in memory) on a
     # small normal set. On the full bottle set (209 images) under load the page waited minutes for it, so
     # there the user asks for it; a model loaded from its file must also re-read normal images.
@@ -146,10 +147,40 @@ def nearest_normal(place: DeltaGenerator, workspace: Workspace, project: Project
         place.caption(f"The nearest normal image ({explanation.train_name}) is no longer in the project.")
         return
     size = holder.detector.image_size
-    place.image(view.with_box(view.model_view(normal_row.path, size), explanation.box, size.crop), width="stretch",
-                caption=f"nearest normal patch to the peak ({explanation.stage}): {normal_row.name}"
-                + (" (approximate: the heatmap's match, not searched exhaustively)"
-                   if explanation.approximate else " (exact)"))
+    normal_view = view.model_view(normal_row.path, size)
+    place.image(view.with_box(normal_view, explanation.box, size.crop), width="stretch",
+                caption=f"nearest normal patch to the peak ({stage_label(holder.detector, explanation.stage)}): "
+                        f"{normal_row.name}")
+    zoomed = place.columns(2)
+    zoomed[0].image(view.patch_zoom(view.model_view(query.path, size), explanation.query_box, size.crop),
+                    caption="the peak's patch", width="stretch")
+    zoomed[1].image(view.patch_zoom(normal_view, explanation.box, size.crop), caption="its nearest normal patch",
+                    width="stretch")
+    place.caption(what_the_box_is(holder.detector, explanation))
+
+
+def stage_label(detector, stage: str) -> str:
+    """A layer as the settings name it: by its stride, e.g. "stride 4 (block1)"."""
+    from core.backbones import get_spec
+
+    try:
+        return f"stride {get_spec(detector.settings.features.backbone).stage(stage).stride} ({stage})"
+    except KeyError:  # a joined stage ("concat") or an unknown backbone: its own name
+        return stage
+
+
+def what_the_box_is(detector, explanation) -> str:
+    """Exactly what the box marks: where it was searched, at which layer."""
+    layer = stage_label(detector, explanation.stage)
+    n = len(detector.train_names_)
+    if not explanation.approximate:
+        return (f"The box is the most similar normal patch anywhere in the normal images: the peak's feature at "
+                f"{layer} was compared with every pixel of all {n} normal images (not only the same place), "
+                f"squared distance {explanation.distance:.3g}.")
+    k = detector.settings.top_images
+    among = f"the {k} normal images nearest to this one" if 0 < k < n else f"the {n} normal images"
+    return (f"The box is the heatmap's own match at {layer}: the most similar patch the search found among {among} "
+            "(approximate: not compared with every normal pixel; turn on the exact search to be sure).")
 
 
 AUTO_FIGURES = 60
@@ -212,7 +243,8 @@ def viewer(workspace: Workspace, project: Project, model: StoredModel, holder: s
     right = pictures(choice, heatmap, (y, x), found, test.rows[choice.image_id], holder)
     if right is None:
         return
-    nearest_normal(right, workspace, project, model, holder, index, choice.stages, (y, x), n_normal)
+    nearest_normal(right, workspace, project, model, holder, index, choice.stages, (y, x), n_normal,
+                   test.rows[choice.image_id])
     st.caption(f"Peak score {heatmap[y, x]:.4g} at x={x}, y={y}; {len(choice.stages)} layer(s), σ={choice.sigma:g}. "
                "Every control recombines cached per-layer maps: the network does not run again.")
     line_quality(model, holder, test, choice)

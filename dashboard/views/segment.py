@@ -13,8 +13,9 @@ from dashboard.components.sidebar import require_project, workspace_and_project
 workspace, project = workspace_and_project()
 project = require_project(project)
 st.title("Segment")
-st.caption("SPADE (as evaluated by Reiss et al., CVPR 2021): each pixel's features are compared with the same "
-           "location in the nearest normal images. Sliders recombine cached per-layer maps: no network pass.")
+st.caption("SPADE (as evaluated by Reiss et al., CVPR 2021): each pixel's features are compared with every pixel "
+           "of the normal images nearest to the image (all of them unless the settings limit it), at each layer. "
+           "Sliders recombine cached per-layer maps: no network pass.")
 counts = workspace.counts(project.id)
 folder = str(workspace.root)
 
