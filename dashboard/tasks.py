@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from core import projects
 from core.config import MethodSettings, SpadeSettings
 from core.detectors import Detector
-from core.store import ImportReport, Project, Workspace
+from core.store import ImportReport, Project, StoredModel, Workspace
 from dashboard.jobs import Job
 
 if TYPE_CHECKING:
@@ -85,6 +85,15 @@ def job_progress(job: Job) -> projects.StageProgress:
 def fit_and_score(workspace: Workspace, project_id: int, method: str, settings: MethodSettings, job: Job) -> int:
     """Fit ``method`` on the project's normal images, score its test images, save both. Returns the model id."""
     return projects.fit_model(workspace, project_id, method, settings, job_progress(job), job.cancelled).model.id
+
+
+def refit(workspace: Workspace, project_id: int, model: StoredModel, settings: MethodSettings,
+          point: projects.WorkingPoint, job: Job) -> int:
+    """Fit ``model``'s method again (more normals), carrying the user's working point over (re-placed on the new
+    model's scores); returns the new model's id."""
+    result = projects.fit_model(workspace, project_id, model.method, settings, job_progress(job), job.cancelled)
+    projects.carry_working_point(workspace, result.model, result.detector, point, model.id)
+    return result.model.id
 
 
 def score_missing(workspace: Workspace, model_id: int, detector: Detector, job: Job) -> int:

@@ -27,13 +27,13 @@ from core.projects.segmentation import (
     tune_segmentation,
 )
 from core.projects.working_point import (
-    CONFIDENCE, WORKING_POINT, RocSummary, WorkingPoint, clopper_pearson, roc_summary, set_working_point,
-    working_point,
+    CONFIDENCE, WORKING_POINT, RocSummary, WorkingPoint, carry_working_point, clopper_pearson, roc_summary,
+    set_working_point, working_point,
 )
 
 __all__ = [
     "CONFIDENCE", "LAST_MODEL", "LAYOUTS", "WORKING_POINT", "FitResult", "Heatmaps", "RocSummary", "ScoredTest",
-    "LineFigures", "StageProgress", "WorkingPoint", "adapt", "clopper_pearson", "default_heatmap", "evaluable", "explain_pixel", "fit_model",
+    "LineFigures", "StageProgress", "WorkingPoint", "adapt", "carry_working_point", "clopper_pearson", "default_heatmap", "evaluable", "explain_pixel", "fit_model",
     "fit_segmentation", "ground_truth", "heatmaps", "import_fashion_mnist", "import_folder", "import_upload",
     "keep_maps", "last_model", "line_figures", "marked_evidence", "peak_scores", "pixel_threshold", "remember_model", "restore_maps", "roc_summary",
     "score_missing", "scored_test", "segmentation_quality", "set_working_point", "stored_settings",

@@ -129,9 +129,12 @@ with columns[0]:
         added = workspace.add_to_normal_set(confirmed)
         settings = projects.stored_settings(model.method, model.settings)  # same method and settings, more normals
         state.start_job(state.FIT, f"Refitting {model.method} with {len(added)} more normals",
-                        lambda job: tasks.fit_and_score(workspace, project.id, model.method, settings, job), project.id,
+                        lambda job: tasks.refit(workspace, project.id, model, settings, point, job), project.id,
                         topic=state.REVIEW)
-        state.flash("info", f"{len(added)} images added to the normal set; a new model is being fitted.")
+        state.flash("info", f"{len(added)} images added to the normal set; a new model is being fitted. Your working "
+                    "point comes with it" + ("" if point.source == "fit" else
+                                             f" (a {point.target_fpr if point.target_fpr is not None else point.fpr:.1%} "
+                                             "target FPR, re-placed on the new model's scores)") + ".")
         st.rerun()
     # When the refit ends the page reruns on the new model (the project's current one) and says so here.
     job_panel(state.job(state.FIT, project.id), key="review-fit", topics=(state.REVIEW,))
