@@ -15,9 +15,11 @@ from core import projects
 from core.datasets import (
     FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, KINDS, LABELS, default_kind, list_classes, plan_upload,
 )
-from core.paths import FolderNotAllowed, allowed_folder, folder_roots
+from core.paths import FolderNotAllowed
+from core.projects import folders
 from core.store import ImportReport, Project, Workspace
 from dashboard import state
+from dashboard.components.allowed_folders import allowed_list, offer_to_allow
 
 ROLE_HELP = {
     "normal": "normal: what a good product looks like — the model learns from these",
@@ -92,30 +94,39 @@ def upload_tab(workspace: Workspace, project: Project) -> None:
 
 
 def folder_tab(workspace: Workspace, project: Project) -> None:
-    """A folder on the machine running the app (under the allowed roots), in one of the known layouts."""
+    """A folder on the machine running the app (under the allowed roots, or allowed here), in a known layout."""
     folder = st.text_input("Folder path", placeholder="/data/mvtec_ad/bottle",
-                           help="A folder on the machine running the app, under your home folder or the "
-                           "folders in $ANOMALY_FOLDER_ROOTS ('*' = any folder).")
+                           help="A folder on the machine running the app, under your home folder, the folders in "
+                           "$ANOMALY_FOLDER_ROOTS ('*' = any folder), or a folder you allowed here.").strip()
+    refused = None
+    if folder:
+        try:
+            folders.check_folder(workspace, folder)
+        except FolderNotAllowed as error:
+            refused = error
+    if refused is not None:
+        offer_to_allow(workspace, folder, refused, key="folder-tab")
     layout = st.radio("Layout", list(projects.LAYOUTS), format_func=projects.LAYOUTS.get, horizontal=False)
     normal_class, plain_role = None, "normal"
-    if layout == "classes" and folder and Path(folder).is_dir():
+    if layout == "classes" and folder and refused is None and Path(folder).is_dir():
         try:
-            normal_class = st.selectbox("Normal class", list_classes(allowed_folder(folder)))
+            normal_class = st.selectbox("Normal class", list_classes(folders.check_folder(workspace, folder)))
         except (OSError, FolderNotAllowed) as error:
             st.error(str(error))
     if layout == "plain":
         plain_role = st.radio("Add them as", list(ROLE_HELP), format_func=ROLE_HELP.get, key="folder-role")
-    if st.button("Import folder", type="primary", disabled=not folder):
+    if st.button("Import folder", type="primary", disabled=not folder or refused is not None):
         try:
-            allowed_folder(folder)  # only folders under the configured roots (core/paths.py) ...
+            folders.check_folder(workspace, folder)  # only folders under the roots or allowed here ...
             with st.spinner("Reading and checking the folder…"):
                 # ... and only files under them: a link inside the folder is checked too.
                 report = projects.import_folder(workspace, project.id, folder, layout, normal_class, plain_role,
-                                                roots=folder_roots())
+                                                roots=folders.workspace_roots(workspace))
             state.set_last_import(f"Folder {folder}", report)
             st.rerun()
         except (OSError, ValueError) as error:
             st.error(f"Cannot import {folder}: {error}")
+    allowed_list(workspace, key="folder-tab")
 
 
 def fashion_tab(workspace: Workspace, project: Project) -> None:
