@@ -43,3 +43,4 @@ def test_refit_from_review_carries_the_working_point(fitted, how):
     assert point.threshold == pytest.approx(threshold_at_fpr(_normal_scores(fresh), target))
     assert f"carried over from model #{model.id}" in point.describe()
     assert any(f"carried over from model #{model.id}" in caption.value for caption in at.caption)
+
