@@ -60,12 +60,16 @@ def upload_tab(workspace: Workspace, project: Project) -> None:
         key=f"uploader-{'folder' if whole_folder else 'files'}-{state.upload_generation()}",
         help="Folders and zips keep their paths, so files named alike in different folders stay apart.",
     )
-    columns = st.columns(2)
-    role = columns[0].radio("Add them as", list(ROLE_HELP), format_func=ROLE_HELP.get, key="upload-role")
-    label = columns[1].radio("Label", [None, *LABELS], format_func=lambda value: LABELS.get(value, "unknown"),
-                             key="upload-label", disabled=role != "test",
-                             help="Known labels let Detect draw an ROC curve; normal images are labelled normal.")
     plan = plan_upload([(file.name, file.getvalue()) for file in files]) if files else None
+    # Images in folders take each folder's kind (chosen below); these two choices are for loose files only.
+    loose = plan is None or None in plan.folders
+    columns = st.columns(2)
+    role = columns[0].radio("Add them as", list(ROLE_HELP), format_func=ROLE_HELP.get, key="upload-role",
+                            disabled=not loose, help=None if loose else "Every image is in a folder: each folder's "
+                            "kind below says what its images become.")
+    label = columns[1].radio("Label", [None, *LABELS], format_func=lambda value: LABELS.get(value, "unknown"),
+                             key="upload-label", disabled=role != "test" or not loose,
+                             help="Known labels let Detect draw an ROC curve; normal images are labelled normal.")
     kinds: dict[str | None, str] = {}
     if plan is not None:
         folders = plan.folders
