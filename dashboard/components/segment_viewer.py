@@ -21,6 +21,7 @@ from core.maps import peak
 from core.store import Project, StoredImage, StoredModel, Workspace
 from dashboard import state
 from dashboard.components import heatmap as view
+from dashboard.components.region_editor import region_editor
 
 EXACT_BY_DEFAULT = 64
 """Normal images up to which the exact nearest-normal search runs unasked (for a model fitted in this process)."""
@@ -247,4 +248,7 @@ def viewer(workspace: Workspace, project: Project, model: StoredModel, holder: s
                    test.rows[choice.image_id])
     st.caption(f"Peak score {heatmap[y, x]:.4g} at x={x}, y={y}; {len(choice.stages)} layer(s), σ={choice.sigma:g}. "
                "Every control recombines cached per-layer maps: the network does not run again.")
+    with st.expander("Mark where the defect is on this image"):
+        # The same editor as on Review: saved as the image's mask, outlined in green above once saved.
+        region_editor(workspace, test.rows[choice.image_id])
     line_quality(model, holder, test, choice)
