@@ -499,6 +499,7 @@ def start_heatmaps(workspace_: Workspace, project: int, model_id: int) -> Job | 
 # ====================================================================== issue 23: regions drawn on images
 # (one block, kept apart so that it merges cleanly with other branches' keys)
 REGION_DRAW_WIDGET = "region-draw"  # Review's toggle: draw the defect's region instead of the heatmap
+REGION_DRAW_SEGMENT_WIDGET = "region-draw-segment"  # Segment's toggle: the same editor under the pictures
 REGION_TOOL_WIDGET = "region-tool"  # the drawing tool (brush, rectangle, polygon), kept across images
 REGION_WIDTH_WIDGET = "region-width"  # the brush's width in screen pixels
 REGION_CANVAS_WIDGET = "region-{image_id}-{version}"  # one image's drawing canvas; a new one after each save

@@ -120,6 +120,10 @@ def test_draw_on_review_outline_on_segment_after_restart(project_for_walk, brows
         pick_image(driver, image.name)
         wait_for_text(driver, "input with ground truth", 30)
         screenshot(driver, tmp_path, "regions-3-after-restart")
+        # Segment has the same editor, on the saved drawing.
+        keyed(driver, "region-draw-segment", "label").click()
+        wait_for_text(driver, "Saved: 1 shape(s)", 30)
+        upper_canvas(driver)
         open_page(driver, "review")
         wait_for_text(driver, image.name, 30)  # Review reopens on the image being reviewed
         WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".st-key-region-draw label"))

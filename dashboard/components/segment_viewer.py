@@ -248,7 +248,8 @@ def viewer(workspace: Workspace, project: Project, model: StoredModel, holder: s
                    test.rows[choice.image_id])
     st.caption(f"Peak score {heatmap[y, x]:.4g} at x={x}, y={y}; {len(choice.stages)} layer(s), σ={choice.sigma:g}. "
                "Every control recombines cached per-layer maps: the network does not run again.")
-    with st.expander("Mark where the defect is on this image"):
-        # The same editor as on Review: saved as the image's mask, outlined in green above once saved.
+    # The same editor as on Review, drawn only when asked for (a canvas costs every control move a redraw).
+    if st.toggle("Mark where the defect is on this image", key=state.REGION_DRAW_SEGMENT_WIDGET,
+                 help="Saved as the image's mask (outlined in green above), it marks the image anomalous."):
         region_editor(workspace, test.rows[choice.image_id])
     line_quality(model, holder, test, choice)
