@@ -79,6 +79,7 @@ def test_draw_on_review_outline_on_segment_after_restart(project_for_walk, brows
         driver.get(server.url)
         open_page(driver, "review")
         wait_for_text(driver, "Working point", 60)
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".st-key-review-all label"))
         keyed(driver, "review-all", "label").click()
         WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".st-key-region-draw label"))
         keyed(driver, "region-draw", "label").click()
