@@ -111,6 +111,17 @@ CREATE TABLE IF NOT EXISTS preferences (
     value TEXT NOT NULL,
     PRIMARY KEY (project_id, key)
 );
+CREATE TABLE IF NOT EXISTS regions (
+    image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
+    drawing TEXT NOT NULL,
+    base_mask_sha TEXT,
+    base_label INTEGER,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 
@@ -137,6 +148,11 @@ class StoredImage:
     width: int
     path: Path
     mask_path: Path | None
+
+    def item(self) -> ImageItem:
+        """The image as an :class:`ImageItem` reading its workspace files (what detectors take)."""
+        return ImageItem(name=self.name, path=str(self.path), label=self.label,
+                         mask_path=str(self.mask_path) if self.mask_path else None, group=self.group)
 
 
 @dataclass(frozen=True)
@@ -180,6 +196,19 @@ class Annotation:
     image_id: int
     verdict: str
     note: str
+    updated: float
+
+
+@dataclass(frozen=True)
+class Region:
+    """Regions drawn on one image: ``drawing`` (the editor's shapes, JSON, to edit them later) and
+    ``base_mask_sha``: the mask the image had before anything was drawn (imported), which the drawn shapes
+    add to (None: there was none); ``base_label``: its label then (restored when the drawing is removed)."""
+
+    image_id: int
+    drawing: dict[str, Any]
+    base_mask_sha: str | None
+    base_label: int | None
     updated: float
 
 
@@ -558,16 +587,7 @@ class Workspace:
     def image_set(self, project_id: int, role: str) -> ProjectSet:
         """A role's images as an ImageSet reading the workspace files (what detectors take)."""
         rows = self.images(project_id, role)
-        items = [
-            ImageItem(
-                name=row.name,
-                path=str(row.path),
-                label=row.label,
-                mask_path=str(row.mask_path) if row.mask_path else None,
-                group=row.group,
-            )
-            for row in rows
-        ]
+        items = [row.item() for row in rows]
         project = self.project(project_id)
         return ProjectSet([row.id for row in rows], ImageSet(items, name=f"{project.name}/{role}"), rows)
 
@@ -613,7 +633,8 @@ class Workspace:
     def collect_garbage(self) -> int:
         """Delete object files no image row refers to (left by failed imports or removals)."""
         with self._connect() as connection:
-            used = {row[0] for row in connection.execute("SELECT sha FROM images UNION SELECT mask_sha FROM images")}
+            used = {row[0] for row in connection.execute(
+                "SELECT sha FROM images UNION SELECT mask_sha FROM images UNION SELECT base_mask_sha FROM regions")}
         removed = 0
         for path in self.objects.glob("*/*"):
             if path.name.startswith(".tmp-") or path.name not in used:
@@ -834,6 +855,75 @@ class Workspace:
         for record in self._annotation_records(project_id):
             writer.writerow({key: "" if value is None else value for key, value in record.items()})
         return buffer.getvalue()
+
+    # ------------------------------------------------------------------ regions drawn on test images
+    def set_drawn_mask(self, image_id: int, mask_png: bytes, drawing: dict[str, Any]) -> StoredImage:
+        """Store the mask drawn on a test image (PNG bytes, content-addressed like imported masks) and the shapes
+        it was drawn from (``drawing``, kept to edit them later); the image becomes anomalous.
+
+        Marking a region is a verdict: the label becomes 1 and the annotation "anomalous" (its note kept). The
+        first drawing on an image records the mask and label it had (an imported mask, say) as its base, which
+        :meth:`remove_drawn_mask` restores. The mask must have the image's own size. One transaction.
+        """
+        image = self.image(image_id)
+        if image.role != "test":
+            raise StoreError(f"{image.name}: only test images can be marked (this one is in the {image.role} set)")
+        mask = decode_mask(mask_png, name=f"{image.name} (drawn mask)")
+        if mask.shape != (image.height, image.width):
+            raise StoreError(f"{image.name}: the drawn mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
+                             f"{image.width}x{image.height}")
+        sha = self._store_object(mask_png)
+        now = time.time()
+        with self._transaction() as connection:
+            connection.execute(
+                "INSERT INTO regions (image_id, drawing, base_mask_sha, base_label, updated) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (image_id) DO UPDATE SET drawing = excluded.drawing, updated = excluded.updated",
+                (image_id, json.dumps(drawing), image.mask_sha, image.label, now),
+            )
+            connection.execute("UPDATE images SET mask_sha = ?, label = 1 WHERE id = ?", (sha, image_id))
+            connection.execute(
+                "INSERT INTO annotations (image_id, verdict, note, updated) VALUES (?, 'anomalous', '', ?)"
+                " ON CONFLICT (image_id) DO UPDATE SET verdict = 'anomalous', updated = excluded.updated",
+                (image_id, now),
+            )
+        return self.image(image_id)
+
+    def remove_drawn_mask(self, image_id: int) -> StoredImage:
+        """Forget what was drawn on an image: its mask and label become what they were before (the base)."""
+        with self._transaction() as connection:
+            row = connection.execute("SELECT * FROM regions WHERE image_id = ?", (image_id,)).fetchone()
+            if row is not None:
+                connection.execute("UPDATE images SET mask_sha = ?, label = ? WHERE id = ?",
+                                   (row["base_mask_sha"], row["base_label"], image_id))
+                connection.execute("DELETE FROM regions WHERE image_id = ?", (image_id,))
+        return self.image(image_id)
+
+    def region(self, image_id: int) -> Region | None:
+        """What was drawn on an image (None: nothing)."""
+        with self._connect() as connection:
+            row = connection.execute("SELECT * FROM regions WHERE image_id = ?", (image_id,)).fetchone()
+        if row is None:
+            return None
+        return Region(row["image_id"], json.loads(row["drawing"]), row["base_mask_sha"], row["base_label"],
+                      row["updated"])
+
+    def drawn_images(self, project_id: int) -> set[int]:
+        """Ids of a project's images that carry a drawn region."""
+        with self._connect() as connection:
+            rows = connection.execute("SELECT r.image_id FROM regions r JOIN images i ON i.id = r.image_id"
+                                      " WHERE i.project_id = ?", (project_id,)).fetchall()
+        return {row["image_id"] for row in rows}
+
+    # ------------------------------------------------------------------ workspace settings
+    def set_setting(self, key: str, value: Any) -> None:
+        """Remember a small JSON-able value for the whole workspace (e.g. the folders the user allowed)."""
+        with self._transaction() as connection:
+            connection.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    def setting(self, key: str, default: Any = None) -> Any:
+        with self._connect() as connection:
+            row = connection.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row["value"])
 
     # ------------------------------------------------------------------ per-project preferences
     def set_preference(self, project_id: int, key: str, value: Any) -> None:

@@ -98,7 +98,10 @@ class Job:
         progress = self.progress
         text = f"{self.title} — {progress.stage}"
         if progress.total:
-            text += f" ({progress.done}/{progress.total}, {progress.fraction:.0%})"
+            # A stage that already says the count ("32/1,000 · 85 images/s") gets only the share, not the count twice.
+            counted = f"{progress.done:,}/{progress.total:,}" in progress.stage
+            text += f" ({progress.fraction:.0%})" if counted else \
+                f" ({progress.done:,}/{progress.total:,}, {progress.fraction:.0%})"
         return text
 
     @property

@@ -277,7 +277,10 @@ def review_position(model_id: int) -> int | None:
     positions = _session_default(REVIEW_POSITION, dict)
     if model_id not in positions:
         project = project_id()
-        saved = workspace().preference(project, f"review_position/{model_id}") if project is not None else None
+        saved = None
+        if project is not None:  # a model not reviewed yet (a refit) opens on the image the reviewer was last at
+            saved = workspace().preference(project, f"review_position/{model_id}",
+                                           workspace().preference(project, "review_position/last"))
         positions[model_id] = saved
     return positions[model_id]
 
@@ -287,6 +290,7 @@ def set_review_position(model_id: int, image_id: int) -> None:
     project = project_id()
     if project is not None:
         workspace().set_preference(project, f"review_position/{model_id}", image_id)
+        workspace().set_preference(project, "review_position/last", image_id)
 
 
 def set_last_import(what: str, report: ImportReport) -> None:
@@ -462,14 +466,15 @@ def backbone_offline(name: str) -> bool:
 
 
 def start_segmentation_fit(workspace_: Workspace, project: int, backbone: str, settings: SpadeSettings | None = None,
-                           tune: bool = False) -> Job | None:
+                           tune: bool = False, with_marked: bool = False) -> Job | None:
     """Fit SPADE in the background; its heatmaps land in :func:`segmentation` the moment they exist.
 
     One backbone pass over the normal and the test images gives both the
     image scores and the raw maps every slider recombines. ``settings`` (None =
     the defaults for ``backbone``) are used as given, or with ``tune`` only as
     the base the tuner starts from: it chooses input size, aspect handling,
-    stages, σ and the image score from the normal images first.
+    stages, σ and the image score from the normal images first; ``with_marked``: the project's marked test
+    images join its evidence (``core.projects.tune_segmentation``).
     """
     from core.config import settings_for
     from dashboard import tasks
@@ -481,9 +486,11 @@ def start_segmentation_fit(workspace_: Workspace, project: int, backbone: str, s
         segmentation_ready(folder, project, model_id, found, ids, True)  # fitted here: its normal pixels are in memory
 
     if tune:
+        evidence = "synthetic defects and your marked images" if with_marked else "synthetic defects in normal images"
         return start_job(
-            FIT, f"Tuning SPADE ({backbone}) on synthetic defects in normal images, then fitting",
-            lambda job: tasks.tune_segmentation(workspace_, project, settings, job, on_ready=on_ready),
+            FIT, f"Tuning SPADE ({backbone}) on {evidence}, then fitting",
+            lambda job: tasks.tune_segmentation(workspace_, project, settings, job, on_ready=on_ready,
+                                                with_marked=with_marked),
             project, topic=SEGMENT,
         )
     return start_job(
@@ -513,3 +520,35 @@ def start_heatmaps(workspace_: Workspace, project: int, model_id: int) -> Job | 
 
     saved = workspace_.model(model_id).maps_path.exists()
     return start_job(FIT, "Loading saved heatmaps" if saved else "Computing heatmaps", work, project, topic=SEGMENT)
+
+
+# ====================================================================== issue 23: regions drawn on images
+# (one block, kept apart so that it merges cleanly with other branches' keys)
+REGION_DRAW_WIDGET = "region-draw"  # Review's toggle: draw the defect's region instead of the heatmap
+REGION_DRAW_SEGMENT_WIDGET = "region-draw-segment"  # Segment's toggle: the same editor under the pictures
+REGION_TOOL_WIDGET = "region-tool"  # the drawing tool (brush, rectangle, polygon), kept across images
+REGION_WIDTH_WIDGET = "region-width"  # the brush's width in screen pixels
+REGION_CANVAS_WIDGET = "region-{image_id}-{version}"  # one image's drawing canvas; a new one after each save
+LINE_FIGURES = "line_figures"  # dict[(model, stages, sigma, marked images), LineFigures]: Segment's own-line figures
+
+
+def line_figures() -> dict[tuple[Any, ...], Any]:
+    """Segment's figures on the user's marked images, by what they rest on (kept for the session)."""
+    return _session_default(LINE_FIGURES, dict)
+
+
+def region_canvas_widget(image_id: int, version: float) -> str:
+    """The canvas of one image's drawing; ``version`` (the saved drawing's time) remounts it on what was saved."""
+    return REGION_CANVAS_WIDGET.format(image_id=image_id, version=f"{version:.6f}")
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def region_background(path: str, width: int, height: int) -> np.ndarray:
+    """A workspace image resized to the drawing canvas (``width`` x ``height``, its aspect kept by the caller)."""
+    import cv2
+
+    from core.images import decode_image
+
+    image = decode_image(path)
+    shrink = width < image.shape[1]
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_NEAREST)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from core import projects
 from core.config import MethodSettings, PandaSettings, SpadeSettings
 from core.detectors import Detector
-from core.store import ImportReport, Project, Workspace
+from core.store import ImportReport, Project, StoredModel, Workspace
 from dashboard.jobs import Job
 
 if TYPE_CHECKING:
@@ -87,6 +87,15 @@ def fit_and_score(workspace: Workspace, project_id: int, method: str, settings: 
     return projects.fit_model(workspace, project_id, method, settings, job_progress(job), job.cancelled).model.id
 
 
+def refit(workspace: Workspace, project_id: int, model: StoredModel, settings: MethodSettings,
+          point: projects.WorkingPoint, job: Job) -> int:
+    """Fit ``model``'s method again (more normals), carrying the user's working point over (re-placed on the new
+    model's scores); returns the new model's id."""
+    result = projects.fit_model(workspace, project_id, model.method, settings, job_progress(job), job.cancelled)
+    projects.carry_working_point(workspace, result.model, result.detector, point, model.id)
+    return result.model.id
+
+
 def score_missing(workspace: Workspace, model_id: int, detector: Detector, job: Job) -> int:
     """Score the test images added after a model was fitted; returns how many were scored."""
     return projects.score_missing(workspace, model_id, detector, job_progress(job), job.cancelled)
@@ -122,9 +131,11 @@ def fit_segmentation(workspace: Workspace, project_id: int, settings: SpadeSetti
 
 
 def tune_segmentation(workspace: Workspace, project_id: int, base: SpadeSettings, job: Job,
-                      on_ready: MapsReady | None = None) -> int:
-    """Choose SPADE's settings from the normal images, fit with them; as :func:`fit_segmentation` otherwise."""
-    result = projects.tune_segmentation(workspace, project_id, base, job_progress(job), job.cancelled)
+                      on_ready: MapsReady | None = None, with_marked: bool = False) -> int:
+    """Choose SPADE's settings from the normal images (and, ``with_marked``, the project's marked test images),
+    fit with them; as :func:`fit_segmentation` otherwise."""
+    result = projects.tune_segmentation(workspace, project_id, base, job_progress(job), job.cancelled,
+                                        with_marked=with_marked)
     if on_ready is not None:
         on_ready(result.model.id, result.detector, result.image_ids)
     return result.model.id

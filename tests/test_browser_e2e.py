@@ -300,7 +300,7 @@ def test_qa_walk_upload_fit_threshold_restart_explain_review_refit(restartable_s
     for stage in stages[:-1]:
         keyed(driver, f"seg-stage-{stage}", "label").click()
         time.sleep(0.3)
-    wait_for_text(driver, f"nearest normal patch to the peak ({stages[-1]}): bottle/train/good/", 30)
+    wait_for_text(driver, f"({stages[-1]})): bottle/train/good/", 30)  # "... (stride 16 (block4)): ..."
     screenshot(driver, tmp_path, "qa-3-explanation")
 
     # 5. Review -> confirm a normal -> refit -> the new model is selected, with a done message.

@@ -106,8 +106,9 @@ def test_folder_import_in_mvtec_layout(workspace_dir, monkeypatch):
 
     outside = next(field for field in at.text_input if field.label == "Folder path")
     outside.input(str(DEMO_BOTTLE.parents[2] / "tests")).run()
-    next(button for button in at.button if button.label == "Import folder").click().run()
+    # Refused as soon as it is typed: the import waits for the user to allow it (tests/test_allowed_folders.py).
     assert any("outside the folders this app may use" in error.value for error in at.error)
+    assert next(button for button in at.button if button.label == "Import folder").disabled
 
 
 def test_fashion_mnist_tab_imports_the_one_class_protocol(workspace_dir):
@@ -178,3 +179,18 @@ def test_loose_files_with_the_same_name_are_both_kept(workspace_dir, noise_pngs)
     assert not at.exception and not at.error
     assert sorted(row.name for row in workspace.images(project.id, "normal")) == ["000 (2).png", "000.png"]
     assert any("numbered name" in info.value for info in at.info)
+
+
+def test_add_them_as_is_off_when_every_image_is_in_a_folder(workspace_dir, noise_pngs):
+    """Folders get their own kinds; 'Add them as' (for loose files) no longer pretends to apply to them."""
+    workspace = Workspace(workspace_dir)
+    project = workspace.create_project("folders")
+    at = new_app(project.id, page="views/data.py")
+    assert not at.radio(key="upload-role").disabled
+    at.file_uploader[0].set_value([(f"bottle/test/broken/{name}", data, "image/png") for name, data in noise_pngs[:2]])
+    at.run()
+    assert not at.exception, at.exception
+    assert at.radio(key="upload-role").disabled and at.radio(key="upload-label").disabled
+    at.file_uploader[0].set_value([(noise_pngs[0][0], noise_pngs[0][1], "image/png")])
+    at.run()
+    assert not at.radio(key="upload-role").disabled

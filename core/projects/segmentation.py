@@ -58,16 +58,22 @@ def fit_segmentation(workspace: Workspace, project_id: int, settings: SpadeSetti
 
 
 def tune_segmentation(workspace: Workspace, project_id: int, base: SpadeSettings,
-                      progress: StageProgress | None = None, cancel: CancelFn | None = None) -> FitResult:
-    """Choose SPADE's settings from the project's normal images alone (``core.tuning``), then fit with them.
+                      progress: StageProgress | None = None, cancel: CancelFn | None = None,
+                      with_marked: bool = False) -> FitResult:
+    """Choose SPADE's settings from the project's normal images (``core.tuning``), then fit with them.
 
-    The test images are not read until the chosen model is fitted; the
-    candidate table and the reason are saved in the model (``tuning_``).
+    ``with_marked``: the project's marked test images (:func:`marked_evidence`) join as evidence beside the
+    synthetic defects; the tuner cross-validates its choice over them, and their ids are saved in the model
+    (``summary["marked_image_ids"]``) so that the Segment page leaves them out of its figures. Otherwise the
+    test images are not read until the chosen model is fitted. The candidate table and the reason are saved
+    in the model (``tuning_``).
     """
     from core.tuning import tune_spade
 
     normal = workspace.image_set(project_id, "normal")
-    report = _stage(progress, "choosing settings on synthetic defects in held-out normal images")
+    marked, marked_ids = marked_evidence(workspace, project_id) if with_marked else (None, [])
+    what = "synthetic defects and your marked images" if with_marked else "synthetic defects in held-out normal images"
+    report = _stage(progress, f"choosing settings on {what}")
     steps = {"done": 0}
 
     def log(message: str) -> None:
@@ -76,8 +82,38 @@ def tune_segmentation(workspace: Workspace, project_id: int, base: SpadeSettings
         if report is not None:
             report(steps["done"], steps["done"] + 1)
 
-    result = tune_spade(normal.images, base=base, log=log, cancel=cancel)
-    return fit_segmentation(workspace, project_id, result.settings, progress, cancel, tuning=result.summary())
+    result = tune_spade(normal.images, base=base, log=log, cancel=cancel, marked=marked)
+    fitted = fit_segmentation(workspace, project_id, result.settings, progress, cancel, tuning=result.summary())
+    if marked_ids:
+        workspace.update_model_summary(fitted.model.id, marked_image_ids=marked_ids)
+    return fitted
+
+
+MAX_MARKED = 20
+"""Marked defective (and as many good) test images the tuner reads at most: a handful is what it is built for,
+and every one more is scored once per candidate geometry. The rest stay out of its evidence."""
+
+
+def marked_evidence(workspace: Workspace, project_id: int, seed: int = 0) -> tuple[ImageSet, list[int]]:
+    """The project's marked test images as the tuner's evidence, and their ids.
+
+    Defective: test images labelled anomalous that carry a mask (drawn or
+    imported); good: test images labelled normal. At most :data:`MAX_MARKED`
+    of each, drawn at random (``seed``). Raises ValueError with what is
+    missing when there are fewer than 2 of either.
+    """
+    rows = workspace.images(project_id, "test")
+    defective = [row for row in rows if row.label == 1 and row.mask_path is not None]
+    good = [row for row in rows if row.label == 0]
+    if len(defective) < 2 or len(good) < 2:
+        raise ValueError(f"tuning with marked defects needs at least 2 test images with a marked defect and 2 "
+                         f"labelled normal; the project has {len(defective)} and {len(good)}")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for group in (defective, good):
+        picks = sorted(rng.choice(len(group), size=min(MAX_MARKED, len(group)), replace=False).tolist())
+        chosen += [group[i] for i in picks]
+    return ImageSet([row.item() for row in chosen], name="marked"), [row.id for row in chosen]
 
 
 def keep_maps(detector: SpadeDetector, images: ImageSet, path: Path) -> bool:
@@ -173,6 +209,69 @@ def segmentation_quality(detector: SpadeDetector, rows: Sequence[StoredImage], p
 
     maps = detector.combined_maps(stages=list(stages), sigma=sigma)[list(positions)]
     return segmentation_metrics(ground_truth(rows, detector.image_size), maps)
+
+
+@dataclass(frozen=True)
+class LineFigures:
+    """Pixel AUROC and PRO (FPR <= 0.3) of a model on the project's own marked images, at their original
+    resolution (as ``bench`` computes them), with 95 % bootstrap intervals over images.
+
+    ``n_images``: the images they rest on (``n_defective`` with a marked region, the rest labelled normal);
+    ``left_out``: marked images left out because they chose the model's settings; the intervals are None
+    with fewer than :data:`MIN_FOR_INTERVAL` defective images (a resample would often hold one or none).
+    """
+
+    pixel_auroc: float
+    pro: float
+    pixel_auroc_interval: tuple[float, float] | None
+    pro_interval: tuple[float, float] | None
+    n_images: int
+    n_defective: int
+    left_out: int
+    resamples: int
+
+
+MIN_FOR_INTERVAL = 3
+RESAMPLES = 200
+
+
+def evaluable(rows: Sequence[StoredImage], left_out: Sequence[int] = ()) -> list[int]:
+    """Positions in ``rows`` of the images pixel figures can rest on: a marked region (label 1 with a mask),
+    or labelled normal (all of it normal); not those in ``left_out`` (ids)."""
+    skip = set(left_out)
+    return [position for position, row in enumerate(rows) if row.id not in skip
+            and ((row.label == 1 and row.mask_path is not None) or row.label == 0)]
+
+
+def line_figures(detector: SpadeDetector, rows: Sequence[StoredImage], positions: Sequence[int],
+                 stages: Sequence[str] | None = None, sigma: float | None = None, left_out: int = 0,
+                 resamples: int = RESAMPLES, seed: int = 0) -> LineFigures | None:
+    """Pixel figures of the heatmaps (cached raw maps at ``positions``, recombined for ``stages`` and
+    ``sigma``; None = the model's own) against the masks of ``rows`` (labelled normal: no defect pixel).
+
+    The figures are ``core.bench.segmentation_figures``'s (maps resampled to each image's original size);
+    the intervals come from resampling the images (defective and normal ones apart,
+    ``core.tuning.pixel_counts``). None when no row has a marked region.
+    """
+    from core.bench import _at_original_size
+    from core.metrics import segmentation_metrics
+    from core.tuning.pixel_counts import bootstrap_weights, pixel_counts
+
+    if not any(row.label == 1 and row.mask_path is not None for row in rows):
+        return None
+    images = ImageSet([row.item() for row in rows], name="marked")
+    maps = detector.combined_maps(stages=list(stages) if stages is not None else None, sigma=sigma)[list(positions)]
+    masks, resampled = _at_original_size(images, maps, detector.image_size)
+    exact = segmentation_metrics(masks, resampled)
+    defective = np.array([bool(mask.any()) for mask in masks])
+    auroc_interval = pro_interval = None
+    if defective.sum() >= MIN_FOR_INTERVAL:
+        counts = pixel_counts(masks, resampled)
+        values = np.array([counts.metrics(weights) for weights in bootstrap_weights(defective.astype(int), resamples, seed)])
+        low, high = np.nanpercentile(values, [2.5, 97.5], axis=0)
+        auroc_interval, pro_interval = (float(low[0]), float(high[0])), (float(low[1]), float(high[1]))
+    return LineFigures(exact.pixel_auroc, exact.pro, auroc_interval, pro_interval, len(rows), int(defective.sum()),
+                       left_out, resamples)
 
 
 def explain_pixel(detector: SpadeDetector, image_index: int, y: int, x: int, stages: Sequence[str],

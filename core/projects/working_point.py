@@ -27,7 +27,9 @@ class WorkingPoint:
 
     ``source``: "fit" (placed at the settings' target FPR when fitted),
     "target_fpr" (the user asked for a target FPR) or "threshold" (the user
-    set the threshold). ``n_normal`` normal scores (leave-one-out, or held
+    set the threshold) or "carried" (the user's target, or the FPR of their
+    threshold, carried over from model ``carried_from`` by a refit and re-placed
+    on this model's normal scores). ``n_normal`` normal scores (leave-one-out, or held
     out) back it; ``false_alarms`` of them lie above it, so ``fpr`` =
     false_alarms / n_normal, and ``fpr_interval`` is its two-sided
     Clopper-Pearson interval at :data:`CONFIDENCE`.
@@ -39,6 +41,7 @@ class WorkingPoint:
     n_normal: int
     false_alarms: int
     fpr_interval: tuple[float, float]
+    carried_from: int | None = None
 
     @property
     def fpr(self) -> float:
@@ -53,8 +56,9 @@ class WorkingPoint:
     def describe(self) -> str:
         low, high = self.fpr_interval
         target = f" for a {self.target_fpr:.1%} target FPR" if self.target_fpr is not None else ""
-        how = {"fit": f"placed at fit{target}", "target_fpr": f"set{target}",
-               "threshold": "set by hand"}.get(self.source, self.source)
+        how = {"fit": f"placed at fit{target}", "target_fpr": f"set{target}", "threshold": "set by hand",
+               "carried": f"your working point{target}, carried over from model #{self.carried_from} and re-placed "
+                          "on this model's scores"}.get(self.source, self.source)
         return (f"threshold {self.threshold:.4g} ({how}): {self.false_alarms} of {self.n_normal} normal images above "
                 f"it, FPR {self.fpr:.1%} ({CONFIDENCE:.0%} interval {low:.1%}–{high:.1%})")
 
@@ -95,7 +99,8 @@ def working_point(workspace: Workspace, model: StoredModel, detector: Detector) 
     target = saved.get("target_fpr", getattr(detector.settings, "target_fpr", None) if source == "fit" else None)
     normal = _normal_scores(detector)
     alarms = int(np.count_nonzero(normal > threshold))
-    return WorkingPoint(threshold, source, target, int(normal.size), alarms, clopper_pearson(alarms, int(normal.size)))
+    return WorkingPoint(threshold, source, target, int(normal.size), alarms, clopper_pearson(alarms, int(normal.size)),
+                        saved.get("carried_from"))
 
 
 def set_working_point(workspace: Workspace, model: StoredModel, detector: Detector, *, threshold: float | None = None,
@@ -124,3 +129,22 @@ def roc_summary(test: ScoredTest, threshold: float) -> RocSummary | None:
     flagged = test.scores > threshold
     point = (float(flagged[test.labels == 0].mean()), float(flagged[test.labels == 1].mean()))
     return RocSummary(fpr, tpr, image_auroc(test.labels, test.scores), point)
+
+
+def carry_working_point(workspace: Workspace, model: StoredModel, detector: Detector, previous: WorkingPoint,
+                        previous_model_id: int) -> WorkingPoint:
+    """After a refit: the user's working point of the previous model, re-placed on ``model``'s normal scores.
+
+    What carries over is a false-positive rate, not a score (another model's scores have another scale): the
+    target FPR the user set, or the FPR their hand-set threshold had. A working point placed at fit with the
+    settings' own target stays as the fit placed it.
+    """
+    from core.metrics import threshold_at_fpr
+
+    if previous.source == "fit":
+        return working_point(workspace, model, detector)
+    target = previous.target_fpr if previous.source in ("target_fpr", "carried") else previous.fpr
+    value = {"threshold": threshold_at_fpr(_normal_scores(detector), float(target)), "source": "carried",
+             "target_fpr": float(target), "carried_from": int(previous_model_id)}
+    workspace.update_model_summary(model.id, **{WORKING_POINT: value})
+    return working_point(workspace, model, detector)

@@ -106,13 +106,14 @@ def list_runs(root: str | os.PathLike, model_id: int) -> list[ScoringRun]:
 class _Rate:
     """Turns progress into "1,234/5,000 · 85 images/s · about 44 s left".
 
-    The rate is measured from the first report on, so rows skipped on resume
-    (reported at once) do not inflate it.
+    A fresh run measures the rate from its start (nothing done), so the first
+    report already has one; a resumed run measures it from its first report, so
+    rows skipped on resume (reported at once) do not inflate it.
     """
 
-    def __init__(self, status: StatusFn) -> None:
+    def __init__(self, status: StatusFn, resume: bool = False) -> None:
         self.status = status
-        self.first: tuple[int, float] | None = None
+        self.first: tuple[int, float] | None = None if resume else (0, time.perf_counter())
 
     def __call__(self, done: int, total: int) -> None:
         now = time.perf_counter()
@@ -144,7 +145,7 @@ def run_scoring(run: ScoringRun, resume: bool = False, status: StatusFn | None =
         status(0, total, "listing done, loading the model")
     try:
         score_files(run.model_path, run.inputs, run.results, resume=resume, engine=engine, count=True,
-                    progress=_Rate(status) if status is not None else None, cancel=cancel, detector=detector)
+                    progress=_Rate(status, resume) if status is not None else None, cancel=cancel, detector=detector)
     except DecodingShutDown:
         return run  # the program is exiting: the run stays "running", i.e. interrupted, and is offered for resume
     except Cancelled:

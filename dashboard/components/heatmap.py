@@ -76,6 +76,14 @@ def with_box(crop: np.ndarray, box: tuple[int, int, int, int] | None, crop_side:
     return drawn
 
 
+def patch_zoom(crop: np.ndarray, box: tuple[int, int, int, int], crop_side: int, side: int = 160) -> np.ndarray:
+    """The (top, left, bottom, right) box (crop pixels) of a display-size crop, enlarged to ``side`` square."""
+    factor = DISPLAY_SIDE / crop_side
+    top, left, bottom, right = (int(round(v * factor)) for v in box)
+    patch = crop[top:max(top + 1, bottom), left:max(left + 1, right)]
+    return cv2.resize(patch, (side, side), interpolation=cv2.INTER_NEAREST)
+
+
 def colour_bar(scale: Scale, threshold: float, width: int = DISPLAY_SIDE, height: int = 14) -> np.ndarray:
     """A horizontal colour bar for the scale, with a white tick where the threshold sits."""
     ramp = np.tile(np.linspace(scale.vmin, scale.vmax, width, dtype=np.float32), (height, 1))

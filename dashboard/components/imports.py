@@ -15,9 +15,11 @@ from core import projects
 from core.datasets import (
     FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, KINDS, LABELS, default_kind, list_classes, plan_upload,
 )
-from core.paths import FolderNotAllowed, allowed_folder, folder_roots
+from core.paths import FolderNotAllowed
+from core.projects import folders
 from core.store import ImportReport, Project, Workspace
 from dashboard import state
+from dashboard.components.allowed_folders import allowed_list, offer_to_allow
 
 ROLE_HELP = {
     "normal": "normal: what a good product looks like — the model learns from these",
@@ -29,7 +31,7 @@ ROLE_HELP = {
 def show_report(report: ImportReport, what: str) -> None:
     """Say what was imported, and list every refused file with its reason."""
     if report.added:
-        st.success(f"{what}: imported {len(report.added)} images.")
+        st.success(f"{what}: imported {len(report.added)} image{'s' if len(report.added) != 1 else ''}.")
     if report.duplicates:
         st.info(f"{what}: {len(report.duplicates)} duplicates (same bytes as an image already there) were skipped.")
         st.dataframe(pd.DataFrame([{"file": name, "same bytes as": report.duplicate_of.get(name, "")}
@@ -58,12 +60,16 @@ def upload_tab(workspace: Workspace, project: Project) -> None:
         key=f"uploader-{'folder' if whole_folder else 'files'}-{state.upload_generation()}",
         help="Folders and zips keep their paths, so files named alike in different folders stay apart.",
     )
-    columns = st.columns(2)
-    role = columns[0].radio("Add them as", list(ROLE_HELP), format_func=ROLE_HELP.get, key="upload-role")
-    label = columns[1].radio("Label", [None, *LABELS], format_func=lambda value: LABELS.get(value, "unknown"),
-                             key="upload-label", disabled=role != "test",
-                             help="Known labels let Detect draw an ROC curve; normal images are labelled normal.")
     plan = plan_upload([(file.name, file.getvalue()) for file in files]) if files else None
+    # Images in folders take each folder's kind (chosen below); these two choices are for loose files only.
+    loose = plan is None or None in plan.folders
+    columns = st.columns(2)
+    role = columns[0].radio("Add them as", list(ROLE_HELP), format_func=ROLE_HELP.get, key="upload-role",
+                            disabled=not loose, help=None if loose else "Every image is in a folder: each folder's "
+                            "kind below says what its images become.")
+    label = columns[1].radio("Label", [None, *LABELS], format_func=lambda value: LABELS.get(value, "unknown"),
+                             key="upload-label", disabled=role != "test" or not loose,
+                             help="Known labels let Detect draw an ROC curve; normal images are labelled normal.")
     kinds: dict[str | None, str] = {}
     if plan is not None:
         folders = plan.folders
@@ -92,30 +98,39 @@ def upload_tab(workspace: Workspace, project: Project) -> None:
 
 
 def folder_tab(workspace: Workspace, project: Project) -> None:
-    """A folder on the machine running the app (under the allowed roots), in one of the known layouts."""
+    """A folder on the machine running the app (under the allowed roots, or allowed here), in a known layout."""
     folder = st.text_input("Folder path", placeholder="/data/mvtec_ad/bottle",
-                           help="A folder on the machine running the app, under your home folder or the "
-                           "folders in $ANOMALY_FOLDER_ROOTS ('*' = any folder).")
+                           help="A folder on the machine running the app, under your home folder, the folders in "
+                           "$ANOMALY_FOLDER_ROOTS ('*' = any folder), or a folder you allowed here.").strip()
+    refused = None
+    if folder:
+        try:
+            folders.check_folder(workspace, folder)
+        except FolderNotAllowed as error:
+            refused = error
+    if refused is not None:
+        offer_to_allow(workspace, folder, refused, key="folder-tab")
     layout = st.radio("Layout", list(projects.LAYOUTS), format_func=projects.LAYOUTS.get, horizontal=False)
     normal_class, plain_role = None, "normal"
-    if layout == "classes" and folder and Path(folder).is_dir():
+    if layout == "classes" and folder and refused is None and Path(folder).is_dir():
         try:
-            normal_class = st.selectbox("Normal class", list_classes(allowed_folder(folder)))
+            normal_class = st.selectbox("Normal class", list_classes(folders.check_folder(workspace, folder)))
         except (OSError, FolderNotAllowed) as error:
             st.error(str(error))
     if layout == "plain":
         plain_role = st.radio("Add them as", list(ROLE_HELP), format_func=ROLE_HELP.get, key="folder-role")
-    if st.button("Import folder", type="primary", disabled=not folder):
+    if st.button("Import folder", type="primary", disabled=not folder or refused is not None):
         try:
-            allowed_folder(folder)  # only folders under the configured roots (core/paths.py) ...
+            folders.check_folder(workspace, folder)  # only folders under the roots or allowed here ...
             with st.spinner("Reading and checking the folder…"):
                 # ... and only files under them: a link inside the folder is checked too.
                 report = projects.import_folder(workspace, project.id, folder, layout, normal_class, plain_role,
-                                                roots=folder_roots())
+                                                roots=folders.workspace_roots(workspace))
             state.set_last_import(f"Folder {folder}", report)
             st.rerun()
         except (OSError, ValueError) as error:
             st.error(f"Cannot import {folder}: {error}")
+    allowed_list(workspace, key="folder-tab")
 
 
 def fashion_tab(workspace: Workspace, project: Project) -> None:

@@ -15,10 +15,12 @@ from pathlib import Path
 import streamlit as st
 
 from core.datasets import IMAGE_EXTENSIONS
-from core.paths import FolderNotAllowed, allowed_folder
+from core.paths import FolderNotAllowed
+from core.projects import folders
 from core.scoring import read_results
 from core.scoring.runs import ScoringRun, list_runs, new_run, run_scoring
 from dashboard import state
+from dashboard.components.allowed_folders import allowed_list, offer_to_allow
 from dashboard.components.jobs import job_panel
 
 SCORE_JOB = "score-files"
@@ -116,16 +118,23 @@ def score_files_panel(workspace, project, model) -> None:
         source = st.radio("Images from", ("folder", "upload"), horizontal=True, key="score-files-source",
                           format_func={"folder": "A folder on this computer", "upload": "Uploaded files or zips"}.get)
         folder, uploads = "", []
+        refused = None
         if source == "folder":
             folder = st.text_input("Folder (sub-folders included)", key="score-files-folder").strip()
+            try:
+                if folder:
+                    folders.check_folder(workspace, folder)
+            except FolderNotAllowed as error:
+                refused = error
+                offer_to_allow(workspace, folder, error, key="score-files")
         else:
             uploads = st.file_uploader("Images or zip archives", type=UPLOAD_TYPES, accept_multiple_files=True,
                                        key=f"score-files-upload-{state.upload_generation()}")
         busy = state.job_running(SCORE_JOB, project.id)
-        if st.button("Score in the background", type="primary", disabled=busy or not (folder or uploads),
-                     key="score-files-start"):
+        if st.button("Score in the background", type="primary", disabled=busy or not (folder or uploads)
+                     or refused is not None, key="score-files-start"):
             try:
-                inputs = [str(allowed_folder(folder))] if folder else _save_uploads(workspace, uploads)
+                inputs = [str(folders.check_folder(workspace, folder))] if folder else _save_uploads(workspace, uploads)
                 if folder and not Path(inputs[0]).is_dir():
                     raise NotADirectoryError(f"{folder}: not a folder")
             except (FolderNotAllowed, OSError) as error:
@@ -134,5 +143,6 @@ def score_files_panel(workspace, project, model) -> None:
                 title = Path(folder).name if folder else f"{len(uploads)} uploaded files"
                 run = new_run(_root(workspace), model.id, model.path, inputs, f"{title} · model #{model.id}")
                 _start(run, project.id, resume=False)
+        allowed_list(workspace, key="score-files")
         job_panel(state.job(SCORE_JOB, project.id), key="score-files", topics=(state.DETECT,))
         _past_runs(workspace, model, project.id)

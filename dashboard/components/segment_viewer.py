@@ -21,6 +21,7 @@ from core.maps import peak
 from core.store import Project, StoredImage, StoredModel, Workspace
 from dashboard import state
 from dashboard.components import heatmap as view
+from dashboard.components.region_editor import region_editor
 
 EXACT_BY_DEFAULT = 64
 """Normal images up to which the exact nearest-normal search runs unasked (for a model fitted in this process)."""
@@ -80,7 +81,7 @@ def controls(holder: state.SegmentationCache, test: TestMaps) -> Choice | None:
     all_stages = list(holder.detector.map_stages)
     second = st.columns(len(all_stages) + 3)
     stages = [stage for column, stage in zip(second, all_stages)
-              if column.checkbox(f"layer {stage}", True, key=f"seg-stage-{stage}")]
+              if column.checkbox(f"layer {stage_label(holder.detector, stage)}", True, key=f"seg-stage-{stage}")]
     per_image = second[-3].toggle("Scale per image", key="seg-per-image",
                                   help="Off: one colour scale for every image, the threshold mid-scale, so colours "
                                        "compare across images. On: stretched to this image's range.")
@@ -121,8 +122,9 @@ def pictures(choice: Choice, heatmap: np.ndarray, point: tuple[int, int], found:
 
 def nearest_normal(place: DeltaGenerator, workspace: Workspace, project: Project, model: StoredModel,
                    holder: state.SegmentationCache, index: int, stages: list[str], point: tuple[int, int],
-                   n_normal: int) -> None:
-    """The normal patch nearest to the heatmap's peak, in the ticked layers (cached: a σ move costs nothing)."""
+                   n_normal: int, query: StoredImage) -> None:
+    """The normal patch nearest to the heatmap's peak of ``query``, in the ticked layers, boxed and zoomed beside
+    the peak's own patch (cached: a σ move costs nothing)."""
     # Exact by default only when it is cheap: fitted in this process (the normal pixels are in memory) on a
     # small normal set. On the full bottle set (209 images) under load the page waited minutes for it, so
     # there the user asks for it; a model loaded from its file must also re-read normal images.
@@ -146,27 +148,83 @@ def nearest_normal(place: DeltaGenerator, workspace: Workspace, project: Project
         place.caption(f"The nearest normal image ({explanation.train_name}) is no longer in the project.")
         return
     size = holder.detector.image_size
-    place.image(view.with_box(view.model_view(normal_row.path, size), explanation.box, size.crop), width="stretch",
-                caption=f"nearest normal patch to the peak ({explanation.stage}): {normal_row.name}"
-                + (" (approximate: the heatmap's match, not searched exhaustively)"
-                   if explanation.approximate else " (exact)"))
+    normal_view = view.model_view(normal_row.path, size)
+    place.image(view.with_box(normal_view, explanation.box, size.crop), width="stretch",
+                caption=f"nearest normal patch to the peak ({stage_label(holder.detector, explanation.stage)}): "
+                        f"{normal_row.name}")
+    zoomed = place.columns(2)
+    zoomed[0].image(view.patch_zoom(view.model_view(query.path, size), explanation.query_box, size.crop),
+                    caption="the peak's patch", width="stretch")
+    zoomed[1].image(view.patch_zoom(normal_view, explanation.box, size.crop), caption="its nearest normal patch",
+                    width="stretch")
+    place.caption(what_the_box_is(holder.detector, explanation))
 
 
-def set_quality(model: StoredModel, holder: state.SegmentationCache, test: TestMaps, choice: Choice) -> None:
-    """On request, pixel AUROC and PRO of the whole set's heatmaps for these layers and σ (kept per session)."""
-    if not any(test.rows[i].mask_path for i in test.present):
+def stage_label(detector, stage: str) -> str:
+    """A layer as the settings name it: by its stride, e.g. "stride 4 (block1)"."""
+    from core.backbones import get_spec
+
+    try:
+        return f"stride {get_spec(detector.settings.features.backbone).stage(stage).stride} ({stage})"
+    except KeyError:  # a joined stage ("concat") or an unknown backbone: its own name
+        return stage
+
+
+def what_the_box_is(detector, explanation) -> str:
+    """Exactly what the box marks: where it was searched, at which layer."""
+    layer = stage_label(detector, explanation.stage)
+    n = len(detector.train_names_)
+    if not explanation.approximate:
+        return (f"The box is the most similar normal patch anywhere in the normal images: the peak's feature at "
+                f"{layer} was compared with every pixel of all {n} normal images (not only the same place), "
+                f"squared distance {explanation.distance:.3g}.")
+    k = detector.settings.top_images
+    among = f"the {k} normal images nearest to this one" if 0 < k < n else f"the {n} normal images"
+    return (f"The box is the heatmap's own match at {layer}: the most similar patch the search found among {among} "
+            "(approximate: not compared with every normal pixel; turn on the exact search to be sure).")
+
+
+AUTO_FIGURES = 60
+"""Evaluable test images up to which Segment computes its pixel figures unasked (at the original resolution each)."""
+
+
+def _interval(bounds: tuple[float, float] | None) -> str:
+    return f"95% interval {bounds[0]:.3f}–{bounds[1]:.3f}" if bounds is not None else "no interval (under 3 marked)"
+
+
+def line_quality(model: StoredModel, holder: state.SegmentationCache, test: TestMaps, choice: Choice) -> None:
+    """Pixel AUROC and PRO of these layers and σ on the project's marked images (a drawn or imported mask;
+    labelled-normal images count as all normal), at their original resolution as ``bench`` computes them,
+    with bootstrap intervals; images the model's tuning chose with are left out."""
+    rows = [test.rows[i] for i in test.present]
+    chose_with = set(model.summary.get("marked_image_ids", []))
+    keep = projects.evaluable(rows, chose_with)
+    marked = [rows[k] for k in keep if rows[k].label == 1]
+    if not marked:
+        st.caption("Pixel AUROC / PRO on your own images: mark a defect's region on Review (or import masks).")
         return
-    key = (model.id, tuple(choice.stages), choice.sigma)
-    results = state.segment_metrics()
-    if st.button("Pixel AUROC / PRO of the whole set for these settings", key="seg-evaluate"):
-        found = projects.segmentation_quality(holder.detector, [test.rows[i] for i in test.present],
-                                              [test.positions[i] for i in test.present], choice.stages, choice.sigma)
-        results[key] = (found.pixel_auroc, found.pro)
-    if key in results:
-        auroc, pro = results[key]
-        metric_columns = st.columns(4)
-        metric_columns[0].metric("Pixel AUROC", f"{auroc:.3f}")
-        metric_columns[1].metric("PRO (FPR ≤ 0.3)", f"{pro:.3f}")
+    chosen = [rows[k] for k in keep]
+    key = (model.id, tuple(choice.stages), choice.sigma,
+           tuple((row.id, row.mask_sha, row.label) for row in chosen))
+    results = state.line_figures()
+    if key not in results:
+        if len(chosen) > AUTO_FIGURES and not st.button(
+                f"Pixel AUROC / PRO on your {len(chosen)} marked and normal test images", key="seg-evaluate"):
+            return
+        with st.spinner("Pixel figures at the images' own resolution…"):
+            results[key] = projects.line_figures(holder.detector, chosen, [test.positions[row.id] for row in chosen],
+                                                 choice.stages, choice.sigma,
+                                                 left_out=sum(row.id in chose_with for row in rows))
+    figures: projects.LineFigures = results[key]
+    columns = st.columns([1, 1, 2])
+    columns[0].metric("Pixel AUROC", f"{figures.pixel_auroc:.3f}", help=_interval(figures.pixel_auroc_interval))
+    columns[1].metric("PRO (FPR ≤ 0.3)", f"{figures.pro:.3f}", help=_interval(figures.pro_interval))
+    columns[2].caption(
+        f"On your own line: {figures.n_images} test images ({figures.n_defective} with a marked defect, the rest "
+        f"labelled normal), at their original resolution, these layers and σ. Pixel AUROC "
+        f"{_interval(figures.pixel_auroc_interval)}, PRO {_interval(figures.pro_interval)} (bootstrap over images, "
+        f"{figures.resamples} resamples)."
+        + (f" {figures.left_out} marked images chose this model's settings and are left out." if figures.left_out else ""))
 
 
 @st.fragment
@@ -186,7 +244,12 @@ def viewer(workspace: Workspace, project: Project, model: StoredModel, holder: s
     right = pictures(choice, heatmap, (y, x), found, test.rows[choice.image_id], holder)
     if right is None:
         return
-    nearest_normal(right, workspace, project, model, holder, index, choice.stages, (y, x), n_normal)
+    nearest_normal(right, workspace, project, model, holder, index, choice.stages, (y, x), n_normal,
+                   test.rows[choice.image_id])
     st.caption(f"Peak score {heatmap[y, x]:.4g} at x={x}, y={y}; {len(choice.stages)} layer(s), σ={choice.sigma:g}. "
                "Every control recombines cached per-layer maps: the network does not run again.")
-    set_quality(model, holder, test, choice)
+    # The same editor as on Review, drawn only when asked for (a canvas costs every control move a redraw).
+    if st.toggle("Mark where the defect is on this image", key=state.REGION_DRAW_SEGMENT_WIDGET,
+                 help="Saved as the image's mask (outlined in green above), it marks the image anomalous."):
+        region_editor(workspace, test.rows[choice.image_id])
+    line_quality(model, holder, test, choice)

@@ -5,6 +5,7 @@ import streamlit as st
 from core.datasets import LABELS
 from core.store import StoreError
 from dashboard import state
+from dashboard.components.exchange import annotated_set_tab
 from dashboard.components.gallery import gallery, paged
 from dashboard.components.imports import fashion_tab, folder_tab, show_report, upload_tab
 from dashboard.components.sidebar import workspace_and_project
@@ -27,13 +28,16 @@ if project is None:
 
 
 st.subheader(f"Import into “{project.name}”")
-upload, folder, fashion = st.tabs(["Upload files or zips", "Folder on this machine", "Fashion-MNIST"])
+upload, folder, fashion, annotated = st.tabs(["Upload files or zips", "Folder on this machine", "Fashion-MNIST",
+                                              "Annotated set (MVTec zip)"])
 with upload:
     upload_tab(workspace, project)
 with folder:
     folder_tab(workspace, project)
 with fashion:
     fashion_tab(workspace, project)
+with annotated:
+    annotated_set_tab(workspace, project)
 
 last_import = state.take_last_import()
 if last_import is not None:

@@ -56,7 +56,9 @@ with st.container(border=True):
 # ---------------------------------------------------------------------- results
 model = pick_model(workspace, project, tuple(METHODS), key="detect-model")
 if model is None:
-    st.info("No model yet: fit one above.")
+    fitting = state.job(state.FIT, project.id)
+    st.info(f"No model yet: {fitting.title} — its results appear here when it ends."
+            if fitting is not None and fitting.running else "No model yet: fit one above.")
     st.stop()
 
 try:

@@ -12,6 +12,7 @@ from dashboard import state, tasks
 from dashboard.components import heatmap as view
 from dashboard.components.jobs import job_panel
 from dashboard.components.models import loaded_detector, pick_model
+from dashboard.components.region_editor import region_editor
 from dashboard.components.sidebar import require_project, workspace_and_project
 
 IMAGE_SIDE = 420
@@ -72,16 +73,23 @@ navigation[2].markdown(f"**{index + 1} / {len(queue)}** — arrow keys move too"
 
 image = queue[index]
 position = order[index]
+if saved != image.id:  # remembered as soon as it is shown: a restart reopens on this image
+    state.set_review_position(model.id, image.id)
 left, right = st.columns([3, 2])
 with left:
-    try:
-        holder = state.segmentation_covering(workspace, project.id, image.id)
-        if holder is None:
-            st.image(state.display_image(str(image.path), IMAGE_SIDE), width=IMAGE_SIDE)
-        else:
-            view.default_view(holder, image)
-    except (ImageError, OSError) as error:
-        st.error(f"{image.name}: {getattr(error, 'reason', error)}")
+    if st.toggle("Mark where the defect is", key=state.REGION_DRAW_WIDGET,
+                 help="Draw the defect's region over the image; saved as the image's mask, it marks the image "
+                      "anomalous and is the ground truth Segment outlines and measures."):
+        region_editor(workspace, image)
+    else:
+        try:
+            holder = state.segmentation_covering(workspace, project.id, image.id)
+            if holder is None:
+                st.image(state.display_image(str(image.path), IMAGE_SIDE), width=IMAGE_SIDE)
+            else:
+                view.default_view(holder, image)
+        except (ImageError, OSError) as error:
+            st.error(f"{image.name}: {getattr(error, 'reason', error)}")
 with right:
     st.markdown(f"**{image.name}**")
     facts = st.columns(2)
@@ -121,9 +129,12 @@ with columns[0]:
         added = workspace.add_to_normal_set(confirmed)
         settings = projects.stored_settings(model.method, model.settings)  # same method and settings, more normals
         state.start_job(state.FIT, f"Refitting {model.method} with {len(added)} more normals",
-                        lambda job: tasks.fit_and_score(workspace, project.id, model.method, settings, job), project.id,
+                        lambda job: tasks.refit(workspace, project.id, model, settings, point, job), project.id,
                         topic=state.REVIEW)
-        state.flash("info", f"{len(added)} images added to the normal set; a new model is being fitted.")
+        state.flash("info", f"{len(added)} images added to the normal set; a new model is being fitted. Your working "
+                    "point comes with it" + ("" if point.source == "fit" else
+                                             f" (a {point.target_fpr if point.target_fpr is not None else point.fpr:.1%} "
+                                             "target FPR, re-placed on the new model's scores)") + ".")
         st.rerun()
     # When the refit ends the page reruns on the new model (the project's current one) and says so here.
     job_panel(state.job(state.FIT, project.id), key="review-fit", topics=(state.REVIEW,))

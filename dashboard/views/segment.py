@@ -13,8 +13,9 @@ from dashboard.components.sidebar import require_project, workspace_and_project
 workspace, project = workspace_and_project()
 project = require_project(project)
 st.title("Segment")
-st.caption("SPADE (as evaluated by Reiss et al., CVPR 2021): each pixel's features are compared with the same "
-           "location in the nearest normal images. Sliders recombine cached per-layer maps: no network pass.")
+st.caption("SPADE (as evaluated by Reiss et al., CVPR 2021): each pixel's features are compared with every pixel "
+           "of the normal images nearest to the image (all of them unless the settings limit it), at each layer. "
+           "Sliders recombine cached per-layer maps: no network pass.")
 counts = workspace.counts(project.id)
 folder = str(workspace.root)
 
@@ -35,6 +36,17 @@ with st.expander("Fit a segmentation model", expanded=not workspace.models(proje
         st.rerun()
     if missing_images:
         st.caption("Needs normal and test images (Data page).")
+    tests = workspace.images(project.id, "test")
+    n_marked = sum(row.label == 1 and row.mask_path is not None for row in tests)
+    n_good = sum(row.label == 0 for row in tests)
+    if st.button(f"Tune with my marked defects ({n_marked} marked, {n_good} normal)", disabled=busy or missing_images
+                 or n_marked < 2 or n_good < 2, key="segment-tune-marked",
+                 help="As 'Tune and fit', and your test images with a marked region (drawn on Review or imported), "
+                      "with as many labelled normal, are evidence beside the synthetic defects: the tuner checks "
+                      "its choice on them, cross-validated (never scored on the images it chose with). Needs at "
+                      "least 2 of each; those it uses are left out of the figures below."):
+        state.start_segmentation_fit(workspace, project.id, backbone, tune=True, with_marked=True)
+        st.rerun()
 job_panel(state.job(state.FIT, project.id), key="segment", topics=(state.SEGMENT,))
 
 model = pick_model(workspace, project, ("spade",), key="segment-model")

@@ -84,7 +84,7 @@ class Explanation:
     pixel is nearer (see the module docstring); ``searched_images``: training
     images whose real pixel features were compared (all of them for exact and
     IVF-Flat galleries, which store the real features; 0: only the gallery's
-    own match was used).
+    own match was used); ``query_box``: the explained pixel's patch, as ``box`` is the match's (crop pixels).
     """
 
     train_index: int
@@ -103,6 +103,7 @@ class Explanation:
     stages: tuple[str, ...]
     approximate: bool
     searched_images: int
+    query_box: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -147,10 +148,13 @@ def explain(context: ExplainContext, scored: ScoredSet, image_index: int, stage:
     ty, tx = divmod(within, w)
     step_y, step_x = crop / h, crop / w
     reach = context.featurizer.reach(stage)
-    box = (
-        max(0, int(round((ty - reach) * step_y))), max(0, int(round((tx - reach) * step_x))),
-        min(crop, int(round((ty + 1 + reach) * step_y))), min(crop, int(round((tx + 1 + reach) * step_x))),
-    )
+
+    def cell_box(row: int, column: int) -> tuple[int, int, int, int]:
+        # The cell widened by the averaged neighbourhood: the patch its feature describes, in crop pixels.
+        return (max(0, int(round((row - reach) * step_y))), max(0, int(round((column - reach) * step_x))),
+                min(crop, int(round((row + 1 + reach) * step_y))), min(crop, int(round((column + 1 + reach) * step_x))))
+
+    box = cell_box(ty, tx)
     centre_y, centre_x = (ty + 0.5) * step_y, (tx + 0.5) * step_x
     hw = tuple(int(v) for v in context.training.sizes[train_index])
     original_y, original_x = crop_point_to_original(centre_y, centre_x, hw, context.size)
@@ -173,6 +177,7 @@ def explain(context: ExplainContext, scored: ScoredSet, image_index: int, stage:
         stages=stages,
         approximate=match.approximate,
         searched_images=match.searched_images,
+        query_box=cell_box(cy, cx),
     )
 
 
