@@ -436,6 +436,7 @@ def _with_marked(shortlist: Sequence[Candidate], proxy_choice: Candidate, scores
         "n_defective": int(labels.sum()), "n_good": int((labels == 0).sum()), "with_masks": marked.has_masks,
         "proxy_choice": proxy_choice.to_dict(), "chosen": found.candidate.to_dict(), "image_rule": found.rule,
         "marked_pixel_objective": found.pixel_objective, "marked_image_auroc": found.image_auroc,
+        "marked_rule_aurocs": found.rule_aurocs,
         "cross_validated": validated,
     }
     changed = found.candidate != proxy_choice or found.rule != IMAGE_RULE
