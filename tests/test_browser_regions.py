@@ -56,8 +56,9 @@ def project_for_walk(fitted_spade, workspace_dir):
 
 
 def upper_canvas(driver):
-    """The Fabric canvas that takes the mouse (inside the component's shadow root)."""
-    return WebDriverWait(driver, 30, poll_frequency=0.25).until(lambda d: d.execute_script(
+    """The Fabric canvas that takes the mouse (inside the component's shadow root). Up to 60 s: under load the
+    component took over 30 s to draw after a page switch (one failure in a full run at load 3)."""
+    return WebDriverWait(driver, 60, poll_frequency=0.25).until(lambda d: d.execute_script(
         "for (const e of document.querySelectorAll('*')) { if (e.shadowRoot) {"
         " const c = e.shadowRoot.querySelector('canvas.upper-canvas'); if (c) return c; } } return null;"))
 
