@@ -13,6 +13,7 @@ on the same project see it running and stop it.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -202,24 +203,30 @@ def job_running(kind: str, project: int | None = None) -> bool:
     return project is not None and _others_running(kind, project) is not None
 
 
+_START_LOCK = threading.Lock()
+"""Sessions run their scripts in parallel threads: checking for a running job and starting one is one step."""
+
+
 def start_job(kind: str, title: str, work: Callable[[Job], object], project: int, topic: str = "",
-              subject: str | None = None) -> Job | None:
-    """Start ``work(job)`` in the background unless this session already runs a job of that kind.
+              subject: str | None = None, quiet_if_running: bool = False) -> Job | None:
+    """Start ``work(job)`` in the background unless this session already runs a job of that kind, or another
+    session one of that kind on ``project``.
 
     ``topic`` says which pages report it (see ``components.jobs.job_panel``); ``subject`` is
-    what it works on (:attr:`Job.subject`).
+    what it works on (:attr:`Job.subject`). ``quiet_if_running``: when a job is already running, return None
+    without a warning (for work a page starts by itself, which the running job's panel already reports).
     """
-    if job_running(kind):
-        flash("warning", f"“{jobs()[kind].title}” is still running: wait for it or stop it first.")
-        return None
-    other = _others_running(kind, project)
-    if other is not None:
-        flash("warning", f"“{other.title}” was started on this project in another browser session and is still "
-                         "running: wait for it or stop it first.")
-        return None
-    jobs()[kind] = _shared_jobs()[(workspace_path(), project, kind)] = Job(title, work, project_id=project,
-                                                                         topic=topic, subject=subject)
-    return jobs()[kind]
+    with _START_LOCK:
+        running = jobs()[kind] if job_running(kind) else _others_running(kind, project)
+        if running is None:
+            jobs()[kind] = _shared_jobs()[(workspace_path(), project, kind)] = Job(
+                title, work, project_id=project, topic=topic, subject=subject)
+            return jobs()[kind]
+    if not quiet_if_running:
+        elsewhere = ("was started on this project in another browser session and "
+                     if running is not jobs().get(kind) else "")
+        flash("warning", f"“{running.title}” {elsewhere}is still running: wait for it or stop it first.")
+    return None
 
 
 def any_job_running() -> bool:
@@ -510,8 +517,10 @@ def first_auto_load(model_id: int) -> bool:
     return True
 
 
-def start_heatmaps(workspace_: Workspace, project: int, model_id: int) -> Job | None:
-    """Bring a saved SPADE model's test maps back (after a restart): from its maps file, else one backbone pass."""
+def start_heatmaps(workspace_: Workspace, project: int, model_id: int, automatic: bool = False) -> Job | None:
+    """Bring a saved SPADE model's test maps back (after a restart): from its maps file, else one backbone pass.
+    ``automatic``: the page asked by itself; if another session is already loading, no warning (its panel shows
+    that job)."""
     from dashboard import tasks
 
     def work(job: Job) -> None:
@@ -519,7 +528,8 @@ def start_heatmaps(workspace_: Workspace, project: int, model_id: int) -> Job | 
         segmentation_ready(str(workspace_.root), project, model_id, found, image_ids)
 
     saved = workspace_.model(model_id).maps_path.exists()
-    return start_job(FIT, "Loading saved heatmaps" if saved else "Computing heatmaps", work, project, topic=SEGMENT)
+    return start_job(FIT, "Loading saved heatmaps" if saved else "Computing heatmaps", work, project, topic=SEGMENT,
+                     quiet_if_running=automatic)
 
 
 # ====================================================================== issue 23: regions drawn on images

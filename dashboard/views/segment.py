@@ -70,7 +70,7 @@ holder = state.segmentation(folder, project.id, model.id)
 if not holder.ready:
     if model.maps_path.exists() and not busy and state.first_auto_load(model.id):
         # Saved maps load in a moment and need no backbone: no reason to make the user ask.
-        state.start_heatmaps(workspace, project.id, model.id)
+        state.start_heatmaps(workspace, project.id, model.id, automatic=True)
         st.rerun()
     st.info("This model's heatmaps are not in memory (the app restarted, or another model was used).")
     if st.button("Compute heatmaps", type="primary", disabled=busy):
