@@ -23,6 +23,7 @@ from test_browser_e2e import (  # noqa: F401 - browser is a fixture
 )
 
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -55,10 +56,10 @@ def project_for_walk(fitted_spade, workspace_dir):
     return workspace, project, projects.fit_segmentation(workspace, project.id, settings)
 
 
-def upper_canvas(driver):
+def upper_canvas(driver, timeout: float = 60):
     """The Fabric canvas that takes the mouse (inside the component's shadow root). Up to 60 s: under load the
     component took over 30 s to draw after a page switch (one failure in a full run at load 3)."""
-    return WebDriverWait(driver, 60, poll_frequency=0.25).until(lambda d: d.execute_script(
+    return WebDriverWait(driver, timeout, poll_frequency=0.25).until(lambda d: d.execute_script(
         "for (const e of document.querySelectorAll('*')) { if (e.shadowRoot) {"
         " const c = e.shadowRoot.querySelector('canvas.upper-canvas'); if (c) return c; } } return null;"))
 
@@ -125,7 +126,13 @@ def test_draw_on_review_outline_on_segment_after_restart(project_for_walk, brows
         # Segment has the same editor, on the saved drawing.
         keyed(driver, "region-draw-segment", "label").click()
         wait_for_text(driver, "Saved: 1 shape(s)", 30)
-        upper_canvas(driver)
+        try:
+            upper_canvas(driver, 30)
+        except TimeoutException:  # after a browser test before it, the canvas sometimes never drew: open it again
+            keyed(driver, "region-draw-segment", "label").click()
+            keyed(driver, "region-draw-segment", "label").click()
+            wait_for_text(driver, "Saved: 1 shape(s)", 30)
+            upper_canvas(driver)
         open_page(driver, "review")
         wait_for_text(driver, image.name, 30)  # Review reopens on the image being reviewed
         WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".st-key-region-draw label"))
