@@ -46,7 +46,13 @@ from core.images import ImageError, decode_image, decode_mask
 from core.npz_io import atomic_write
 from core.progress import CancelFn, ProgressFn, check_cancel, report_progress
 
-ROLES = ("normal", "test", "outlier")
+ROLE_DESCRIPTIONS = {
+    "normal": "normal: what a good product looks like — the model learns from these",
+    "test": "test: images to check (labels optional: they let the app measure accuracy)",
+    "outlier": "outlier: unrelated images, only used by PANDA-OE",
+}
+"""Each role an image can have in a project, with the sentence the import form shows for it."""
+ROLES = tuple(ROLE_DESCRIPTIONS)
 VERDICTS = ("normal", "anomalous", "unsure")
 RUN_STATUSES = ("running", "finished", "stopped", "failed")
 

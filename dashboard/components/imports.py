@@ -17,16 +17,9 @@ from core.datasets import (
 )
 from core.paths import FolderNotAllowed
 from core.projects import folders
-from core.store import ImportReport, Project, Workspace
+from core.store import ROLE_DESCRIPTIONS, ROLES, ImportReport, Project, Workspace
 from dashboard import state
 from dashboard.components.allowed_folders import allowed_list, offer_to_allow
-
-ROLE_HELP = {
-    "normal": "normal: what a good product looks like — the model learns from these",
-    "test": "test: images to check (labels optional: they let the app measure accuracy)",
-    "outlier": "outlier: unrelated images, only used by PANDA-OE",
-}
-
 
 def show_report(report: ImportReport, what: str) -> None:
     """Say what was imported, and list every refused file with its reason."""
@@ -64,7 +57,7 @@ def upload_tab(workspace: Workspace, project: Project) -> None:
     # Images in folders take each folder's kind (chosen below); these two choices are for loose files only.
     loose = plan is None or None in plan.folders
     columns = st.columns(2)
-    role = columns[0].radio("Add them as", list(ROLE_HELP), format_func=ROLE_HELP.get, key="upload-role",
+    role = columns[0].radio("Add them as", ROLES, format_func=ROLE_DESCRIPTIONS.get, key="upload-role",
                             disabled=not loose, help=None if loose else "Every image is in a folder: each folder's "
                             "kind below says what its images become.")
     label = columns[1].radio("Label", [None, *LABELS], format_func=lambda value: LABELS.get(value, "unknown"),
@@ -118,7 +111,7 @@ def folder_tab(workspace: Workspace, project: Project) -> None:
         except (OSError, FolderNotAllowed) as error:
             st.error(str(error))
     if layout == "plain":
-        plain_role = st.radio("Add them as", list(ROLE_HELP), format_func=ROLE_HELP.get, key="folder-role")
+        plain_role = st.radio("Add them as", ROLES, format_func=ROLE_DESCRIPTIONS.get, key="folder-role")
     if st.button("Import folder", type="primary", disabled=not folder or refused is not None):
         try:
             folders.check_folder(workspace, folder)  # only folders under the roots or allowed here ...

@@ -16,8 +16,7 @@ from dashboard.components.region_editor import region_editor
 from dashboard.components.sidebar import require_project, workspace_and_project
 
 IMAGE_SIDE = 420
-VERDICT_LABELS = {"normal": ":material/check_circle: normal", "anomalous": ":material/cancel: anomalous",
-                  "unsure": ":material/help: unsure"}
+VERDICT_ICONS = {"normal": ":material/check_circle:", "anomalous": ":material/cancel:", "unsure": ":material/help:"}
 
 workspace, project = workspace_and_project()
 project = require_project(project)
@@ -107,7 +106,7 @@ with right:
         else:
             workspace.annotate(image.id, verdict, note)
 
-    st.radio("Verdict", VERDICTS, format_func=VERDICT_LABELS.get, key=state.VERDICT_WIDGET.format(image_id=image.id), horizontal=True,
+    st.radio("Verdict", VERDICTS, format_func=lambda verdict: f"{VERDICT_ICONS.get(verdict, '')} {verdict}", key=state.VERDICT_WIDGET.format(image_id=image.id), horizontal=True,
              index=VERDICTS.index(current.verdict) if current else None, on_change=save_verdict)
     st.text_area("Note", value=current.note if current else "", key=state.NOTE_WIDGET.format(image_id=image.id), on_change=save_verdict,
                  placeholder="What did you see? (saved when you click outside the box)", height=100)
