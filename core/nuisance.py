@@ -94,3 +94,13 @@ def nuisance(image: np.ndarray, variation: Variation, rng: np.random.Generator) 
         if sigma > 0.1:
             out = cv2.GaussianBlur(out, (0, 0), sigma)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def nuisance_copies(images: Sequence[np.ndarray], copies: int, seed: int) -> list[tuple[int, np.ndarray]]:
+    """``copies`` nuisance copies of each (H, W, 3) uint8 image, as (position of the original, copy) in order.
+
+    The variation is measured on ``images`` themselves (none for a single image: then copies are only
+    shifted and rotated)."""
+    variation = measure_variation(images) if len(images) > 1 else Variation(0.0, 0.0, 0.0)
+    rng = np.random.default_rng(seed)
+    return [(position, nuisance(image, variation, rng)) for position, image in enumerate(images) for _ in range(copies)]

@@ -3,7 +3,8 @@
 ``python -m tests.spade_reference OUT.npz`` writes it; ``tests/test_spade_reference.py`` recomputes it and
 compares with the committed ``tests/data/spade_reference.npz``. Float32 extraction with the offline Lite0
 weights, small inputs (96²) so it runs in seconds; every gallery kind, both aspects, both combinations,
-every image-score rule, pixel thresholds, explanations, and a save/load round trip.
+every image-score rule, the scores the image threshold is set on (nuisance copies of a held-out set
+included), pixel thresholds, explanations, and a save/load round trip.
 """
 
 from __future__ import annotations
@@ -31,17 +32,27 @@ CASES = {
                            image_score="mix"),
     "pad-concat": SpadeSettings(features=dataclasses.replace(FEATURES, aspect="pad"), gallery="exact", top_images=0,
                                 combine="concat", strides=(8, 16), calibration_images=4, image_score="max"),
+    # The image threshold's evidence: nuisance copies of held-out normal images under the fused rule.
+    "fused-nuisance-holdout": SpadeSettings(features=FEATURES, gallery="exact", calibration_images=4,
+                                            image_score="fused", nuisance_copies=2),
 }
+HOLDOUT = {"fused-nuisance-holdout": range(16, 20)}
+"""Cases fitted with a held-out normal set (indices of the demo's training images); the others calibrate on
+fitted images."""
 
 
 def compute() -> dict[str, np.ndarray]:
     """{name: array} of every case's outputs on the demo bottle set (16 normal images fit, every third test image)."""
-    train, test = read_mvtec(DEMO)
-    train = train.subset(range(16))
+    every_train, test = read_mvtec(DEMO)
+    train = every_train.subset(range(16))
     test = test.subset(range(0, len(test), 3))
     out: dict[str, np.ndarray] = {}
     for name, settings in CASES.items():
-        detector = SpadeDetector(settings).fit(train)
+        holdout = every_train.subset(HOLDOUT[name]) if name in HOLDOUT else None
+        detector = SpadeDetector(settings).fit(train, holdout=holdout)
+        out[f"{name}/train_scores"] = detector.train_scores_
+        if detector.holdout_scores_ is not None:
+            out[f"{name}/holdout_scores"] = detector.holdout_scores_
         for key, values in detector.raw_maps(test).items():
             out[f"{name}/raw/{key}"] = values
         # Every third pixel of the heatmaps: enough to catch any change, small enough to commit.

@@ -13,7 +13,7 @@ from core import projects
 def brute_force_match(detector, normal, test_item, stage: str, y: int, x: int):
     """(image, row, column, squared distance) of the normal pixel of ``stage`` nearest to crop pixel (y, x) of
     ``test_item``, compared with every pixel of every normal image (features as the detector computes them)."""
-    context = detector._explain_context()
+    context = detector.explain_context()
     h, w = detector.stage_shapes_[stage]
     crop = detector.image_size.crop
     cy, cx = min(h - 1, int(y * h / crop)), min(w - 1, int(x * w / crop))

@@ -254,7 +254,7 @@ def test_a_patch_pasted_from_a_normal_image_is_explained_by_that_image_at_its_pl
         reread = detector.explain(0, y=int(48 * scale), x=int(18 * scale), stages=("block1",))
         assert reread.train_index == source and not reread.approximate and 1 <= reread.searched_images <= 8
         # The bounds the exact search prunes with never exceed an image's true nearest distance.
-        context = detector._explain_context()
+        context = detector.explain_context()
         query = context.read_image(detector._last.images[0])["block1"][8, 3]
         lower = bounds.lower_bounds(query.numpy())
         true = [float(((context.read_training([i], [normal[i]])[0]["block1"].reshape(-1, 24) - query) ** 2).sum(1).min().sqrt())

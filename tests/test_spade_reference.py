@@ -1,8 +1,9 @@
 """SPADE still computes what it computed before its parts were carved out of one class.
 
-The reference (``tests/data/spade_reference.npz``) was written by ``python -m tests.spade_reference`` with the
-detector as one class; on the machine that wrote it the carved detector reproduces every array bit for bit
-(``np.array_equal``). Another CPU may round float32 sums differently in the last bits, hence the tolerance.
+The reference (``tests/data/spade_reference.npz``) is written by ``python -m tests.spade_reference`` with the
+code before a carve: first with the detector as one class, last at commit 103299b, before the model file and
+the image threshold's evidence moved out (``model_file``, ``working_point``). On the machine that wrote it the
+carved detector reproduces every array bit for bit (``np.array_equal``). Another CPU may round float32 sums differently in the last bits, hence the tolerance.
 """
 
 from __future__ import annotations

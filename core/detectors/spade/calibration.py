@@ -18,6 +18,7 @@ import torch
 
 from core import maps
 from core.config import SpadeSettings
+from core.detectors.spade.gallery import GalleryBuilder
 from core.detectors.spade.heatmaps import Recombiner
 from core.detectors.spade.index import PixelIndex
 from core.metrics import threshold_at_fpr
@@ -25,6 +26,22 @@ from core.progress import CancelFn, check_cancel
 
 CalibrationSource = tuple[int | None, dict[str, torch.Tensor], torch.Tensor]
 """(training image to exclude from its own search or None, {key: (h, w, C)} pixels, (D,) pooled)."""
+
+
+HeldFeatures = tuple[dict[str, torch.Tensor], torch.Tensor]
+"""Features of a held-out normal set: ({key: (n, h, w, C)} pixels, (n, D) pooled)."""
+
+
+def calibration_sources(index: PixelIndex, builder: GalleryBuilder,
+                        held: HeldFeatures | None) -> tuple[list[CalibrationSource], list[str]]:
+    """The images calibration searches, with their names: every held-out image when ``held`` is given
+    (the galleries never saw them), else the builder's ``calibration_ids``, each without its own pixels."""
+    if held is not None:
+        pixels, pooled = held
+        sources = [(None, {key: value[i] for key, value in pixels.items()}, pooled[i]) for i in range(len(pooled))]
+        return sources, [f"holdout #{i}" for i in range(len(pooled))]
+    sources = [(builder.exclusion(i), builder.calibration_pixels(i), index.pooled[i]) for i in builder.calibration_ids]
+    return sources, [f"normal #{i}" for i in builder.calibration_ids]
 
 
 @dataclass

@@ -5,17 +5,9 @@ vector; its score is the sum of squared L2 distances to the ``k`` nearest
 normal pixels of the same stage (the project's kNN convention, ``core.knn``).
 Per-stage score maps are upsampled to the crop, added (the paper's ensemble)
 and smoothed. The image-level score is DN2's pooled-feature kNN or the map's
-maximum (Reiss et al., CVPR 2021, Sec. 2.3 and supplement 2.3).
-
-The parts, each a value with one job: :mod:`.featurizer` (backbone stages ->
-per-cell features), :mod:`.gallery` and :mod:`.index` (what a fit learns:
-exact, K-means or IVF galleries, and the search), :mod:`.calibration` (normal
-maps -> normalisation and pixel thresholds), :mod:`.image_score` (image-level
-rules), :mod:`.explain` (the nearest normal patch of a pixel),
-:mod:`.training_images` (what the model remembers of its normal images) and
-:mod:`.raw_cache` (the raw maps of scored images, in memory and in a file, so
-moving σ or a layer toggle never touches the backbone or the kNN again). This
-class combines them: fit, score, maps, thresholds, save/load.
+maximum (Reiss et al., CVPR 2021, Sec. 2.3 and supplement 2.3). The class
+combines the parts the package docstring lists: fit, score, maps, thresholds,
+save/load.
 """
 
 from __future__ import annotations
@@ -23,29 +15,28 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from core import maps
 from core.config import SpadeSettings
-from core.datasets import ImageItem, ImageSet
-from core.detectors.base import ModelFileError, NotFittedError, SegmentationDetector
+from core.datasets import ImageSet
+from core.detectors.base import NotFittedError, SegmentationDetector
 from core.detectors.mixins import BackboneUser
+from core.detectors.spade.calibration import Calibration, HeldFeatures, calibration_sources
 from core.detectors.spade.explain import ExplainContext, Explanation, explain, strongest_stage
 from core.detectors.spade.featurizer import PixelCache, PixelFeaturizer
-from core.detectors.spade.heatmaps import Recombiner
 from core.detectors.spade.gallery import GalleryBuilder, resolve_kind, total_bytes
-from core.detectors.spade.calibration import Calibration
+from core.detectors.spade.heatmaps import Recombiner
 from core.detectors.spade.image_score import peak_scores, rule_scores
 from core.detectors.spade.index import PixelIndex, image_index
-from core.detectors.spade.raw_cache import (
-    CacheEntry, RawCache, ScoredSet, item_key, load_scored_entries, save_scored_set,
-)
+from core.detectors.spade.model_file import FittedSpade, fitted_fields, read_fitted
+from core.detectors.spade.raw_cache import RawCache, ScoredSet, load_scored_entries, save_scored_set
 from core.detectors.spade.training_images import TrainingImages
+from core.detectors.spade.working_point import nuisance_image_scores, threshold_evidence
 from core.features import feature_identity
-from core.nuisance import Variation, measure_variation, nuisance
 from core.progress import CancelFn, ProgressFn
 
 _PIXEL_CACHE_IMAGES = 48  # images whose pixel features explanations keep (about 0.7 MB each at the defaults)
@@ -55,6 +46,16 @@ def _offset(progress: ProgressFn | None, offset: int, total: int) -> ProgressFn 
     if progress is None:
         return None
     return lambda done, _: progress(offset + done, total)
+
+
+def _read_through(part: str, name: str, empty: Callable[[], Any]) -> property:
+    """A fitted attribute read from the fitted part ``part`` (its ``name``); ``empty()`` before a fit."""
+
+    def read(detector: "SpadeDetector") -> Any:
+        value = getattr(detector, part)
+        return empty() if value is None else getattr(value, name)
+
+    return property(read, doc=f"``{part}.{name}`` (``{empty()!r}`` before a fit)")
 
 
 class SpadeDetector(BackboneUser, SegmentationDetector):
@@ -90,37 +91,14 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
         self._last: ScoredSet | None = None
 
     # ------------------------------------------------------------------ what the fit learned
-    @property
-    def stages_(self) -> tuple[str, ...]:
-        return self.index_.keys if self.index_ is not None else ()
-
-    @property
-    def stage_shapes_(self) -> dict[str, tuple[int, int]]:
-        return self.index_.shapes if self.index_ is not None else {}
-
-    @property
-    def gallery_kind_(self) -> str:
-        return self.index_.kind if self.index_ is not None else ""
-
-    @property
-    def train_names_(self) -> list[str]:
-        return self.training_.names if self.training_ is not None else []
-
-    @property
-    def train_sizes_(self) -> np.ndarray | None:
-        return self.training_.sizes if self.training_ is not None else None
-
-    @property
-    def calibration_(self) -> dict[str, np.ndarray]:
-        return self.calibration_set_.maps if self.calibration_set_ is not None else {}
-
-    @property
-    def calibration_names_(self) -> list[str]:
-        return self.calibration_set_.names if self.calibration_set_ is not None else []
-
-    @property
-    def normalisation_(self) -> dict[str, maps.StageNormalisation]:
-        return self.calibration_set_.normalisation if self.calibration_set_ is not None else {}
+    stages_ = _read_through("index_", "keys", tuple)
+    stage_shapes_ = _read_through("index_", "shapes", dict)
+    gallery_kind_ = _read_through("index_", "kind", str)
+    train_names_ = _read_through("training_", "names", list)
+    train_sizes_ = _read_through("training_", "sizes", lambda: None)
+    calibration_ = _read_through("calibration_set_", "maps", dict)
+    calibration_names_ = _read_through("calibration_set_", "names", list)
+    normalisation_ = _read_through("calibration_set_", "normalisation", dict)
 
     @property
     def map_stages(self) -> tuple[str, ...]:
@@ -188,18 +166,12 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
         self.pixel_cache_.clear()
         return self
 
-    def _calibrate(self, builder: GalleryBuilder, held, cancel, images: ImageSet) -> None:
+    def _calibrate(self, builder: GalleryBuilder, held: HeldFeatures | None, cancel, images: ImageSet) -> None:
         """Calibration maps of a held-out set, else of up to ``calibration_images`` fitted images (each
         searched without its own pixels); then the working point of the image score on them (and on their
         nuisance copies, with ``nuisance_copies``). ``images``: the held-out set, else the fitted one."""
         index = self.index_
-        if held is not None:
-            held_pixels, held_pooled = held
-            sources = [(None, {k: v[i] for k, v in held_pixels.items()}, held_pooled[i]) for i in range(len(held_pooled))]
-            names = [f"holdout #{i}" for i in range(len(held_pooled))]
-        else:
-            sources = [(builder.exclusion(i), builder.calibration_pixels(i), index.pooled[i]) for i in builder.calibration_ids]
-            names = [f"normal #{i}" for i in builder.calibration_ids]
+        sources, names = calibration_sources(index, builder, held)
         self.calibration_set_ = Calibration.measure(index, sources, names, self.settings, cancel)
         dn2_train = index.train_image_scores()
         held_scores = None if held is None else index.image_scores(held[1])
@@ -210,42 +182,23 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
             # K-means never saw it), never in DN2's pooled gallery.
             pixel_owners = [None] * len(ids) if held is not None else [builder.exclusion(i) for i in ids]
             pooled_owners = [None] * len(ids) if held is not None else list(ids)
-            extra = self._nuisance_scores(images.subset(ids), pixel_owners, pooled_owners, cancel)
-        if self.settings.image_score == "dn2":
-            train = dn2_train if extra is None or held is not None else np.concatenate([dn2_train, extra])
-            held_all = held_scores if extra is None or held is None else np.concatenate([held_scores, extra])
-            self._set_threshold(train, held_all)
-        else:
-            # The calibration images' own scores under the chosen rule set the working point.
-            calibration_dn2 = held_scores if held is not None else dn2_train[np.asarray(ids, dtype=np.int64)]
-            reference = self._calibration_image_scores(self.settings.image_score, calibration_dn2, None,
-                                                       self.settings.image_sigma)
-            if extra is not None:
-                reference = np.concatenate([reference, extra])
-            self._set_threshold(reference, reference if held is not None else None)
-
-    def _nuisance_scores(self, images: ImageSet, pixel_owners: list[int | None], pooled_owners: list[int | None],
-                         cancel) -> np.ndarray:
-        """Image scores of ``nuisance_copies`` nuisance copies of each of ``images`` (calibration images; a copy
-        is never matched with its owner: ``pixel_owners`` in the pixel galleries, ``pooled_owners`` in DN2's)."""
-        originals = [item.load() for item in images]
-        variation = measure_variation(originals) if len(originals) > 1 else Variation(0.0, 0.0, 0.0)
-        rng = np.random.default_rng(self.settings.seed)
-        copies, owners = [], []
-        for item, image, pixel_owner, pooled_owner in zip(images, originals, pixel_owners, pooled_owners):
-            for number in range(self.settings.nuisance_copies):
-                copies.append(ImageItem(f"{item.name}#nuisance{number}", array=nuisance(image, variation, rng)))
-                owners.append((pixel_owner, pooled_owner))
-        pixels, pooled = self.featurizer.extract(self.extractor(), ImageSet(copies), self.image_size,
-                                                 self.settings.features.batch_size, None, cancel)
-        found = [self.index_.search({k: v[j] for k, v in pixels.items()}, pooled[j], self.settings, owners[j][0])[0]
-                 for j in range(len(copies))]
-        raw = {key: np.stack([f[key] for f in found]) for key in self.stages_}
-        dn2 = self.index_.image_scores_without(pooled, [owner for _, owner in owners])
+            extra = nuisance_image_scores(images.subset(ids), pixel_owners, pooled_owners, self.settings, index,
+                                          self.featurizer, self.extractor(), self.image_size, self._nuisance_rule,
+                                          cancel)
+        # The calibration images' own scores under a map-based rule set its working point.
+        calibration_dn2 = held_scores if held is not None else dn2_train[np.asarray(ids, dtype=np.int64)]
         sigma = self.settings.image_sigma
-        return rule_scores(self.settings.image_score, dn2, lambda: self.recombiner(raw, None, sigma),
-                           self.recombiner.boxes(ImageSet(copies), len(copies)), self.index_.train_image_scores,
-                           lambda rule: self._calibration_peaks(None, sigma, rule))
+        fitted, held_out = threshold_evidence(
+            self.settings.image_score, dn2_train, held_scores,
+            lambda: self._rule_scores(self.settings.image_score, calibration_dn2,
+                                      lambda: self._calibration_heatmaps(None, sigma), None, None, sigma),
+            extra)
+        self._set_threshold(fitted, held_out)
+
+    def _nuisance_rule(self, dn2: np.ndarray, raw: dict[str, np.ndarray], copies: ImageSet) -> np.ndarray:
+        sigma = self.settings.image_sigma
+        return self._rule_scores(self.settings.image_score, dn2, lambda: self.recombiner(raw, None, sigma),
+                                 self.recombiner.boxes(copies, len(copies)), None, sigma)
 
     def _forget_scored(self) -> None:
         """Drop every cached result of the previous fit."""
@@ -278,23 +231,14 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
         :meth:`explain` work on.
         """
         self._require_ready()
-        n = len(images)
-        if n == 0:
+        if len(images) == 0:
             raise ValueError("no images to score")
-        scored = ScoredSet.empty(images, self.stage_shapes_)
-        keys = [(self._signature(), item_key(item)) for item in images]
-        missing = self._cache.fill(scored, keys)
-        if missing:
-            done_before = n - len(missing)
-            found_all = self.index_.search_images(
-                images.subset(missing), self.extractor(), self.featurizer, self.image_size, self.settings,
-                None if progress is None else (lambda done, _: progress(done_before + done, n)), cancel,
-            )
-            for local, found, rows, score in found_all:
-                scored.put(missing[local], found, rows, score)
-                self._cache.put(keys[missing[local]], CacheEntry.of(found, rows, score))
-        elif progress is not None:
-            progress(n, n)
+
+        def search(missing: ImageSet, progress_missing: ProgressFn | None):
+            return self.index_.search_images(missing, self.extractor(), self.featurizer, self.image_size,
+                                             self.settings, progress_missing, cancel)
+
+        scored = self._cache.scored_set(images, self.stage_shapes_, self._signature(), search, progress)
         self._last = scored
         return scored.raw
 
@@ -316,20 +260,16 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
             sigma = self.settings.image_sigma
         last = self._require_last()
         kind = self.settings.image_score if kind is None else kind
-        return rule_scores(kind, last.dn2, lambda: self.combined_maps(stages, sigma),
-                           self.recombiner.boxes(last.images, len(last.dn2)), self.index_.train_image_scores,
-                           lambda rule: self._calibration_peaks(stages, sigma, rule))
+        return self._rule_scores(kind, last.dn2, lambda: self.combined_maps(stages, sigma),
+                                 self.recombiner.boxes(last.images, len(last.dn2)), stages, sigma)
 
-    def _calibration_peaks(self, stages: Sequence[str] | None, sigma: float | None, rule: str = "max") -> np.ndarray:
-        """(n_cal,) heatmap peaks ("max" or "topk") of the calibration images (normal, each scored without itself)."""
-        return peak_scores(self._calibration_heatmaps(stages, sigma), None, rule)
-
-    def _calibration_image_scores(
-        self, kind: str, calibration_dn2: np.ndarray, stages: Sequence[str] | None, sigma: float | None
-    ) -> np.ndarray:
-        """(n_cal,) scores of the calibration images under a map-based rule (their reference distribution)."""
-        return rule_scores(kind, calibration_dn2, lambda: self._calibration_heatmaps(stages, sigma), None,
-                           self.index_.train_image_scores, lambda rule: self._calibration_peaks(stages, sigma, rule))
+    def _rule_scores(self, kind: str, dn2: np.ndarray, heatmaps, boxes, stages: Sequence[str] | None,
+                     sigma: float | None) -> np.ndarray:
+        """(N,) scores by rule ``kind`` of images with DN2 scores ``dn2`` and ``heatmaps()`` (see
+        :func:`.image_score.rule_scores`); rules that standardise read the calibration images' heatmaps
+        at the same ``stages`` and ``sigma`` (normal, each scored without itself)."""
+        return rule_scores(kind, dn2, heatmaps, boxes, self.index_.train_image_scores,
+                           lambda rule: peak_scores(self._calibration_heatmaps(stages, sigma), None, rule))
 
     def score_and_maps(
         self, images: ImageSet, progress: ProgressFn | None = None, cancel: CancelFn | None = None
@@ -435,20 +375,12 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
         if not (0 <= y < crop and 0 <= x < crop):
             raise IndexError(f"pixel ({y}, {x}) outside the {crop}x{crop} crop")
         stage = strongest_stage(last, image_index, y, x, chosen, self.normalisation_, crop)
-        return explain(self._explain_context(), last, image_index, stage, y, x, chosen, normal, exact)
+        return explain(self.explain_context(), last, image_index, stage, y, x, chosen, normal, exact)
 
-    def _explain_context(self) -> ExplainContext:
-        featurizer, size = self.featurizer, self.image_size
-
-        def read_image(item: ImageItem) -> dict[str, torch.Tensor]:
-            return self.pixel_cache_.one(("image", item_key(item)), item, featurizer, self.extractor, size)
-
-        def read_training(indices: Sequence[int], items: Sequence[ImageItem]) -> list[dict[str, torch.Tensor]]:
-            return self.pixel_cache_.training(indices, items, featurizer, self.extractor, size,
-                                              self.settings.features.batch_size)
-
-        return ExplainContext(self.index_, self.training_, featurizer, size, self.settings.k, self.settings.top_images,
-                              read_image, read_training)
+    def explain_context(self) -> ExplainContext:
+        """What :func:`.explain.explain` reads of this model; its backbone passes are kept in ``pixel_cache_``."""
+        return ExplainContext.reading_through(self.pixel_cache_, self.extractor, self.index_, self.training_,
+                                              self.featurizer, self.image_size, self.settings)
 
     # ------------------------------------------------------------------ raw-map files
     def save_raw_maps(self, path: str | os.PathLike, images: ImageSet) -> Path:
@@ -474,42 +406,18 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
 
     # ------------------------------------------------------------------ persistence
     def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        fields: dict[str, Any] = self._identity_header()
-        fields.update(
-            stages=list(self.stages_),
-            stage_shapes={key: list(shape) for key, shape in self.stage_shapes_.items()},
-            **self.training_.header(),
-            **self.calibration_set_.header(),
-            gallery_kind=self.gallery_kind_,
-        )
-        if self.tuning_ is not None:  # how the settings were chosen (python -m core tune)
-            fields["tuning"] = self.tuning_
-        arrays = {**self.index_.arrays(), "train_sizes": self.training_.sizes,
-                  **self.calibration_set_.arrays(self.stages_)}
-        return fields, arrays
+        fields, arrays = fitted_fields(FittedSpade(self.index_, self.training_, self.calibration_set_, self.tuning_))
+        return {**self._identity_header(), **fields}, arrays
 
     def _restore(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         if "pooled" not in (header.get("settings") or {}):
             # Saved before the pooled evidence had a geometry of its own: it was read at the model's input.
             self.settings = dataclasses.replace(self.settings, pooled="model")
         self._restore_identity(header)
-        try:
-            stages = tuple(header["stages"])
-            shapes = {key: (int(v[0]), int(v[1])) for key, v in header["stage_shapes"].items()}
-            self.training_ = TrainingImages.from_header(header, arrays["train_sizes"])
-            self.pixel_cache_.clear()
-            tuning = header.get("tuning")
-            self.tuning_ = tuning if isinstance(tuning, dict) else None
-            self.calibration_set_ = Calibration.restore(header, arrays, stages)
-            index = PixelIndex.from_arrays(arrays, {key: shapes[key] for key in stages}, self._search_device(),
-                                           self.settings)
-        except KeyError as error:
-            raise ModelFileError(f"SPADE model file lacks {error}") from error
-        except ValueError as error:  # an IVF index whose bytes FAISS cannot read
-            raise ModelFileError(f"SPADE model file: {error}") from error
-        if self.featurizer.keys != stages:
-            raise ModelFileError(f"SPADE model stages {stages} do not match its settings ({self.featurizer.keys})")
-        self.index_ = index
+        fitted = read_fitted(header, arrays, self.settings, self._search_device(), self.featurizer.keys)
+        self.index_, self.training_, self.calibration_set_ = fitted.index, fitted.training, fitted.calibration
+        self.tuning_ = fitted.tuning
+        self.pixel_cache_.clear()
         self._fitted_layout = self._layout()
         self._forget_scored()
 

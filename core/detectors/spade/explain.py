@@ -35,9 +35,11 @@ import torch
 
 from core import maps
 from core.datasets import ImageItem, ImageSet
-from core.detectors.spade.featurizer import PixelFeaturizer
+from core.backbones import FeatureExtractor
+from core.config import SpadeSettings
+from core.detectors.spade.featurizer import PixelCache, PixelFeaturizer
 from core.detectors.spade.index import PixelIndex
-from core.detectors.spade.raw_cache import ScoredSet
+from core.detectors.spade.raw_cache import ScoredSet, item_key
 from core.detectors.spade.training_images import TrainingImages
 from core.images import ImageError, ImageSize, content_box
 
@@ -64,6 +66,20 @@ class ExplainContext:
     top_images: int
     read_image: Callable[[ImageItem], Pixels]
     read_training: Callable[[Sequence[int], Sequence[ImageItem]], list[Pixels]]
+
+    @classmethod
+    def reading_through(cls, cache: PixelCache, extractor: Callable[[], FeatureExtractor], index: PixelIndex,
+                        training: TrainingImages, featurizer: PixelFeaturizer, size: ImageSize,
+                        settings: SpadeSettings) -> "ExplainContext":
+        """A context whose readers pass images through the backbone (``extractor()``), kept in ``cache``."""
+
+        def read_image(item: ImageItem) -> Pixels:
+            return cache.one(("image", item_key(item)), item, featurizer, extractor, size)
+
+        def read_training(indices: Sequence[int], items: Sequence[ImageItem]) -> list[Pixels]:
+            return cache.training(indices, items, featurizer, extractor, size, settings.features.batch_size)
+
+        return cls(index, training, featurizer, size, settings.k, settings.top_images, read_image, read_training)
 
 
 @dataclass(frozen=True)

@@ -79,3 +79,4 @@ def rule_scores(kind: str, dn2: np.ndarray, heatmaps: Callable[[], np.ndarray],
         peak = "max" if kind == "mix" else "topk"
         return mix_scores(dn2, peak_scores(heat, boxes, peak), dn2_reference(), peak_reference(peak))
     return peak_scores(heat, boxes, kind)
+

@@ -15,13 +15,18 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from core.datasets import ImageItem, ImageSet
 from core.detectors.base import ModelFileError
 from core.npz_io import read_npz, write_npz
+from core.progress import ProgressFn
+
+FoundImage = tuple[int, dict[str, np.ndarray], dict[str, np.ndarray], float]
+"""One searched image: (its position in the searched set, {key: (h, w) raw map}, {key: (h, w) nearest row},
+its DN2 score)."""
 
 _HEADER = "header"
 
@@ -101,6 +106,26 @@ class RawCache:
             else:
                 scored.put(position, entry.raw, entry.nearest, entry.dn2)
         return missing
+
+    def scored_set(self, images: ImageSet, shapes: dict[str, tuple[int, int]], signature: Any,
+                   search: Callable[[ImageSet, ProgressFn | None], Iterable[FoundImage]],
+                   progress: ProgressFn | None = None) -> ScoredSet:
+        """The raw results of ``images`` (maps of ``shapes`` {key: (h, w)}): from the cache where an image was
+        scored with the same search ``signature``, else from ``search(missing images, progress)`` (then kept)."""
+        n = len(images)
+        scored = ScoredSet.empty(images, shapes)
+        keys = [(signature, item_key(item)) for item in images]
+        missing = self.fill(scored, keys)
+        if not missing:
+            if progress is not None:
+                progress(n, n)
+            return scored
+        done_before = n - len(missing)
+        shifted = None if progress is None else (lambda done, _: progress(done_before + done, n))
+        for local, found, rows, score in search(images.subset(missing), shifted):
+            scored.put(missing[local], found, rows, score)
+            self.put(keys[missing[local]], CacheEntry.of(found, rows, score))
+        return scored
 
     def clear(self) -> None:
         self._entries.clear()
