@@ -154,6 +154,19 @@ def test_the_collapse_lesson_runs_and_draws_three_curves(workspace_dir, monkeypa
 
     # The lesson's own settings, shortened for the test (the full one is a benchmark command: adapt --lesson).
     monkeypatch.setattr(lesson, "LESSON_SETTINGS", dataclasses.replace(lesson.LESSON_SETTINGS, epochs=3))
+    # The app computes with one thread per core; the lesson's tiny operations must not (core.threads).
+    import torch
+
+    threads_seen = []
+    train = lesson.adapt
+
+    def counting_adapt(*args, **kwargs):
+        threads_seen.append(torch.get_num_threads())
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(lesson, "adapt", counting_adapt)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
     workspace = Workspace(workspace_dir)
     project, _ = tasks.import_demo(workspace, "fashion")
     at = new_app(project.id, page="views/adapt.py")
@@ -163,6 +176,8 @@ def test_the_collapse_lesson_runs_and_draws_three_curves(workspace_dir, monkeypa
     saved = service.saved_lesson(workspace, project.id)
     assert set(saved.curves) == {"unregularised", "ses", "ewc"} and saved.epochs == [0, 1, 2, 3]
     assert all(0.0 <= value <= 1.0 for value in saved.auroc.values()) and saved.seconds > 0
+    assert threads_seen == [1, 1] and torch.get_num_threads() == 2  # one thread inside, the app's count after
+    torch.set_num_threads(before)
     assert "SES" in " ".join(m.value for m in at.markdown)
     assert {metric.label for metric in at.metric} >= {"no regularisation, last epoch", "EWC, last epoch"}
     # After a restart (a new session) the lesson is still there.

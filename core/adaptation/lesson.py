@@ -40,6 +40,7 @@ from core.config import FeatureSettings, PandaSettings
 from core.datasets import ImageSet
 from core.metrics import image_auroc
 from core.progress import CancelFn, ProgressFn
+from core.threads import torch_threads
 
 LESSON_SETTINGS = PandaSettings(
     features=FeatureSettings(backbone="efficientnet_lite0", resize=32, crop=32),
@@ -48,6 +49,9 @@ LESSON_SETTINGS = PandaSettings(
 )
 """What the lesson trains with (see the module docstring for why each value)."""
 
+LESSON_THREADS = 1
+"""CPU threads the lesson computes with: its operations (32² images, minibatches of 8) are too small to
+share; with two threads on a busy 2-core machine it took 158 s instead of 33 s (core.threads)."""
 LESSON_RUNS = ("unregularised", "ses", "ewc")
 DEMO = Path(__file__).resolve().parents[2] / "assets" / "demo" / "fashion"
 """The bundled Fashion-MNIST demo the lesson is made for: 100 trousers to train on, 100 test images."""
@@ -59,6 +63,7 @@ def demo_images() -> tuple[ImageSet, ImageSet]:
     from core.datasets import read_class_folders
 
     return read_class_folders(DEMO, DEMO_NORMAL_CLASS)
+
 
 LessonCallback = Callable[[str, EpochRecord], None]
 """Called with (run name, record) as each epoch of the two training runs ends."""
@@ -110,6 +115,12 @@ def collapse_lesson(normal: ImageSet, test: ImageSet, settings: PandaSettings | 
     settings = settings or LESSON_SETTINGS
     if not test.has_labels or len(np.unique(test.labels)) < 2:
         raise ValueError("the lesson needs labelled test images, normal and anomalous")
+    with torch_threads(LESSON_THREADS):
+        return _train_and_score(normal, test, settings, on_epoch, progress, cancel)
+
+
+def _train_and_score(normal: ImageSet, test: ImageSet, settings: PandaSettings, on_epoch: LessonCallback | None,
+                     progress: ProgressFn | None, cancel: CancelFn | None) -> LessonResult:
     started = time.perf_counter()
     prepared = prepare(normal, settings, test, cancel=cancel)
     per_epoch = math.ceil(len(prepared.normal) / settings.batch_size)

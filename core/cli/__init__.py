@@ -111,15 +111,16 @@ def parse_params(pairs: Sequence[str]) -> dict[str, str]:
 def add_threads_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=None,
-        help="CPU threads for the backbone (default: torch's choice); 1 helps on a busy shared machine",
+        help="CPU threads for the backbone (default: $ANOMALY_THREADS, else one per core); 1 helps on a busy "
+             "shared machine",
     )
 
 
 def apply_threads(threads: int | None) -> None:
-    if threads is not None:
-        import torch
+    """Use ``--threads`` CPU threads, else ``ANOMALY_THREADS``'s count, else torch's choice (see core.threads)."""
+    from core.threads import apply_threads as apply
 
-        torch.set_num_threads(max(1, threads))
+    apply(threads)
 
 
 # --------------------------------------------------------------------------- reading images
