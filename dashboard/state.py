@@ -37,7 +37,7 @@ PROCESS_STARTED = time.time()
 WORKSPACE_PATH = "workspace_path"  # str: folder of the workspace this session uses
 PROJECT_ID = "project_id"  # int | None: the project this session works on
 JOBS = "jobs"  # dict[str, Job]: background work of this session, by kind (FIT or TRAIN)
-FLASH = "flash"  # list[(kind, text)]: messages to show once on the next page run
+FLASH = "flash"  # list[[kind, text, first shown or None]]: messages shown on the page runs of FLASH_SECONDS
 UPLOAD_GENERATION = "upload_generation"  # int: bumped to empty the file uploader after an import
 REVIEW_POSITION = "review_position"  # dict[model_id, image_id]: where the reviewer is, per model
 LAST_IMPORT = "last_import"  # (what, ImportReport): the Data page's last import, shown once after the rerun
@@ -234,15 +234,29 @@ def any_job_running() -> bool:
 
 
 # ---------------------------------------------------------------------- one-shot messages
+FLASH_SECONDS = 4.0
+"""How long a flash message stays: every page run within this time of its first showing shows it again. A
+component often reruns the page right after an action (the region editor does after Save): a message shown
+only once then vanished before anyone could read it."""
+
+
 def flash(kind: str, text: str) -> None:
-    """Show ``text`` (st.success/info/warning/error by ``kind``) once, on the next run of any page."""
-    _session_default(FLASH, list).append((kind, text))
+    """Show ``text`` (st.success/info/warning/error by ``kind``) on the next run of any page, and on every run
+    within :data:`FLASH_SECONDS` after that."""
+    _session_default(FLASH, list).append([kind, text, None])
 
 
 def take_flashes() -> list[tuple[str, str]]:
-    messages = _session_default(FLASH, list)
-    st.session_state[FLASH] = []
-    return messages
+    """The (kind, text) messages to show on this page run; forgets those shown longer than FLASH_SECONDS ago."""
+    now = time.time()
+    showing = []
+    for message in _session_default(FLASH, list):
+        if message[2] is None:
+            message[2] = now
+        if now - message[2] < FLASH_SECONDS:
+            showing.append(message)
+    st.session_state[FLASH] = showing
+    return [(kind, text) for kind, text, _ in showing]
 
 
 # ---------------------------------------------------------------------- small per-session values
