@@ -19,19 +19,14 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
 
-from test_browser_e2e import CHROMEDRIVER, CHROMIUM, AppServer, By, button, wait_for_text, webdriver  # noqa: E402
+from test_browser_e2e import AppServer, By, button, new_browser, wait_for_text  # noqa: E402
 
 
 def main(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     server = AppServer(folder)
     server.start()
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1440,1000"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=webdriver.ChromeService(str(CHROMEDRIVER)), options=options)
-    driver.set_page_load_timeout(60)
+    driver = new_browser()
     try:
         driver.get(server.url)
         button(driver, "Open the fashion demo").click()

@@ -110,14 +110,20 @@ def restartable_server(tmp_path):
         server.stop()
 
 
-@pytest.fixture
-def browser():
+def new_browser():
+    """Headless Chromium (the system's) at a desktop window size."""
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1440,1000"):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=webdriver.ChromeService(str(CHROMEDRIVER)), options=options)
     driver.set_page_load_timeout(60)
+    return driver
+
+
+@pytest.fixture
+def browser():
+    driver = new_browser()
     yield driver
     # The last screen, whatever happened: what a failed run looked like when it stopped.
     keep = Path(os.environ.get("SCREENSHOT_DIR", "/tmp/screens"))
