@@ -33,3 +33,10 @@ def report_progress(progress: ProgressFn | None, done: int, total: int) -> None:
     """Call ``progress(done, total)`` when a progress callable was given."""
     if progress is not None:
         progress(done, total)
+
+
+def part_of(progress: ProgressFn | None, offset: int, total: int) -> ProgressFn | None:
+    """Report a part's progress as part of the whole: ``done`` of the part -> ``offset + done`` of ``total``."""
+    if progress is None:
+        return None
+    return lambda done, _: progress(offset + done, total)

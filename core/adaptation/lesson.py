@@ -39,7 +39,7 @@ from core.adaptation.ses import SesScorer
 from core.config import FeatureSettings, PandaSettings
 from core.datasets import ImageSet
 from core.metrics import image_auroc
-from core.progress import CancelFn, ProgressFn
+from core.progress import CancelFn, ProgressFn, part_of
 from core.threads import torch_threads
 
 LESSON_SETTINGS = PandaSettings(
@@ -129,7 +129,7 @@ def _train_and_score(normal: ImageSet, test: ImageSet, settings: PandaSettings, 
     total = 2 * epochs * per_epoch
 
     def relay(name: str, offset: int):
-        report = None if progress is None else (lambda done, _total: progress(offset + done, total))
+        report = part_of(progress, offset, total)
         return (None if on_epoch is None else (lambda record: on_epoch(name, record))), report
 
     callback, report = relay("unregularised", 0)

@@ -31,7 +31,7 @@ from core.features import (
     pooled_stage,
 )
 from core.images import ImageSize
-from core.progress import CancelFn, ProgressFn
+from core.progress import CancelFn, ProgressFn, part_of
 
 __all__ = ["POOLED", "BackboneUser", "FeatureDetector", "FeatureRequest", "check_compatible", "pooled_stage"]
 
@@ -69,13 +69,6 @@ def _check_identity(identity: dict[str, Any], found: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- detectors on extracted features
-
-
-def _offset_progress(progress: ProgressFn | None, offset: int, total: int) -> ProgressFn | None:
-    """Report a sub-task's progress as part of a larger one (e.g. normal set, then holdout)."""
-    if progress is None:
-        return None
-    return lambda done, _: progress(offset + done, total)
 
 
 class BackboneUser:
@@ -174,10 +167,10 @@ class FeatureDetector(BackboneUser, Detector):
     def fit(self, normal: ImageSet, progress=None, cancel=None, holdout: ImageSet | None = None) -> "FeatureDetector":
         """Extract features of ``normal`` (and ``holdout``) and fit; see :meth:`fit_features`."""
         total = len(normal) + (len(holdout) if holdout is not None else 0)
-        features = self.extract(normal, _offset_progress(progress, 0, total), cancel)
+        features = self.extract(normal, part_of(progress, 0, total), cancel)
         held = None
         if holdout is not None:
-            held = self.extract(holdout, _offset_progress(progress, len(normal), total), cancel)
+            held = self.extract(holdout, part_of(progress, len(normal), total), cancel)
         self.identity_ = feature_identity(self.extractor(), self.image_size)
         return self.fit_features(features, held)
 

@@ -37,15 +37,9 @@ from core.detectors.spade.raw_cache import RawCache, ScoredSet, load_scored_entr
 from core.detectors.spade.training_images import TrainingImages
 from core.detectors.spade.working_point import nuisance_image_scores, threshold_evidence
 from core.features import feature_identity
-from core.progress import CancelFn, ProgressFn
+from core.progress import CancelFn, ProgressFn, part_of
 
 _PIXEL_CACHE_IMAGES = 48  # images whose pixel features explanations keep (about 0.7 MB each at the defaults)
-
-
-def _offset(progress: ProgressFn | None, offset: int, total: int) -> ProgressFn | None:
-    if progress is None:
-        return None
-    return lambda done, _: progress(offset + done, total)
 
 
 def _read_through(part: str, name: str, empty: Callable[[], Any]) -> property:
@@ -145,12 +139,12 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
         builder = GalleryBuilder(self.settings, len(normal), kind)
         try:
             for _, pixels, pooled in featurizer.read(extractor, normal, size, self.settings.features.batch_size,
-                                                     _offset(progress, 0, total), cancel):
+                                                     part_of(progress, 0, total), cancel):
                 builder.add(pixels, pooled)
             held = None
             if holdout is not None and len(holdout):
                 held = featurizer.extract(extractor, holdout, size, self.settings.features.batch_size,
-                                          _offset(progress, len(normal), total), cancel)
+                                          part_of(progress, len(normal), total), cancel)
             self.identity_ = feature_identity(extractor, size)
             galleries, pooled = builder.finish(self._search_device())
             self.index_ = PixelIndex(galleries, pooled, image_index(pooled, self.settings.image_k), builder.kind)

@@ -22,7 +22,7 @@ import numpy as np
 from core.datasets import ImageItem, ImageSet
 from core.detectors.base import ModelFileError
 from core.npz_io import read_npz, write_npz
-from core.progress import ProgressFn
+from core.progress import ProgressFn, part_of
 
 FoundImage = tuple[int, dict[str, np.ndarray], dict[str, np.ndarray], float]
 """One searched image: (its position in the searched set, {key: (h, w) raw map}, {key: (h, w) nearest row},
@@ -120,9 +120,7 @@ class RawCache:
             if progress is not None:
                 progress(n, n)
             return scored
-        done_before = n - len(missing)
-        shifted = None if progress is None else (lambda done, _: progress(done_before + done, n))
-        for local, found, rows, score in search(images.subset(missing), shifted):
+        for local, found, rows, score in search(images.subset(missing), part_of(progress, n - len(missing), n)):
             scored.put(missing[local], found, rows, score)
             self.put(keys[missing[local]], CacheEntry.of(found, rows, score))
         return scored
