@@ -151,8 +151,9 @@ def test_tune_never_reads_the_test_set(tmp_path, monkeypatch):
 
     monkeypatch.setattr(core.tuning.search, "RESOLUTIONS", (64,))  # tiny images: keep the test quick
 
+    # The defaults the tuner starts from at the same tiny size, so its reference candidate is quick too.
     params = {"features.device": "cpu", "features.batch_size": "8", "gallery": "exact", "calibration_images": "3",
-              "top_images": "3"}
+              "top_images": "3", "features.resize": "64", "features.crop": "64"}
     options = BenchOptions(weights="random", params=params, tune=True)
     reports = [run_bench("spade", f"mvtec:{_write_mvtec(tmp_path / name, poisoned)}", options)
                for name, poisoned in (("clean", False), ("poisoned", True))]
