@@ -26,7 +26,7 @@ from core.datasets import ImageSet
 from core.detectors.base import NotFittedError, SegmentationDetector
 from core.detectors.mixins import BackboneUser
 from core.detectors.spade.calibration import Calibration, HeldFeatures, calibration_sources
-from core.detectors.spade.explain import ExplainContext, Explanation, explain, strongest_stage
+from core.detectors.spade.explain import ExplainContext, Explanation, explain_pixel
 from core.detectors.spade.featurizer import PixelCache, PixelFeaturizer
 from core.detectors.spade.gallery import GalleryBuilder, resolve_kind, total_bytes
 from core.detectors.spade.heatmaps import Recombiner
@@ -358,18 +358,9 @@ class SpadeDetector(BackboneUser, SegmentationDetector):
         no backbone pass (for bulk output). See :mod:`.explain`.
         """
         last = self._require_last()
-        n = len(last.dn2)
-        if not 0 <= image_index < n:
-            raise IndexError(f"image_index {image_index} outside the last scored set of {n} images")
         chosen = self.check_stages(stages)
-        crop = self.image_size.crop
-        if y is None or x is None:
-            y, x = maps.peak(self.combined_maps(stages=chosen, indices=[image_index])[0])
-        y, x = int(y), int(x)
-        if not (0 <= y < crop and 0 <= x < crop):
-            raise IndexError(f"pixel ({y}, {x}) outside the {crop}x{crop} crop")
-        stage = strongest_stage(last, image_index, y, x, chosen, self.normalisation_, crop)
-        return explain(self.explain_context(), last, image_index, stage, y, x, chosen, normal, exact)
+        return explain_pixel(self.explain_context(), last, image_index, y, x, chosen, self.normalisation_,
+                             lambda: self.combined_maps(stages=chosen, indices=[image_index])[0], normal, exact)
 
     def explain_context(self) -> ExplainContext:
         """What :func:`.explain.explain` reads of this model; its backbone passes are kept in ``pixel_cache_``."""

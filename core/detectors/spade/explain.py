@@ -143,6 +143,25 @@ def strongest_stage(scored: ScoredSet, image_index: int, y: int, x: int, stages:
     return max(stages, key=strength)
 
 
+def explain_pixel(context: ExplainContext, scored: ScoredSet, image_index: int, y: int | None, x: int | None,
+                  stages: tuple[str, ...], normalisation: dict[str, maps.StageNormalisation],
+                  heatmap: Callable[[], np.ndarray], normal: ImageSet | None = None, exact: bool = True) -> Explanation:
+    """:func:`explain` at crop pixel (y, x) of image ``image_index`` of ``scored``, on the stage of ``stages`` that
+    flags it most; without (y, x), at the peak of ``heatmap()`` ((crop, crop), those stages combined).
+    IndexError when the image or the pixel is outside the scored set or the crop."""
+    n = len(scored.dn2)
+    if not 0 <= image_index < n:
+        raise IndexError(f"image_index {image_index} outside the last scored set of {n} images")
+    crop = context.size.crop
+    if y is None or x is None:
+        y, x = maps.peak(heatmap())
+    y, x = int(y), int(x)
+    if not (0 <= y < crop and 0 <= x < crop):
+        raise IndexError(f"pixel ({y}, {x}) outside the {crop}x{crop} crop")
+    stage = strongest_stage(scored, image_index, y, x, stages, normalisation, crop)
+    return explain(context, scored, image_index, stage, y, x, stages, normal, exact)
+
+
 def explain(context: ExplainContext, scored: ScoredSet, image_index: int, stage: str, y: int, x: int,
             stages: tuple[str, ...], normal: ImageSet | None = None, exact: bool = True) -> Explanation:
     """The normal training patch nearest to crop pixel (y, x) of image ``image_index`` of ``scored``, on ``stage``.
