@@ -8,11 +8,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import streamlit as st  # noqa: E402
 
-from core.threads import apply_threads  # noqa: E402
+from dashboard import state  # noqa: E402
 
 st.set_page_config(page_title="Anomaly detection with pretrained features", page_icon=":material/search:", layout="wide")
 try:
-    apply_threads()  # ANOMALY_THREADS: 1 on a machine other work shares (see core.threads)
+    state.apply_thread_setting()  # ANOMALY_THREADS: 1 on a machine other work shares (see core.threads)
 except ValueError as error:
     st.error(str(error))
     st.stop()

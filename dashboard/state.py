@@ -203,6 +203,16 @@ def job_running(kind: str, project: int | None = None) -> bool:
     return project is not None and _others_running(kind, project) is not None
 
 
+@st.cache_resource(show_spinner=False)
+def apply_thread_setting() -> None:
+    """Use the CPU thread count ``ANOMALY_THREADS`` asks for, once per server process: set again on every
+    page run it would undo a running job's own count (the collapse lesson computes with one thread).
+    ValueError naming the variable when it is not a positive whole number (not cached: asked again next run)."""
+    from core.threads import apply_threads
+
+    apply_threads()
+
+
 _START_LOCK = threading.Lock()
 """Sessions run their scripts in parallel threads: checking for a running job and starting one is one step."""
 
