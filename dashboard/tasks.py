@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from core import projects
 from core.config import MethodSettings, PandaSettings, SpadeSettings
@@ -99,14 +99,6 @@ def refit(workspace: Workspace, project_id: int, model: StoredModel, settings: M
 def score_missing(workspace: Workspace, model_id: int, detector: Detector, job: Job) -> int:
     """Score the test images added after a model was fitted; returns how many were scored."""
     return projects.score_missing(workspace, model_id, detector, job_progress(job), job.cancelled)
-
-
-def panda_settings(values: dict[str, Any], base: PandaSettings | None = None) -> PandaSettings:
-    """PANDA settings from the Adapt page's form values (``core.projects.adaptation.FORM_FIELDS``; every other
-    field from ``base``, default: the measured defaults): the one place the page's settings are built."""
-    from core.projects import adaptation
-
-    return adaptation.settings_from_form(values, base)
 
 
 def train_panda(workspace: Workspace, project_id: int, settings: PandaSettings, run_id: int, job: Job) -> int:

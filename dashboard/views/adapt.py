@@ -27,7 +27,7 @@ with st.container(border=True):
         problems.append("OE needs outlier images (import some as 'outlier' on the Data page)")
     values = panda.settings_form(problems)
     if st.button("Start training", type="primary", disabled=bool(problems) or busy):
-        settings = tasks.panda_settings(values)
+        settings = service.settings_from_form(values)
         run_id = workspace.create_run(project.id, settings.strategy, service.run_record(settings))
         state.start_job(state.TRAIN, f"PANDA-{settings.strategy} run #{run_id}",
                         lambda job: tasks.train_panda(workspace, project.id, settings, run_id, job), project.id)
