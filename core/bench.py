@@ -539,7 +539,7 @@ def run_bench(
             if adapting:  # PANDA: the labelled test set only feeds its per-epoch curves
                 detector.fit(task.train, phase(f"fit {task.name}"), cancel, test=task.test)
                 entry["curves"] = [record.to_dict() for record in detector.curves_]
-                entry["kept"] = {key: detector.summary_.get(key) for key in ("kept_epoch", "adapted_epoch", "kept_reason")}
+                entry["kept"] = {key: detector.summary_.get(key) for key in ("kept_epoch", "adapted_epoch", "kept_reason", "fused")}
             else:
                 detector.fit(task.train, phase(f"fit {task.name}"), cancel)
             fit_s += time.perf_counter() - start

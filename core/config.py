@@ -176,6 +176,13 @@ PANDA_STRATEGIES = {
 }
 """PANDA's strategies and what each does: the one list the settings, the CLI, the registry and the Adapt page read."""
 
+KEEP_RULES = {
+    "signal": "trained, or pretrained + trained fused, by the normal-only signal",
+    "fuse": "always both networks, scores fused",
+    "last": "always the trained network (paper)",
+}
+"""What a PANDA model keeps of its run (``PandaSettings.keep_rule``): the settings and the Adapt page read this list."""
+
 
 MEASURED_FEATURES = FeatureSettings(backbone="efficientnet_lite2", resize=224, crop=224)
 """PANDA's default features: EfficientNet-Lite2 squashed to 224² (the Table 6 protocol, docs/RESULTS-panda.md)."""
@@ -223,10 +230,14 @@ class PandaSettings:
     ``metric``: the kNN distance every score uses (DN2 at epoch 0, Early, SES, EWC):
     "euclidean" (the paper's) or "cosine" (unit-length features; see DN2Settings).
     The compactness loss and the distance-to-centre curves stay Euclidean.
-    ``keep_rule``: "signal" lets the pretrained network (epoch 0, DN2's features)
-    compete with what Early, SES and EWC trained, decided by a normal-only signal
-    (held-out normal images against probe images, :mod:`core.adaptation.signals`);
-    "last": the strategy's own result, as in the paper. OE always keeps its result.
+    ``keep_rule``: "signal" keeps what Early, SES or EWC trained when a
+    normal-only signal (held-out normal images against probe images,
+    :mod:`core.adaptation.signals`) says it beats the pretrained network
+    (epoch 0, DN2's features); otherwise the pretrained network, scoring
+    together with the last epoch trained (:mod:`core.adaptation.fusion`: each
+    kNN score standardised on the normal images' own, then added, the trained
+    one weighted 0.3). "fuse": always both networks, fused so; "last": the
+    strategy's own result, as in the paper. OE always keeps its result.
     """
 
     features: FeatureSettings = MEASURED_FEATURES
@@ -264,7 +275,7 @@ class PandaSettings:
 
     def __post_init__(self) -> None:
         _check_choice("strategy", self.strategy, tuple(PANDA_STRATEGIES))
-        _check_choice("keep_rule", self.keep_rule, ("signal", "last"))
+        _check_choice("keep_rule", self.keep_rule, tuple(KEEP_RULES))
         _check_choice("cache_dtype", self.cache_dtype, ("auto", "float32", "float16"))
         _check_choice("ewc_step", self.ewc_step, ("gradient", "proximal"))
         _check_choice("early_rule", self.early_rule, ("fixed", "auto"))

@@ -365,8 +365,9 @@ def test_compare_strategies_reads_each_method_where_it_belongs(normal, test_set)
         epochs=4, early_epoch=1, ewc_epochs=2, on_epoch=lambda run, record: seen.append((run, record.epoch)),
     )
     methods = [row.method for row in result.rows]
+    # The paper's keep rule: no automatic choice; DN2 fused with Early's and SES's last epoch for comparison.
     assert methods == ["DN2", "PANDA-Early", "PANDA-Early (auto)", "PANDA-SES", "Unregularised (last epoch)",
-                       "Unregularised (best epoch)", "PANDA-EWC"]
+                       "Unregularised (best epoch)", "DN2 + epoch 1 (fused)", "DN2 + epoch 4 (fused)", "PANDA-EWC"]
     long_run = result.curves["unregularised"]
     # The automatic Early row is the long run's record at the epoch of the best signal (epoch 0 included).
     (marked,) = [r for r in long_run if r.auto_stop]
@@ -390,7 +391,7 @@ def test_compare_can_leave_strategies_out(normal, test_set):
     result = compare_strategies(normal, test_set, settings(grad_clip=1.0, lr=0.05), epochs=2, early_epoch=1,
                                 strategies=("early",))
     assert [row.method for row in result.rows] == ["DN2", "PANDA-Early", "Unregularised (last epoch)",
-                                                   "Unregularised (best epoch)"]
+                                                   "Unregularised (best epoch)", "DN2 + epoch 1 (fused)"]
     assert set(result.curves) == {"unregularised"}
 
 

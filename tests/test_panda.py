@@ -212,10 +212,20 @@ def test_adapt_compare_over_fashion_mnist_classes_writes_table6(tmp_path, capsys
     assert adapt_cli.run(args) == 0
     written = json.loads(table.read_text())
     assert written["classes"] == ["Trouser", "Bag"] and set(written["table"]) == {"Trouser", "Bag"}
-    # With the signal's keep rule SES and EWC may give back DN2; their paper rows and the automatic choice join.
+    # With the signal's keep rule SES and EWC may give back DN2 (fused with what they trained); their paper rows,
+    # the fused rows and the automatic choice join.
     methods = {"DN2", "PANDA-Early", "PANDA-Early (auto)", "PANDA-SES", "PANDA-SES (paper)", "PANDA-EWC",
-               "PANDA-EWC (paper)", "Unregularised (last epoch)", "Unregularised (best epoch)", "Automatic choice"}
+               "PANDA-EWC (paper)", "Unregularised (last epoch)", "Unregularised (best epoch)", "Automatic choice",
+               "DN2 + epoch 1 (fused)", "DN2 + epoch 3 (fused)", "DN2 + PANDA-EWC (fused)"}
     assert set(written["mean"]) == methods
+    for name in ("Trouser", "Bag"):
+        rows = {row["method"]: row for row in written["per_class"][name]["rows"]}
+        # The defaults' strategy is SES: the automatic choice is its row as kept.
+        assert rows["Automatic choice"]["auroc"] == rows["PANDA-SES"]["auroc"]
+        if "pretrained network kept" in rows["PANDA-SES"]["note"]:
+            assert rows["PANDA-SES"]["auroc"] == rows["DN2 + epoch 3 (fused)"]["auroc"]
+        else:
+            assert rows["PANDA-SES"]["auroc"] == rows["PANDA-SES (paper)"]["auroc"]
     for method, mean in written["mean"].items():
         assert mean == pytest.approx(np.mean([written["table"][c][method] for c in ("Trouser", "Bag")]))
     assert written["per_class"]["Bag"]["n_train"] == 16 and written["per_class"]["Bag"]["n_test"] == 40

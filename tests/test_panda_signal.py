@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from core.adaptation.fusion import ADAPTED_WEIGHT
 from core.adaptation.pipeline import adapt
 from core.adaptation.prefix_cache import build_prefix_cache
 from core.adaptation.ses import SesScorer
@@ -150,7 +151,7 @@ def _pretrained_scores(detector: PandaDetector, normal: ImageSet, test: ImageSet
     """DN2 on the pretrained network, the PANDA way: the detector's own network with its pretrained top."""
     network = detector.network()
     s = detector.settings
-    network.load_suffix_state(detector.states_[0])
+    network.load_suffix_state(detector.pretrained_state_ if detector.fusion_ is not None else detector.states_[0])
     caches = [build_prefix_cache(network, images, detector.image_size, s.features.batch_size) for images in (normal, test)]
     normal_f, test_f = (features_of(network, cache) for cache in caches)
     return KnnIndex(s.k, metric=s.metric).fit(normal_f).score(test_f)
@@ -158,24 +159,41 @@ def _pretrained_scores(detector: PandaDetector, normal: ImageSet, test: ImageSet
 
 @pytest.mark.parametrize("strategy", ["early", "ses", "ewc"])
 def test_the_pretrained_network_can_be_kept_and_survives_saving(strategy, normal, test_set, tmp_path):
-    # A margin no adaptation can clear: the signal keeps epoch 0 (DN2's features) for every strategy.
+    # A margin no adaptation can clear: the signal keeps epoch 0 (DN2's features) for every strategy, scored
+    # together with the last epoch trained (the fused fallback, weighted towards the pretrained network).
     chosen = settings(strategy, keep_margin=1e9, metric="cosine")
     detector = PandaDetector(chosen).fit(normal, test=test_set)
-    assert detector.summary_["kept_epoch"] == 0 and detector.state_epochs_ == [0]
-    assert detector.ses_ is None and detector.gallery_ is not None  # SES fell back to the kNN of epoch 0
+    assert detector.summary_["kept_epoch"] == 0 and detector.summary_["fused"] is True
+    assert detector.state_epochs_ == [3] and detector.ses_ is None and detector.gallery_ is not None
+    assert detector.fusion_.adapted_weight == ADAPTED_WEIGHT < 0.5
     assert "pretrained network kept" in detector.summary_["kept_reason"]
+    assert "fused" in detector.summary_["kept_reason"]
     assert detector.summary_["adapted_epoch"] == 3 and detector.summary_["epochs"] == 3
     assert [r.epoch for r in detector.curves_ if r.kept] == [0]
     fresh = PandaDetector(chosen)
     fresh.identity_, fresh.trainable_ = detector.identity_, detector.trainable_
     pretrained = fresh.network().suffix_state()
-    assert all(torch.equal(detector.states_[0][k], pretrained[k]) for k in pretrained)  # untouched weights
-    scores = detector.score(test_set)
-    np.testing.assert_allclose(scores, _pretrained_scores(detector, normal, test_set), rtol=1e-4, atol=1e-6)
+    assert all(torch.equal(detector.pretrained_state_[k], pretrained[k]) for k in pretrained)  # untouched weights
+    details = detector.score_details(test_set)
+    np.testing.assert_allclose(details.pretrained, _pretrained_scores(detector, normal, test_set), rtol=1e-4, atol=1e-6)
     loaded = load_detector(detector.save(tmp_path / f"{strategy}.npz"))
-    np.testing.assert_allclose(loaded.score(test_set), scores, rtol=1e-6)
+    np.testing.assert_allclose(loaded.score(test_set), details.scores, rtol=1e-6)
     assert loaded.summary_["kept_epoch"] == 0 and loaded.summary_["kept_reason"] == detector.summary_["kept_reason"]
     assert [r.epoch for r in loaded.curves_ if r.kept] == [0]
+
+
+def test_early_auto_that_picks_epoch_0_keeps_the_pretrained_network_alone(normal, test_set, tmp_path):
+    """With nothing trained to fuse with (the best signal is epoch 0's), the model is DN2's features alone."""
+    chosen = settings("early", early_rule="auto", metric="cosine", keep_margin=1e9)
+    run = adapt(normal, chosen, test=test_set)
+    detector = PandaDetector(chosen).fit_run(run)
+    if run.kept.adapted_epoch != 0:
+        pytest.skip("the signal peaked after epoch 0 on this seed")
+    assert detector.fusion_ is None and detector.state_epochs_ == [0]
+    np.testing.assert_allclose(detector.score(test_set), _pretrained_scores(detector, normal, test_set),
+                               rtol=1e-4, atol=1e-6)
+    loaded = load_detector(detector.save(tmp_path / "auto0.npz"))
+    np.testing.assert_allclose(loaded.score(test_set), detector.score(test_set), rtol=1e-6)
 
 
 def test_the_papers_rule_keeps_what_was_trained(normal):
@@ -190,12 +208,15 @@ def test_the_comparison_reports_each_fallback_and_the_automatic_choice(normal, t
                                 ewc_curves=False)
     methods = [row.method for row in result.rows]
     assert methods == ["DN2", "PANDA-Early", "PANDA-Early (auto)", "PANDA-SES", "PANDA-SES (paper)",
-                       "Unregularised (last epoch)", "Unregularised (best epoch)", "PANDA-EWC", "PANDA-EWC (paper)",
+                       "Unregularised (last epoch)", "Unregularised (best epoch)", "DN2 + epoch 1 (fused)",
+                       "DN2 + epoch 3 (fused)", "PANDA-EWC", "PANDA-EWC (paper)", "DN2 + PANDA-EWC (fused)",
                        "Automatic choice"]
     rows = {row.method: row for row in result.rows}
-    for strategy in ("PANDA-SES", "PANDA-EWC"):  # the row as kept: the paper's figure, or DN2's when it fell back
+    # The row as kept: the paper's figure, or, when the signal fell back, DN2 fused with what was trained.
+    for strategy, fused in (("PANDA-SES", "DN2 + epoch 3 (fused)"), ("PANDA-EWC", "DN2 + PANDA-EWC (fused)")):
         kept = rows[strategy]
-        assert kept.auroc in (rows[f"{strategy} (paper)"].auroc, rows["DN2"].auroc) and "kept" in kept.note
-    automatic = rows["Automatic choice"]
-    chosen = automatic.note.split(" (")[0]
-    assert chosen in rows and automatic.auroc == rows[chosen].auroc
+        assert "kept" in kept.note
+        expected = rows[fused] if "pretrained network kept" in kept.note else rows[f"{strategy} (paper)"]
+        assert kept.auroc == expected.auroc
+    automatic = rows["Automatic choice"]  # the settings' strategy (SES) as kept
+    assert automatic.auroc == rows["PANDA-SES"].auroc and "keep_rule=signal" in automatic.note

@@ -8,6 +8,10 @@
    without regularisation does (the collapse of Fig. 3);
 2. an EWC run on the same caches.
 
+Rows "DN2 + epoch N (fused)" and "DN2 + PANDA-EWC (fused)" score with the
+pretrained network and that epoch's together (:mod:`core.adaptation.fusion`),
+as a fused model does.
+
 :func:`time_prefix_cache` trains the same epoch twice from the same weights
 and seed, once from the cached prefix and once through the whole network,
 and reports both times and how far the results differ.
@@ -25,6 +29,7 @@ import numpy as np
 
 from core.adaptation.curves import EpochRecord, curves_to_list
 from core.adaptation.fisher import FisherDiagonal
+from core.adaptation.fusion import ScoreFusion
 from core.adaptation.network import TrainableNetwork, resolve_trainable
 from core.adaptation.pipeline import PreparedData, adapt, optimiser_for, prepare, with_strategy
 from core.adaptation.signals import KeptChoice, keep_choice
@@ -37,6 +42,7 @@ from core.adaptation.training import train
 from core.config import PandaSettings
 from core.datasets import ImageSet
 from core.features import extractor_for, image_size_for
+from core.knn import KnnIndex
 from core.metrics import image_auroc
 from core.progress import CancelFn, ProgressFn
 
@@ -131,10 +137,13 @@ def compare_strategies(
     held-out ones still join every kNN gallery, DN2's included) and every
     epoch gets the normal-only signal (:mod:`core.adaptation.signals`). Then
     "PANDA-Early (auto)" is the long run's best-signal epoch (epoch 0 included),
-    SES and EWC each fall back to DN2 when the signal says so (the paper's
-    rows, without that fallback, are kept as "... (paper)"), and "Automatic
-    choice" is whichever of DN2 / Early (auto) / SES / EWC has the best signal:
-    what a user who reads no test label would keep. No choice reads the test labels.
+    SES and EWC each fall back, when the signal says adaptation did not help,
+    to the pretrained network fused with what they trained (the paper's rows,
+    without that fallback, are kept as "... (paper)").
+
+    "Automatic choice" is what a user who reads no test label gets from
+    ``settings.strategy`` and ``settings.keep_rule``: that strategy's row as
+    kept (with "fuse": its fused row). No choice reads the test labels.
     """
     if not test_set.has_labels or len(np.unique(test_set.labels)) < 2:
         raise ValueError("compare_strategies needs a test set with normal and anomalous labels")
@@ -170,23 +179,34 @@ def compare_strategies(
     timing["unregularised_epoch_seconds"] = unregularised.result.mean_epoch_seconds
     dn2 = records[0]
     rows = [ComparisonRow("DN2", dn2.auroc, 0, 0, "pretrained features")]
-    candidates: dict[str, tuple[float | None, float | None]] = {"DN2": (dn2.signal, dn2.auroc)}
+    snapshots = unregularised.result.snapshots
+    both = _Fused(snapshots[0], settings, labels) if 0 in snapshots else None
+    fused_rows: dict[int, ComparisonRow] = {}  # DN2 + an epoch of the unregularised run, by epoch
+    if both is not None:
+        for epoch in sorted({early_at} | set(ses_epochs[-1:])):
+            if epoch in snapshots:
+                fused_rows[epoch] = both.row(f"DN2 + epoch {epoch} (fused)", snapshots[epoch], records[epoch])
+    by_strategy: dict[str, ComparisonRow] = {}
     if "early" in strategies and _record(records, early_at) is not None:
         r = records[early_at]
-        rows.append(ComparisonRow("PANDA-Early", r.auroc, r.epoch, r.minibatches))
+        by_strategy["early"] = ComparisonRow("PANDA-Early", r.auroc, r.epoch, r.minibatches)
+        rows.append(by_strategy["early"])
     if "auto" in strategies and signal:
-        rows.append(_auto_row(unregularised.result, settings, candidates))
+        by_strategy["auto"] = _auto_row(unregularised.result, settings)
+        rows.append(by_strategy["auto"])
     choice_counts: list[int] = []
-    kept = [e for e in ses_epochs if e in unregularised.result.snapshots]
+    kept = [e for e in ses_epochs if e in snapshots]
     if "ses" in strategies and kept:
-        snaps = [unregularised.result.snapshots[e] for e in kept]
+        snaps = [snapshots[e] for e in kept]
         scorer = SesScorer(settings.k, settings.ses_holdout, settings.seed, settings.metric).fit([s.train_features for s in snaps])
         found = scorer.score([s.test_features for s in snaps])
         choice_counts = np.bincount(found.choice, minlength=len(kept)).tolist()
         last = records[kept[-1]]
         ses_auroc = image_auroc(labels, found.scores)
         row = ComparisonRow("PANDA-SES", ses_auroc, last.epoch, last.minibatches, f"max over {len(kept)} snapshots")
-        rows.extend(_with_fallback(row, unregularised.kept if fallback else None, dn2.auroc, candidates))
+        fallback_row = fused_rows.get(kept[-1])
+        rows.extend(_with_fallback(row, unregularised.kept if fallback else None, fallback_row))
+        by_strategy["ses"] = rows[-2] if fallback else rows[-1]
     last = records[-1]
     rows.append(ComparisonRow("Unregularised (last epoch)", last.auroc, last.epoch, last.minibatches,
                               "compactness only, no stopping"))
@@ -195,6 +215,7 @@ def compare_strategies(
         best, best_epoch = max(aurocs)
         rows.append(ComparisonRow("Unregularised (best epoch)", best, best_epoch, records[best_epoch].minibatches,
                                   "oracle: picked with test labels"))
+    rows.extend(fused_rows.values())
     curves = {"unregularised": records}
     if "ewc" in strategies and not unregularised.result.cancelled:
         ewc_settings = with_strategy(settings, "ewc")
@@ -207,17 +228,42 @@ def compare_strategies(
         r = ewc.result.records[-1]  # the last epoch is always evaluated
         note = f"lambda={settings.ewc_lambda:g}, Fisher: {ewc.fisher.source}" if ewc.fisher else ""
         row = ComparisonRow("PANDA-EWC", r.auroc, r.epoch, r.minibatches, note)
-        rows.extend(_with_fallback(row, ewc.kept if fallback else None, dn2.auroc, candidates))
+        ewc_last = ewc.result.snapshots.get(r.epoch)
+        ewc_fused = None if both is None or ewc_last is None else both.row("DN2 + PANDA-EWC (fused)", ewc_last, r)
+        rows.extend(_with_fallback(row, ewc.kept if fallback else None, ewc_fused))
+        by_strategy["ewc"] = rows[-2] if fallback else rows[-1]
+        if ewc_fused is not None:
+            rows.append(ewc_fused)
+            by_strategy["ewc-fused"] = ewc_fused
         timing["fisher"] = None if ewc.fisher is None else {"source": ewc.fisher.source, **ewc.fisher.statistics()}
         curves["ewc"] = ewc.result.records
         timing["ewc_epoch_seconds"] = ewc.result.mean_epoch_seconds
-    if fallback and len(candidates) > 1:
-        rows.append(_automatic_row(candidates))
+    automatic = _automatic_row(settings, by_strategy, fused_rows, early_at, ses_epochs)
+    if automatic is not None:
+        rows.append(automatic)
     timing["peak_memory_bytes"] = peak_memory_bytes(prepared.extractor.device)
     return ComparisonResult(rows, curves, kept, choice_counts, timing)
 
 
-def _auto_row(result, settings: PandaSettings, candidates: dict) -> ComparisonRow:
+class _Fused:
+    """The pretrained network's (epoch 0's) kNN scores, fused with another epoch's for a table row."""
+
+    def __init__(self, zero, settings: PandaSettings, labels: np.ndarray) -> None:
+        self.settings, self.labels = settings, labels
+        index = KnnIndex(settings.k, metric=settings.metric).fit(zero.train_features)
+        self.normal, self.test = index.train_scores(), index.score(zero.test_features)
+
+    def row(self, method: str, snapshot, record: EpochRecord) -> ComparisonRow:
+        """``method``'s row: the pretrained and ``snapshot``'s kNN scores fused as a fused model scores."""
+        index = KnnIndex(self.settings.k, metric=self.settings.metric).fit(snapshot.train_features)
+        fusion = ScoreFusion.of_normal(self.normal, index.train_scores())
+        auroc = image_auroc(self.labels, fusion.fuse(self.test, index.score(snapshot.test_features)))
+        return ComparisonRow(method, auroc, record.epoch, record.minibatches,
+                             f"both networks' standardised kNN scores, epoch {record.epoch}'s weight "
+                             f"{fusion.adapted_weight:g}")
+
+
+def _auto_row(result, settings: PandaSettings) -> ComparisonRow:
     """Early (auto): the long run's best-signal epoch, kept only if it beats epoch 0 by the margin."""
     records = result.records
     best = result.auto_stop_epoch if result.auto_stop_epoch is not None else 0
@@ -225,28 +271,41 @@ def _auto_row(result, settings: PandaSettings, candidates: dict) -> ComparisonRo
     margin = settings.keep_margin if settings.keep_rule == "signal" else float("-inf")
     choice = keep_choice(signals.get(0), signals.get(best), best, f"epoch {best}", margin)
     r = records[choice.epoch]
-    candidates["PANDA-Early (auto)"] = (signals.get(choice.epoch), r.auroc)
     return ComparisonRow("PANDA-Early (auto)", r.auroc, r.epoch, r.minibatches, choice.reason)
 
 
-def _with_fallback(row: ComparisonRow, kept: KeptChoice | None, dn2_auroc: float | None,
-                   candidates: dict) -> list[ComparisonRow]:
-    """The strategy's row; with a signal choice, the row as kept (DN2 or the strategy) and the paper's row."""
+def _with_fallback(row: ComparisonRow, kept: KeptChoice | None, fused: ComparisonRow | None) -> list[ComparisonRow]:
+    """The strategy's row; with a signal choice, the row as kept and the paper's row.
+
+    When the signal gives back the pretrained network, the model is DN2 fused
+    with what the strategy trained (``fused``; :func:`core.adaptation.pipeline.fused_model`).
+    """
     if kept is None:
         return [row]
-    auroc = dn2_auroc if kept.pretrained else row.auroc
-    candidates[row.method] = (kept.pretrained_signal if kept.pretrained else kept.adapted_signal, auroc)
-    chosen = dataclasses.replace(row, auroc=auroc, epoch=kept.epoch, note=kept.reason)
+    if kept.pretrained and fused is not None:
+        chosen = dataclasses.replace(row, auroc=fused.auroc, epoch=kept.adapted_epoch,
+                                     note=f"{kept.reason}; fused with epoch {kept.adapted_epoch}")
+    else:
+        chosen = dataclasses.replace(row, epoch=kept.epoch, note=kept.reason)
     paper = dataclasses.replace(row, method=f"{row.method} (paper)", note=f"{row.note}; no fallback".lstrip("; "))
     return [chosen, paper]
 
 
-def _automatic_row(candidates: dict[str, tuple[float | None, float | None]]) -> ComparisonRow:
-    """The candidate with the best signal (ties: the first, DN2 before the adapted ones)."""
-    name, (value, auroc) = max(((name, pair) for name, pair in candidates.items() if pair[0] is not None),
-                               key=lambda item: item[1][0], default=("DN2", candidates["DN2"]))
-    return ComparisonRow("Automatic choice", auroc, None, None,
-                         f"{name} (best normal-only signal{'' if value is None else f' {value:.3f}'})")
+def _automatic_row(settings: PandaSettings, by_strategy: dict[str, ComparisonRow],
+                   fused_rows: dict[int, ComparisonRow], early_at: int, ses_epochs: tuple[int, ...]) -> ComparisonRow | None:
+    """What the settings' strategy and keep rule give a user who reads no test label (None if it was not run)."""
+    strategy = "auto" if settings.strategy == "early" and settings.early_rule == "auto" else settings.strategy
+    if settings.keep_rule == "last":  # the paper's rule chooses nothing
+        return None
+    if settings.keep_rule == "fuse":
+        epoch = {"early": early_at, "ses": ses_epochs[-1] if ses_epochs else None}.get(strategy)
+        row = by_strategy.get("ewc-fused") if strategy == "ewc" else fused_rows.get(epoch)
+    else:
+        row = by_strategy.get(strategy)
+    if row is None:
+        return None
+    return dataclasses.replace(row, method="Automatic choice",
+                               note=f"{row.method} ({settings.strategy}, keep_rule={settings.keep_rule})")
 
 
 @dataclass(frozen=True)

@@ -296,6 +296,7 @@ def adapt(
     elif strategy == "early" and early_epoch is None:
         early_epoch = schedule.epochs
     competing = settings.keep_rule == "signal" and strategy != "oe" and prepared.holdout is not None
+    fusing = fuses(settings)  # epochs 0's and the last one's weights and features are kept for the fused score
     network = prepared.new_network()
     used_fisher: FisherDiagonal | None = None
     objective: Objective
@@ -312,7 +313,7 @@ def adapt(
     result = train(
         network, prepared.normal, objective, schedule, optimiser_for(settings, device=prepared.extractor.device),
         test_inputs=prepared.test, test_labels=prepared.test_labels, holdout_inputs=prepared.holdout,
-        early_epoch=early_epoch, keep_epoch_zero=keep_epoch_zero or competing, evaluate=evaluate or rule is not None,
+        early_epoch=early_epoch, keep_epoch_zero=keep_epoch_zero or competing or fusing, keep_last=competing or fusing, evaluate=evaluate or rule is not None,
         on_epoch=on_epoch, progress=progress, cancel=cancel, stop_rule=rule, stop_when_done=stop_here,
         probe_inputs=prepared.probe, probe_kinds=prepared.probe_kinds,
     )
@@ -343,6 +344,8 @@ def _uncompared(settings: PandaSettings, strategy: str, cancelled: bool) -> str:
         return "stopped by the user: the weights trained so far"
     if strategy == "oe":
         return "OE keeps its trained network and head"
+    if fuses(settings):
+        return "the trained network's scores fused with the pretrained network's (keep_rule=fuse)"
     if settings.keep_rule != "signal":
         return "the strategy's own result, as in the paper (keep_rule=last)"
     return "the strategy's own result: too few normal images to hold some out for the signal"
@@ -383,6 +386,25 @@ def ses_signal(snapshots: list, trained_count: int, kinds: tuple[str, ...], sett
     held = scorer.score([s.train_features[trained_count:] for s in snapshots]).scores
     probes = scorer.score([s.probe_features for s in snapshots]).scores
     return score_statistics(held, probes, kinds).get(SIGNAL)
+
+
+def fuses(settings: PandaSettings) -> bool:
+    """True when the model always scores with the pretrained and the trained network together (keep_rule "fuse")."""
+    return settings.keep_rule == "fuse" and settings.strategy != "oe"
+
+
+def fused_model(settings: PandaSettings, strategy: str, kept: KeptChoice) -> bool:
+    """Whether the model of a run scores with both networks (:mod:`core.adaptation.fusion`).
+
+    keep_rule "fuse": always (OE aside); "signal": when the signal gave back
+    the pretrained network, which is then fused with what the strategy
+    trained (``kept.adapted_epoch``: its last epoch, or Early (auto)'s) instead
+    of kept alone. The adapted part is that epoch's kNN (for SES too: its
+    last snapshot).
+    """
+    if strategy == "oe" or kept.adapted_epoch == 0:
+        return False
+    return settings.keep_rule == "fuse" or (settings.keep_rule == "signal" and kept.pretrained)
 
 
 def auto_early(settings: PandaSettings) -> bool:

@@ -133,6 +133,7 @@ def train(
     holdout_inputs: TrainingInputs | None = None,
     early_epoch: int | None = None,
     keep_epoch_zero: bool = False,
+    keep_last: bool = False,
     evaluate: bool = True,
     on_epoch: EpochCallback | None = None,
     progress: ProgressFn | None = None,
@@ -150,6 +151,8 @@ def train(
     records how they sit against the trained-on ones (the automatic Early
     rule, :mod:`core.adaptation.stopping`), and their features join the kNN
     gallery (snapshots' and the result's train features are N + H rows).
+    ``keep_epoch_zero`` / ``keep_last`` keep snapshots of the pretrained network
+    and of the last epoch (a fused model needs both, :mod:`core.adaptation.fusion`).
     ``evaluate=False`` skips the per-epoch feature pass except at kept epochs
     (records then carry NaN distances): the cheapest way to train.
     ``progress(done, total)`` counts minibatches.
@@ -163,7 +166,8 @@ def train(
     device = network.device
     labels = None if test_labels is None else np.asarray(test_labels)
     with_auroc = labels is not None and len(np.unique(labels)) == 2
-    keep = set(schedule.snapshot_epochs) | ({early_epoch} if early_epoch else set()) | ({0} if keep_epoch_zero else set())
+    keep = (set(schedule.snapshot_epochs) | ({early_epoch} if early_epoch else set())
+            | ({0} if keep_epoch_zero else set()) | ({schedule.epochs} if keep_last else set()))
     snapshot_index = {epoch: i for i, epoch in enumerate(schedule.snapshot_epochs)}
 
     records: list[EpochRecord] = []

@@ -382,7 +382,15 @@ def run(args: argparse.Namespace) -> int:
             summary["ses_choice_counts"] = [int((details.choice == i).sum()) for i in range(len(detector.states_))]
         print(f"test ROC AUC {100 * summary['test_auroc']:.2f}%  ({settings.strategy}, "
               f"{summary['epochs']} epochs, {summary['minibatches']} minibatches)")
-    print(f"model keeps epoch {summary['kept_epoch']}: {summary['kept_reason']}")
+        if details.pretrained is not None:
+            summary["pretrained_auroc"] = image_auroc(test.labels, details.pretrained)
+            summary["adapted_auroc"] = image_auroc(test.labels, details.adapted)
+            print(f"  of which: the pretrained network alone {100 * summary['pretrained_auroc']:.2f}%, "
+                  f"the trained one alone {100 * summary['adapted_auroc']:.2f}%")
+    if summary.get("fused"):
+        print(f"model fuses the pretrained network (epoch 0) with epoch {summary['kept_epoch']}: {summary['kept_reason']}")
+    else:
+        print(f"model keeps epoch {summary['kept_epoch']}: {summary['kept_reason']}")
     if args.out:
         print(f"model written to {detector.save(args.out)}")
     if args.curves:

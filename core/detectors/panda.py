@@ -15,8 +15,14 @@ those pieces, a few MB each for EfficientNet-Lite0) and re-runs the network;
 the frozen pieces come from the backbone's pretrained weights, which the
 saved model names and checks (like every other detector).
 
+A fused model (``keep_rule="fuse"``, or "signal" when the signal gives back
+the pretrained network) keeps the pretrained network's top (epoch 0) and the
+adapted epoch's, with both normal feature sets, scores every image with both
+networks and adds the two kNN scores, each standardised on the normal
+images' own (:mod:`core.adaptation.fusion`).
+
 Train scores (for the threshold) are leave-one-out kNN scores of the adapted
-normal features; for SES the holdout/leave-one-out ratios; for OE the head's
+normal features (fused with the pretrained ones' when fusing); for SES the holdout/leave-one-out ratios; for OE the head's
 scores of the normal training images, which the head was fitted on and so
 sit lower than those of unseen normal images: give ``holdout`` images for an
 honest threshold.
@@ -32,9 +38,10 @@ import torch
 
 from core.adaptation.curves import EpochCallback, EpochRecord, curves_from_list, curves_to_list
 from core.adaptation.fisher import FisherDiagonal
+from core.adaptation.fusion import ScoreFusion
 from core.adaptation.network import TrainableNetwork
 from core.adaptation.outlier_exposure import head_scores
-from core.adaptation.pipeline import AdaptationRun, adapt, compute_dtype
+from core.adaptation.pipeline import AdaptationRun, adapt, compute_dtype, fused_model
 from core.adaptation.prefix_cache import build_prefix_cache
 from core.adaptation.ses import SesScorer
 from core.adaptation.training import features_of
@@ -48,18 +55,25 @@ from core.progress import CancelFn, ProgressFn
 
 _STATE = "state/"
 _SES = "ses/"
+_PRETRAINED = "pretrained/"
 
 
 @dataclass(frozen=True)
 class PandaScores:
-    """``scores`` (N,) anomaly scores; ``choice`` (N,) winning SES snapshot (None for other strategies)."""
+    """``scores`` (N,) anomaly scores; ``choice`` (N,) winning SES snapshot (None for other strategies).
+
+    A fused model also gives each network's own (N,) score: ``pretrained`` and ``adapted``.
+    """
 
     scores: np.ndarray
     choice: np.ndarray | None
+    pretrained: np.ndarray | None = None
+    adapted: np.ndarray | None = None
 
 
 class PandaDetector(BackboneUser, Detector):
-    """PANDA-Early / SES / EWC / OE. Fitted: ``states_``, ``centre_``, ``gallery_`` or ``ses_`` or ``head_``, ``curves_``."""
+    """PANDA-Early / SES / EWC / OE. Fitted: ``states_``, ``centre_``, ``gallery_`` or ``ses_`` or ``head_``, ``curves_``;
+    when fusing also ``pretrained_state_``, ``pretrained_gallery_`` and ``fusion_``."""
 
     method = "panda"
     settings_type = PandaSettings
@@ -76,11 +90,15 @@ class PandaDetector(BackboneUser, Detector):
         self.curves_: list[EpochRecord] = []
         self.summary_: dict[str, Any] = {}
         self.train_choice_: np.ndarray | None = None
+        self.pretrained_state_: dict[str, torch.Tensor] | None = None
+        self.pretrained_gallery_: np.ndarray | None = None
+        self.fusion_: ScoreFusion | None = None
         self.fisher_: FisherDiagonal | None = None  # EWC's Fisher of the last fit (not saved with the model)
         # Outlier exposure images fit uses when its ``outliers`` argument is None
         # (lets a benchmark factory supply them before the generic fit call).
         self.outliers: ImageSet | None = None
         self._index: KnnIndex | None = None
+        self._pretrained_index: KnnIndex | None = None
         self._network: TrainableNetwork | None = None
 
     # ------------------------------------------------------------------ fit
@@ -122,10 +140,17 @@ class PandaDetector(BackboneUser, Detector):
         self.curves_ = list(result.records)
         self.fisher_ = run.fisher
         self._network = run.network
-        self._index = None
+        self._index = self._pretrained_index = None
         self.gallery_, self.ses_, self.head_, self.train_choice_ = None, None, None, None
+        self.pretrained_state_, self.pretrained_gallery_, self.fusion_ = None, None, None
         kept = run.kept
-        if run.strategy == "ses" and not kept.pretrained:
+        zero, adapted = result.snapshots.get(0), result.snapshots.get(kept.adapted_epoch)
+        if fused_model(self.settings, run.strategy, kept) and zero is not None and adapted is not None:
+            # Both networks: the pretrained one (epoch 0) and the adapted epoch's kNN.
+            self.states_, self.state_epochs_ = [adapted.state], [kept.adapted_epoch]
+            self.gallery_ = as_float32(adapted.train_features)
+            train = self._fuse_with_pretrained(zero, self._knn().train_scores())
+        elif run.strategy == "ses" and not kept.pretrained:
             epochs = sorted(e for e in result.snapshots if e in run.schedule.snapshot_epochs)
             if not epochs:  # cancelled before the first snapshot: the weights as they are
                 self.states_, self.state_epochs_ = [result.final_state], [result.epochs_done]
@@ -157,6 +182,11 @@ class PandaDetector(BackboneUser, Detector):
             "cancelled": result.cancelled,
             "state_epochs": list(self.state_epochs_),
             **kept.to_dict(),
+            **({"kept_reason": f"{kept.reason}; scored together with epoch {kept.adapted_epoch}'s network "
+                               f"(fused, its weight {self.fusion_.adapted_weight:g})"}
+               if self.fusion_ is not None and kept.pretrained else {}),
+            "fused": self.fusion_ is not None,
+            "fusion": None if self.fusion_ is None else self.fusion_.to_dict(),
             "fisher_source": None if run.fisher is None else run.fisher.source,
             "fisher_statistics": None if run.fisher is None else run.fisher.statistics(),
             "cache": result.cache,
@@ -168,12 +198,30 @@ class PandaDetector(BackboneUser, Detector):
         self._set_threshold(train, holdout_scores)
         return self
 
+    def _fuse_with_pretrained(self, zero, adapted_train: np.ndarray) -> np.ndarray:
+        """Keep epoch 0's weights and (N, D) normal features (``zero``, a Snapshot); (N,) fused train scores.
+
+        Both networks' normal scores are of the same N images in the same order
+        (the snapshot's rows and the adapted gallery's, held-out ones included).
+        """
+        self.pretrained_state_ = zero.state
+        self.pretrained_gallery_ = as_float32(zero.train_features)
+        pretrained_train = self._pretrained_knn().train_scores()
+        self.fusion_ = ScoreFusion.of_normal(pretrained_train, adapted_train)
+        return self.fusion_.fuse(pretrained_train, adapted_train)
+
     # ------------------------------------------------------------------ score
     def _knn(self) -> KnnIndex:
         if self._index is None:
             self._index = KnnIndex(self.settings.k, device=self.settings.features.device,
                                    metric=self.settings.metric).fit(self.gallery_)
         return self._index
+
+    def _pretrained_knn(self) -> KnnIndex:
+        if self._pretrained_index is None:
+            self._pretrained_index = KnnIndex(self.settings.k, device=self.settings.features.device,
+                                              metric=self.settings.metric).fit(self.pretrained_gallery_)
+        return self._pretrained_index
 
     def network(self) -> TrainableNetwork:
         """The private network the trained weights are loaded into (built from the pretrained backbone)."""
@@ -182,7 +230,8 @@ class PandaDetector(BackboneUser, Detector):
         return self._network
 
     def query_features(self, images: ImageSet, progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> list[np.ndarray]:
-        """(N, D) adapted features of ``images``, one array per kept state (SES: per snapshot)."""
+        """(N, D) features of ``images``, one array per kept state (SES: per snapshot), then, when the model
+        fuses, the pretrained network's."""
         self._require_fitted()
         network = self.network()
         s = self.settings
@@ -190,7 +239,8 @@ class PandaDetector(BackboneUser, Detector):
         cache = build_prefix_cache(network, images, self.image_size, s.features.batch_size, s.cache_dtype,
                                    s.cache_budget_mb, progress, cancel)
         features = []
-        for state in self.states_:
+        states = self.states_ + ([self.pretrained_state_] if self.fusion_ is not None else [])
+        for state in states:
             network.load_suffix_state(state)
             features.append(features_of(network, cache, max(s.features.batch_size, 64),
                                         compute_dtype(s, network.device)))
@@ -199,6 +249,15 @@ class PandaDetector(BackboneUser, Detector):
     def score_details(self, images: ImageSet, progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> PandaScores:
         """Scores of ``images`` and, for SES, which snapshot gave each image its score."""
         features = self.query_features(images, progress, cancel)
+        if self.fusion_ is not None:
+            pretrained = self._pretrained_knn().score(features.pop()).astype(np.float64)
+            adapted = self._adapted_scores(features)
+            return PandaScores(self.fusion_.fuse(pretrained, adapted.scores), adapted.choice, pretrained,
+                               adapted.scores)
+        return self._adapted_scores(features)
+
+    def _adapted_scores(self, features: list[np.ndarray]) -> PandaScores:
+        """The trained network's own scores of one (N, D) feature array per kept state."""
         if self.ses_ is not None:
             found = self.ses_.score(features)
             return PandaScores(found.scores.astype(np.float64), found.choice)
@@ -219,6 +278,7 @@ class PandaDetector(BackboneUser, Detector):
             "state_names": sorted(self.states_[0]),
             "curves": curves_to_list(self.curves_),
             "summary": self.summary_,
+            "fusion": None if self.fusion_ is None else self.fusion_.to_dict(),
         }
         arrays: dict[str, np.ndarray] = {"centre": self.centre_}
         for i, state in enumerate(self.states_):
@@ -230,6 +290,9 @@ class PandaDetector(BackboneUser, Detector):
             arrays.update({_SES + key: value for key, value in self.ses_.state().items()})
         if self.head_ is not None:
             arrays.update({f"head/{key}": value for key, value in self.head_.items()})
+        if self.fusion_ is not None:
+            arrays[_PRETRAINED + "gallery"] = self.pretrained_gallery_
+            arrays.update({f"{_PRETRAINED}state/{name}": value.numpy() for name, value in self.pretrained_state_.items()})
         return fields, arrays
 
     def _restore(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
@@ -257,5 +320,23 @@ class PandaDetector(BackboneUser, Detector):
         self.head_ = ({"weight": arrays["head/weight"], "bias": arrays["head/bias"]} if "head/weight" in arrays else None)
         if self.gallery_ is None and self.ses_ is None and self.head_ is None:
             raise ModelFileError("PANDA model file has neither a gallery, SES snapshots nor an OE head")
-        self._index = None
+        self._restore_fusion(header.get("fusion"), arrays)
+        self._index = self._pretrained_index = None
         self._network = None
+
+    def _restore_fusion(self, values: dict[str, Any] | None, arrays: dict[str, np.ndarray]) -> None:
+        """The pretrained network's part of a fused model (models saved without fusion have none)."""
+        self.pretrained_state_, self.pretrained_gallery_, self.fusion_ = None, None, None
+        if values is None:
+            return
+        prefix = f"{_PRETRAINED}state/"
+        state = {key[len(prefix):]: torch.from_numpy(np.array(value, dtype=np.float32))
+                 for key, value in arrays.items() if key.startswith(prefix)}
+        if _PRETRAINED + "gallery" not in arrays or not state:
+            raise ModelFileError("fused PANDA model file lacks the pretrained network's gallery or weights")
+        try:
+            self.fusion_ = ScoreFusion.from_dict(values)
+        except (KeyError, TypeError, ValueError) as problem:
+            raise ModelFileError(f"damaged PANDA fusion scales ({problem})") from None
+        self.pretrained_gallery_ = as_float32(arrays[_PRETRAINED + "gallery"], "pretrained gallery")
+        self.pretrained_state_ = state

@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from core.backbones import list_backbones
-from core.config import PANDA_STRATEGIES
+from core.config import KEEP_RULES, PANDA_STRATEGIES
 from core.knn import KNN_METRICS
 from core.projects import adaptation as service
 from core.store import Run, Workspace
@@ -17,7 +17,6 @@ from dashboard import state, tasks
 from dashboard.components import charts
 
 EARLY_RULES = {"fixed": "after the epochs above (paper)", "auto": "at the best signal (normal images only)"}
-KEEP_RULES = {"signal": "trained or pretrained, by the signal", "last": "always the trained network (paper)"}
 EWC_STEPS = {"gradient": "in the loss (paper)", "proximal": "proximal (stable)"}
 # (curve key, legend, dash): Fig. 3 of Reiss et al. plots these per epoch.
 RATIO_CURVES = [("test_normal_ratio", "normal test / train distance", "solid"),
@@ -75,9 +74,10 @@ def settings_form(disabled_reasons: list[str]) -> dict[str, Any]:
     columns[2].selectbox(
         "Keep", list(KEEP_RULES), format_func=KEEP_RULES.get, key=keys["keep_rule"], disabled=strategy == "oe",
         help="The signal: 10 % of the normal images are held out of training; each epoch measures how well the "
-             "features tell them from probe images that are surely not normal (photo crops, painted defects). "
-             "If adaptation did not improve that, the model keeps the pretrained network (DN2's features). No "
-             "test image or label is read.")
+             "features tell them from probe images that are surely not normal (blends of two normal images). "
+             "If adaptation did not improve that, the model keeps the pretrained network (DN2's features) and "
+             "scores with the trained one too, weighted towards the pretrained one. 'Both networks' always "
+             "scores with both. No test image or label is read.")
     columns[3].number_input("EWC λ", 0.0, 1e7, format="%.0e", key=keys["ewc_lambda"], disabled=strategy != "ewc")
     columns[4].selectbox("EWC step", list(EWC_STEPS), format_func=EWC_STEPS.get, key=keys["ewc_step"],
                          disabled=strategy != "ewc")
