@@ -6,6 +6,7 @@ The detector tests use random EfficientNet-Lite0 weights on 32x32 synthetic imag
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from core.adaptation.fusion import ADAPTED_WEIGHT, ScoreFusion, ScoreScale
 from core.config import KEEP_RULES, PandaSettings
 from core.datasets import ImageSet
+from core.datasets.fashion_mnist import FASHION_MNIST_DIR
 from core.detectors import load_detector
 from core.detectors.base import ModelFileError
 from core.detectors.panda import PandaDetector
@@ -156,3 +158,22 @@ def test_fused_model_file_without_the_pretrained_part_is_a_clear_error(normal, t
     np.savez(tmp_path / "broken.npz", **arrays)
     with pytest.raises(ModelFileError, match="pretrained network"):
         load_detector(tmp_path / "broken.npz")
+
+
+def test_adapt_command_reports_both_networks_of_a_fused_model(tmp_path, capsys):
+    """The CLI prints the fused ROC AUC and each network's alone, and says the model fuses."""
+    from core.cli import adapt as adapt_cli
+    from tests.test_panda import _adapt_parser
+
+    if not (Path(FASHION_MNIST_DIR)).is_dir():
+        pytest.skip(f"Fashion-MNIST not installed at {FASHION_MNIST_DIR}")
+    args = _adapt_parser().parse_args([
+        "--normal", "fashion-mnist:Trouser:16", "--test", "fashion-mnist:Trouser:40", "--strategy", "early",
+        "--epochs", "1", "--weights", "random", "--crop", "32", "--resize", "32", "--device", "cpu",
+        "--param", "batch_size=8", "--param", "keep_rule=fuse", "--quiet", "--out", str(tmp_path / "m.npz"),
+    ])
+    assert adapt_cli.run(args) == 0
+    printed = capsys.readouterr().out
+    assert "of which: the pretrained network alone" in printed
+    assert "model fuses the pretrained network (epoch 0) with epoch 1" in printed
+    assert load_detector(tmp_path / "m.npz").fusion_ is not None
