@@ -20,7 +20,7 @@ from core.detectors.base import ModelFileError
 from core.detectors.panda import PandaDetector
 from core.knn import KnnIndex
 from core.metrics import image_auroc
-from tests.test_panda import FEATURES, _items
+from tests.test_panda import FEATURES, _items, normal, test_set  # noqa: F401 (the same fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -84,16 +84,6 @@ def test_fusion_round_trips_and_refuses_a_bad_weight():
 
 
 # ------------------------------------------------------------------ detector
-@pytest.fixture(scope="module")
-def normal() -> ImageSet:
-    return ImageSet(_items(24, 0, 0, "n", 0))
-
-
-@pytest.fixture(scope="module")
-def test_set() -> ImageSet:
-    return ImageSet(_items(8, 0, 0, "tn", 1) + _items(8, 1, 150, "ta", 2))
-
-
 def fused_settings(strategy: str) -> PandaSettings:
     return PandaSettings(features=FEATURES, strategy=strategy, epochs=2, batch_size=8, snapshot_every=1,
                          fisher_batches=1, grad_clip=1.0, keep_rule="fuse")
