@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import finish_jobs, new_app, model_picker
+from core.config import KEEP_RULES
 from core.projects import adaptation as service
 from dashboard.state import PANDA_FORM
 
@@ -143,6 +144,24 @@ def test_early_with_the_automatic_rule_keeps_the_best_signal(tiny_bottle):
     # The model comes from the best signal's epoch (0 = the pretrained network) and the star marks it.
     assert run.stop_epoch == best["epoch"] == workspace.model(run.model_id).summary["kept_epoch"]
     assert "auto stop" in at.dataframe[0].value["strategy"].iloc[0]
+
+
+def test_a_fused_model_says_so_and_shows_each_networks_roc_auc(tiny_bottle):
+    workspace, project = tiny_bottle
+    at = new_app(project.id, page="views/adapt.py")
+    assert at.selectbox(key="panda-keep-rule").options == list(KEEP_RULES.values())
+    run = train_one_run(at, workspace, project, {"panda-strategy": "early", "panda-early-rule": "fixed",
+                                                 "panda-keep-rule": "fuse"}, epochs=1)
+    assert run.settings["keep_rule"] == "fuse" and run.status == "finished"
+    summary = workspace.model(run.model_id).summary
+    assert summary["fused"] is True and "keep_rule=fuse" in summary["kept_reason"]
+    assert 0.0 <= summary["pretrained_auroc"] <= 1.0 and 0.0 <= summary["adapted_auroc"] <= 1.0
+    header = " ".join(element.value for element in at.subheader)
+    assert "model: epoch 1 fused with epoch 0" in header
+    captions = " ".join(caption.value for caption in at.caption)
+    assert f"alone: pretrained network {summary['pretrained_auroc']:.3f}" in captions
+    # The saved scores are the fused model's: the Detect page reads them as for any model.
+    assert len(workspace.scores(run.model_id)) == 6
 
 
 def test_the_collapse_lesson_runs_and_draws_three_curves(workspace_dir, monkeypatch):

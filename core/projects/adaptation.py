@@ -13,6 +13,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from core.config import PandaSettings, paper_panda_settings, settings_for
+from core.metrics import image_auroc
 from core.progress import CancelFn
 from core.projects.common import FitResult, StageProgress, _save, _stage, _summary
 from core.store import Workspace
@@ -85,16 +86,21 @@ def adapt(workspace: Workspace, project_id: int, settings: PandaSettings, run_id
         detector.fit(normal.images, progress=_stage(progress, "training (minibatches)"), cancel=cancel,
                      test=test.images if labelled else None, outliers=outliers,
                      on_epoch=lambda record: workspace.append_epoch(run_id, record.to_dict()))
-        scores = None
+        scores, details = None, None
         if len(test):
             # Scoring must finish even after a cancel: the kept weights are the run's result.
-            scores = detector.score(test.images, progress=_stage(progress, f"scoring {len(test)} test images"))
-        summary = _summary(len(normal), test.images.labels if len(test) and test.images.has_labels else None,
-                           scores, detector.threshold_)
+            details = detector.score_details(test.images, progress=_stage(progress, f"scoring {len(test)} test images"))
+            scores = details.scores
+        labels = test.images.labels if len(test) and test.images.has_labels else None
+        summary = _summary(len(normal), labels, scores, detector.threshold_)
         summary["run_id"] = run_id
         summary.update({key: detector.summary_.get(key) for key in (
             "strategy", "epochs", "planned_epochs", "cancelled", "fisher_source", "fisher_statistics",
-            "kept_epoch", "kept_reason", "pretrained_signal", "adapted_signal")})
+            "kept_epoch", "adapted_epoch", "kept_reason", "pretrained_signal", "adapted_signal", "fused")})
+        if summary.get("auroc") is not None and details is not None and details.pretrained is not None:
+            # A fused model: what each network alone would have scored (the page shows all three).
+            summary["pretrained_auroc"] = image_auroc(labels, details.pretrained)
+            summary["adapted_auroc"] = image_auroc(labels, details.adapted)
         result = _save(workspace, project_id, "panda", settings, detector, summary, test.ids, scores)
         cancelled = bool(detector.summary_.get("cancelled"))
         workspace.finish_run(run_id, "stopped" if cancelled else "finished", _stop_epoch(detector), result.model.id,

@@ -86,6 +86,17 @@ def settings_form(disabled_reasons: list[str]) -> dict[str, Any]:
     return state.panda_form()
 
 
+def kept_phrase(stop_epoch: int | None, summary: dict) -> str:
+    """The run header's words for what its model is: an epoch, the pretrained network, or both fused."""
+    if stop_epoch is None:
+        return ""
+    if summary.get("fused"):
+        adapted = summary.get("adapted_epoch")
+        lead = "the pretrained network" if stop_epoch == 0 else f"epoch {stop_epoch}"
+        return f", model: {lead} fused with " + ("epoch 0" if stop_epoch != 0 else f"epoch {adapted}")
+    return ", model from the pretrained network (epoch 0)" if stop_epoch == 0 else f", model from epoch {stop_epoch}"
+
+
 def run_name(run: Run) -> str:
     rule = " (auto stop)" if run.strategy == "early" and run.settings.get("early_rule") == "auto" else ""
     return f"#{run.id} {run.strategy}{rule}"

@@ -66,11 +66,13 @@ def live_curves() -> None:
     # Re-reads the store each second while training: the curves grow as epochs end.
     run = workspace.run(live_id) if live_id in {r.id for r in runs} else runs[0]
     epochs_done = max((record["epoch"] for record in run.curves), default=0)
-    kept = "" if run.stop_epoch is None else (", model from the pretrained network (epoch 0)" if run.stop_epoch == 0
-                                              else f", model from epoch {run.stop_epoch}")
-    st.subheader(f"Run #{run.id}: PANDA-{run.strategy} — {STATUS[run.status]}, epoch {epochs_done}{kept}")
     summary = workspace.model(run.model_id).summary if run.model_id is not None else {}
+    st.subheader(f"Run #{run.id}: PANDA-{run.strategy} — {STATUS[run.status]}, epoch {epochs_done}"
+                 f"{panda.kept_phrase(run.stop_epoch, summary)}")
     facts = [f"model ROC AUC {summary['auroc']:.3f} on the test images"] if summary.get("auroc") is not None else []
+    if summary.get("pretrained_auroc") is not None:
+        facts += [f"alone: pretrained network {summary['pretrained_auroc']:.3f}, "
+                  f"epoch {summary.get('adapted_epoch')} {summary['adapted_auroc']:.3f}"]
     facts += [f"Fisher: {summary['fisher_source']}"] if summary.get("fisher_source") else []
     if facts:
         st.caption(" · ".join(facts))
@@ -88,6 +90,8 @@ live_curves()
 st.subheader("Compare runs")
 panda.runs_table(workspace, runs)
 st.caption("ROC AUC is the saved model's (the same figure as on Detect and Review): for SES the best snapshot per "
-           "image, for Early the epoch kept. The per-epoch curves score each epoch on its own; the star marks the "
-           "epoch each run's model keeps (0 = the pretrained network). Trained models appear on Detect and Review.")
+           "image, for Early the epoch kept; a fused model adds the pretrained network's and the trained epoch's "
+           "scores, each measured against the normal images' own. The per-epoch curves score each epoch on its own; "
+           "the star marks the epoch each run's model keeps (0 = the pretrained network). Trained models appear on "
+           "Detect and Review.")
 panda.overlay(runs)
