@@ -13,7 +13,8 @@ project = require_project(project)
 st.title("Adapt the features (PANDA)")
 st.caption("Reiss et al., CVPR 2021: fine-tune the last blocks so normal images gather around their centre; stop "
            "before everything collapses there. If adaptation does not help — judged from normal images alone — "
-           "the model keeps the pretrained network (DN2's features).")
+           "the model keeps the pretrained network (DN2's features) and scores with the trained one beside it, "
+           "weighted less (a fused model).")
 counts = workspace.counts(project.id)
 state.panda_form_start(service.preset("defaults"))
 busy = state.job_running(state.TRAIN, project.id)
