@@ -313,7 +313,8 @@ def adapt(
     result = train(
         network, prepared.normal, objective, schedule, optimiser_for(settings, device=prepared.extractor.device),
         test_inputs=prepared.test, test_labels=prepared.test_labels, holdout_inputs=prepared.holdout,
-        early_epoch=early_epoch, keep_epoch_zero=keep_epoch_zero or competing or fusing, keep_last=competing or fusing, evaluate=evaluate or rule is not None,
+        early_epoch=early_epoch, keep_epoch_zero=keep_epoch_zero or competing or fusing,
+        keep_last=competing or fusing, evaluate=evaluate or rule is not None,
         on_epoch=on_epoch, progress=progress, cancel=cancel, stop_rule=rule, stop_when_done=stop_here,
         probe_inputs=prepared.probe, probe_kinds=prepared.probe_kinds,
     )

@@ -22,7 +22,8 @@ networks and adds the two kNN scores, each standardised on the normal
 images' own (:mod:`core.adaptation.fusion`).
 
 Train scores (for the threshold) are leave-one-out kNN scores of the adapted
-normal features (fused with the pretrained ones' when fusing); for SES the holdout/leave-one-out ratios; for OE the head's
+normal features (fused with the pretrained ones' when fusing); for SES the
+holdout/leave-one-out ratios; for OE the head's
 scores of the normal training images, which the head was fitted on and so
 sit lower than those of unseen normal images: give ``holdout`` images for an
 honest threshold.
@@ -247,7 +248,7 @@ class PandaDetector(BackboneUser, Detector):
         return features
 
     def score_details(self, images: ImageSet, progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> PandaScores:
-        """Scores of ``images`` and, for SES, which snapshot gave each image its score."""
+        """Scores of ``images``; for SES which snapshot gave each image its score; for a fused model each network's."""
         features = self.query_features(images, progress, cancel)
         if self.fusion_ is not None:
             pretrained = self._pretrained_knn().score(features.pop()).astype(np.float64)
