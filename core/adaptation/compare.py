@@ -204,9 +204,9 @@ def compare_strategies(
         last = records[kept[-1]]
         ses_auroc = image_auroc(labels, found.scores)
         row = ComparisonRow("PANDA-SES", ses_auroc, last.epoch, last.minibatches, f"max over {len(kept)} snapshots")
-        fallback_row = fused_rows.get(kept[-1])
-        rows.extend(_with_fallback(row, unregularised.kept if fallback else None, fallback_row))
-        by_strategy["ses"] = rows[-2] if fallback else rows[-1]
+        ses_rows = _with_fallback(row, unregularised.kept if fallback else None, fused_rows.get(kept[-1]))
+        rows.extend(ses_rows)
+        by_strategy["ses"] = ses_rows[0]
     last = records[-1]
     rows.append(ComparisonRow("Unregularised (last epoch)", last.auroc, last.epoch, last.minibatches,
                               "compactness only, no stopping"))
@@ -230,8 +230,9 @@ def compare_strategies(
         row = ComparisonRow("PANDA-EWC", r.auroc, r.epoch, r.minibatches, note)
         ewc_last = ewc.result.snapshots.get(r.epoch)
         ewc_fused = None if both is None or ewc_last is None else both.row("DN2 + PANDA-EWC (fused)", ewc_last, r)
-        rows.extend(_with_fallback(row, ewc.kept if fallback else None, ewc_fused))
-        by_strategy["ewc"] = rows[-2] if fallback else rows[-1]
+        ewc_rows = _with_fallback(row, ewc.kept if fallback else None, ewc_fused)
+        rows.extend(ewc_rows)
+        by_strategy["ewc"] = ewc_rows[0]
         if ewc_fused is not None:
             rows.append(ewc_fused)
             by_strategy["ewc-fused"] = ewc_fused
@@ -275,7 +276,7 @@ def _auto_row(result, settings: PandaSettings) -> ComparisonRow:
 
 
 def _with_fallback(row: ComparisonRow, kept: KeptChoice | None, fused: ComparisonRow | None) -> list[ComparisonRow]:
-    """The strategy's row; with a signal choice, the row as kept and the paper's row.
+    """The strategy's row; with a signal choice, the row as kept and the paper's row (the row as kept first).
 
     When the signal gives back the pretrained network, the model is DN2 fused
     with what the strategy trained (``fused``; :func:`core.adaptation.pipeline.fused_model`).
